@@ -1,0 +1,175 @@
+"""`hf-condcomp` command line: upcycle checkpoints and check the result."""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+DEMO_SOURCE = "all-MiniLM-L6-v2"
+DEMO_TEXTS = [
+    "Conditional computation spends capacity only where a token needs it.",
+    "The cat sat on the mat.",
+    "How do I transfer money to another account?",
+]
+
+
+def add_upcycle_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--variant", default="moe", choices=["moe", "mod", "gate"], help="moe (default), mod (Mixture-of-Depths) or gate")
+    p.add_argument("--num-experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--routing", default="token_choice", help="token_choice or expert_choice")
+    p.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
+    p.add_argument("--init", default="copy", help="copy, noise, drop, split-random or split-kmeans")
+    p.add_argument("--layers", default="every_other", help="every_other, all, or indices like 0,2,4")
+    p.add_argument("--task", default=None, help="base, sequence-classification, token-classification, masked-lm, causal-lm")
+    p.add_argument("--num-labels", type=int, default=None)
+    p.add_argument("--capacity", type=float, default=0.5, help="mod: fraction of tokens a routed block processes")
+    p.add_argument("--compute-penalty", type=float, default=0.01, help="gate: lambda of the allocation penalty")
+    p.add_argument("--threshold", type=float, default=0.5, help="gate: allocations below it skip the layer at inference")
+    p.add_argument("--noise-std", type=float, default=0.01)
+    p.add_argument("--drop-ratio", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--moe-implementation", default="grouped", help="grouped (default), eager or megablocks")
+
+
+def upcycle_kwargs(args) -> dict:
+    return dict(
+        variant=args.variant,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        routing=args.routing,
+        capacity_factor=args.capacity_factor,
+        init=args.init,
+        layers=args.layers,
+        task=args.task,
+        num_labels=args.num_labels,
+        capacity=args.capacity,
+        compute_penalty=args.compute_penalty,
+        threshold=args.threshold,
+        noise_std=args.noise_std,
+        drop_ratio=args.drop_ratio,
+        seed=args.seed,
+        moe_implementation=args.moe_implementation,
+    )
+
+
+def save_atomically(output_dir: Path, write, overwrite: bool = False):
+    """Run `write(tmp_dir)` and move the result to `output_dir` only if it succeeded.
+
+    A failure leaves `output_dir` as it was (absent or untouched): no half-written checkpoint.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise ValueError(f"OUTPUT_DIR {str(output_dir)!r} exists and is not empty: choose a new folder or pass --overwrite.")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        write(tmp)
+        if output_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+            os.replace(output_dir, old / "x")
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_with_tokenizer(model, source, folder):
+    """save_pretrained (weights, config with auto_map, code files) plus the source's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from . import assets
+
+    model.save_pretrained(folder)
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            AutoTokenizer.from_pretrained(assets.resolve(str(source))).save_pretrained(folder)
+        except (OSError, ValueError, TypeError):
+            pass  # a source without a tokenizer (random test checkpoints) still upcycles
+
+
+def cmd_upcycle(args):
+    from .upcycle import upcycle
+
+    model = upcycle(args.source, **upcycle_kwargs(args))
+    save_atomically(Path(args.output_dir), lambda tmp: save_with_tokenizer(model, args.source, tmp), args.overwrite)
+    print(json.dumps({"output_dir": str(args.output_dir), "architecture": type(model).__name__, "upcycling": model.config.upcycling}, indent=2))
+
+
+def cmd_demo(args):
+    """The main job on the embedded default: upcycle the real all-MiniLM-L6-v2 into an MoE, check
+    it reproduces its dense parent, save it, reload it through the Auto classes, show routing."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from . import assets
+    from .upcycle import upcycle
+
+    path = assets.resolve(DEMO_SOURCE)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dense = AutoModel.from_pretrained(path).eval()
+    moe = upcycle(DEMO_SOURCE, num_experts=args.num_experts, top_k=args.top_k)
+    batch = tokenizer(DEMO_TEXTS, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        ref = dense(**batch).last_hidden_state
+        out = moe(**batch, output_router_logits=True)
+    diff = (ref - out.last_hidden_state)[mask].abs().max().item()
+    output_dir = Path(args.output_dir)
+    save_atomically(output_dir, lambda tmp: save_with_tokenizer(moe, DEMO_SOURCE, tmp), overwrite=True)
+    reloaded = AutoModel.from_pretrained(output_dir, trust_remote_code=True).eval()
+    with torch.no_grad():
+        again = reloaded(**batch).last_hidden_state
+    reload_diff = (again - out.last_hidden_state).abs().max().item()
+    dense_params = sum(p.numel() for p in dense.parameters())
+    moe_params = sum(p.numel() for p in moe.parameters())
+    print(f"source              : {DEMO_SOURCE} ({path})")
+    print(f"MoE layers          : {moe.config.moe_layers}, {moe.config.num_local_experts} experts, top-{moe.config.num_experts_per_tok}")
+    print(f"parameters          : dense {dense_params / 1e6:.1f}M -> upcycled {moe_params / 1e6:.1f}M")
+    print(f"max |MoE - dense|   : {diff:.2e} (copy-upcycling starts at the dense model)")
+    print(f"saved to            : {output_dir} (reloaded with trust_remote_code, max diff {reload_diff:.1e})")
+    valid = mask.reshape(-1)
+    for layer, logits in zip(moe.config.moe_layers, out.router_logits):
+        top = logits[valid].topk(moe.config.num_experts_per_tok, dim=-1).indices.reshape(-1)
+        counts = torch.bincount(top, minlength=moe.config.num_local_experts).tolist()
+        print(f"layer {layer} tokens/expert: {counts}")
+    if diff > 1e-4 or reload_diff > 1e-5:
+        print("FAILED: the upcycled model does not reproduce its parent", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-condcomp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("upcycle", help="upcycle a dense checkpoint into a conditional-computation model")
+    p.add_argument("source", help="Hub id, local folder, or embedded name (all-MiniLM-L6-v2, SmolLM2-135M-Instruct)")
+    p.add_argument("output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    add_upcycle_arguments(p)
+    p.set_defaults(func=cmd_upcycle)
+    p = sub.add_parser("demo", help="upcycle the embedded all-MiniLM-L6-v2 and check it against its parent")
+    p.add_argument("--output-dir", default="outputs/all-MiniLM-L6-v2-moe")
+    p.add_argument("--num-experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as err:
+        print(f"hf-condcomp {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Pieces shared by the three model families: the per-forward context, attention masks,
+scaled-dot-product attention, the output dataclass and the conditional-computation losses."""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .experts import Experts
+from .routing import load_balancing_loss, router_z_loss
+
+
+@dataclass
+class CondCompOutput(ModelOutput):
+    """Output of every model of this package (base models and heads).
+
+    Beside the usual fields it carries:
+        router_logits: one (batch * seq, E) tensor per MoE layer (with `output_router_logits`).
+        aux_loss: Switch load-balancing loss over all MoE layers (unweighted).
+        z_loss: router z-loss (unweighted).
+        compute_loss: the gated layers' losses (allocation penalty, causal predictor), weighted.
+        compute_fraction: executed share of token-layer compute in this forward (1.0 = dense).
+        layer_compute_fractions: {layer index: executed share} for the gated layers.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    router_logits: tuple | None = None
+    aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    compute_loss: torch.FloatTensor | None = None
+    compute_fraction: float | None = None
+    layer_compute_fractions: dict | None = None
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward pass needs besides its hidden states.
+
+    token_mask: (B, T) bool, true for real (non-padding) query tokens; None when all are real.
+    attn_mask / is_causal: what `scaled_dot_product_attention` takes.
+    position_embeddings: RoPE (cos, sin) of the query tokens (Llama family).
+    cache: the KV cache (decoders) or None.
+    kv_valid: (B, L) bool validity of every key the attention sees (past + current), or None.
+    query_index: (T,) index of each query token in the key sequence (past + position).
+    """
+
+    token_mask: torch.Tensor | None
+    attn_mask: torch.Tensor | None
+    is_causal: bool
+    causal: bool
+    query_index: torch.Tensor
+    kv_valid: torch.Tensor | None = None
+    position_embeddings: tuple | None = None
+    cache: object | None = None
+    router_logits: list = field(default_factory=list)
+    extra_losses: list = field(default_factory=list)
+    layer_fractions: dict = field(default_factory=dict)
+
+
+def build_attention_mask(kv_valid, query_index, num_keys, causal):
+    """Boolean SDPA mask (B or 1, 1, T, L), or None plus an `is_causal` flag when none is needed.
+
+    kv_valid: (B, L) bool or None. query_index: (T,) or (B, T) positions of the queries among keys.
+    Every query may attend to itself, so no row is empty (padding rows give unused values, not NaN).
+    """
+    T = query_index.shape[-1]
+    if kv_valid is None:
+        if not causal or T == 1:
+            return None, False
+        if T == num_keys:
+            return None, True
+    key_index = torch.arange(num_keys, device=query_index.device)
+    q = query_index.unsqueeze(-1)  # (..., T, 1)
+    allowed = key_index <= q if causal else torch.ones_like(key_index, dtype=torch.bool).expand(*q.shape[:-1], num_keys)
+    if kv_valid is not None:
+        allowed = allowed & kv_valid.unsqueeze(-2)  # (B, T, L)
+    allowed = allowed | (key_index == q)
+    if allowed.dim() == 2:
+        allowed = allowed.unsqueeze(0)
+    return allowed.unsqueeze(1), False
+
+
+def attention(q, k, v, ctx: ForwardContext, dropout: float, scale: float | None = None):
+    """q (B, h, T, d), k/v (B, hk, L, d) -> (B, T, h * d)."""
+    out = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=ctx.attn_mask,
+        dropout_p=dropout,
+        is_causal=ctx.is_causal,
+        scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )  # (B, h, T, d)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def make_context(attention_mask, num_queries, past_length, causal, device, batch_size):
+    """Context for a forward over `num_queries` new tokens after `past_length` cached ones.
+
+    attention_mask: (B, past + T) or (B, T) 0/1 padding mask as users pass it, or None.
+    """
+    num_keys = past_length + num_queries
+    kv_valid = None
+    if attention_mask is not None:
+        kv_valid = attention_mask.to(device=device, dtype=torch.bool)
+        if kv_valid.shape[-1] == num_queries and past_length:
+            kv_valid = F.pad(kv_valid, (past_length, 0), value=True)
+        if kv_valid.shape != (batch_size, num_keys):
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected ({batch_size}, {num_keys}) "
+                "(batch, past + new tokens)."
+            )
+        if bool(kv_valid.all()):
+            kv_valid = None
+    query_index = torch.arange(past_length, num_keys, device=device)
+    attn_mask, is_causal = build_attention_mask(kv_valid, query_index, num_keys, causal)
+    token_mask = None if kv_valid is None else kv_valid[:, past_length:]
+    return ForwardContext(
+        token_mask=token_mask,
+        attn_mask=attn_mask,
+        is_causal=is_causal,
+        causal=causal,
+        query_index=query_index,
+        kv_valid=kv_valid,
+    )
+
+
+def positions_from_mask(attention_mask, num_queries, past_length, device):
+    """Position ids (B, T): arange after the cache, or counted over real tokens when left-padded."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return torch.arange(past_length, past_length + num_queries, device=device).unsqueeze(0)
+    mask = attention_mask.to(device=device, dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return positions[:, -num_queries:]
+
+
+def condcomp_losses(config, ctx: ForwardContext, attention_mask, compute: bool):
+    """Returns (weighted total or None, aux_loss, z_loss, compute_loss)."""
+    if not compute:
+        return None, None, None, None
+    aux = z = extra = None
+    total = 0.0
+    if ctx.router_logits:
+        layer_logits = tuple(ctx.router_logits)
+        mask = None if ctx.token_mask is None else ctx.token_mask
+        if config.moe_routing == "token_choice":
+            aux = load_balancing_loss(layer_logits, config.num_local_experts, config.num_experts_per_tok, mask)
+            total = total + config.router_aux_loss_coef * aux
+        z = router_z_loss(layer_logits, mask)
+        total = total + config.router_z_loss_coef * z
+    if ctx.extra_losses:
+        extra = torch.stack(ctx.extra_losses).sum()
+        total = total + extra
+    if aux is None and z is None and extra is None:
+        return None, None, None, None
+    return total, aux, z, extra
+
+
+def compute_fraction(config, ctx: ForwardContext):
+    """Executed share of token-layer compute: mean over layers, ungated layers counting 1."""
+    if not ctx.layer_fractions:
+        return 1.0, {}
+    per_layer = {i: float(f) for i, f in sorted(ctx.layer_fractions.items())}
+    n = config.num_hidden_layers
+    return (n - len(per_layer) + sum(per_layer.values())) / n, per_layer
+
+
+def head_output(base, loss, logits, return_dict):
+    """A head's output: its task loss plus the base model's router and gate losses."""
+    if loss is not None and base.loss is not None:
+        loss = loss + base.loss
+    out = CondCompOutput(
+        loss=loss,
+        logits=logits,
+        past_key_values=base.past_key_values,
+        hidden_states=base.hidden_states,
+        router_logits=base.router_logits,
+        aux_loss=base.aux_loss,
+        z_loss=base.z_loss,
+        compute_loss=base.compute_loss,
+        compute_fraction=base.compute_fraction,
+        layer_compute_fractions=base.layer_compute_fractions,
+    )
+    return out if return_dict is not False else out.to_tuple()
+
+
+class CondCompInitMixin:
+    """Initialisation of the modules this package adds (experts, routers, gates), and an
+    `auto_map` that lists every head of the family, so a saved base model also loads with
+    `AutoModelForSequenceClassification` (and so on) through `trust_remote_code`."""
+
+    _auto_heads: dict = {}
+
+    def save_pretrained(self, *args, **kwargs):
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoConfig"] = f"configuration_condcomp.{type(self.config).__name__}"
+        auto_map.update({auto: f"{module}.{name}" for auto, name in self._auto_heads.items()})
+        self.config.auto_map = auto_map
+        return super().save_pretrained(*args, **kwargs)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Experts):
+            for name, param in module.named_parameters(recurse=False):
+                if name.endswith("_bias"):
+                    init.zeros_(param)
+                else:
+                    init.normal_(param, mean=0.0, std=std)
+        init_hook = getattr(module, "_condcomp_init", None)
+        if init_hook is not None:
+            init_hook(std)

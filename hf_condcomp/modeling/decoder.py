@@ -1,0 +1,111 @@
+"""Forward logic shared by the decoder families (GPT-2, Llama): KV cache, positions, the
+causal-LM head and its loss. `generate()` comes from `GenerationMixin`."""
+
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
+
+from .common import CondCompOutput, compute_fraction, condcomp_losses, head_output, make_context, positions_from_mask
+from .gating import run_layers
+
+
+class CondCompDecoderMixin:
+    """Base-model forward of a decoder; the family provides `embed`, `decoder_layers`,
+    `final_norm` and optionally `position_embeddings(x, position_ids)` (RoPE)."""
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        output_router_logits=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, T, past, device)  # (B or 1, T)
+        x = self.embed(input_ids, inputs_embeds, position_ids)  # (B, T, H)
+        ctx = make_context(attention_mask, T, past, causal=True, device=device, batch_size=B)
+        ctx.cache = past_key_values if use_cache else None
+        ctx.position_embeddings = self.position_embeddings(x, position_ids)
+        x, all_hidden = run_layers(self.decoder_layers(), x, ctx, output_hidden_states)
+        x = self.final_norm(x)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (x,)
+        total, aux, z, extra = condcomp_losses(self.config, ctx, attention_mask, self.training or output_router_logits)
+        fraction, per_layer = compute_fraction(self.config, ctx)
+        return CondCompOutput(
+            loss=total,
+            last_hidden_state=x,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden,
+            router_logits=tuple(ctx.router_logits) if output_router_logits else None,
+            aux_loss=aux,
+            z_loss=z,
+            compute_loss=extra,
+            compute_fraction=fraction,
+            layer_compute_fractions=per_layer,
+        )
+
+    def position_embeddings(self, x, position_ids):
+        return None
+
+
+class CondCompCausalLMMixin:
+    """Causal-LM head over `self.base_model`, with the router and gate losses added. Heads list
+    `GenerationMixin` explicitly after `PreTrainedModel` (transformers 5 requires it)."""
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        output_hidden_states=None,
+        output_router_logits=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        base = self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
+        )
+        hidden = base.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+            shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        return head_output(base, loss, logits, return_dict)

@@ -1,0 +1,163 @@
+"""Expert weights stored as 3-D parameters, and the named implementations of their compute.
+
+The layout follows `transformers.integrations.moe` (the one Mixtral, Qwen-MoE and gpt-oss use):
+`gate_up_proj` (E, 2I, H) holds [gate; up] for SwiGLU experts (Llama family), `up_proj` (E, I, H)
+for plain experts (BERT, GPT-2), `down_proj` (E, H, I), with optional `*_bias` of shape (E, out).
+
+Every implementation computes the same thing: rows of `x` (S, H) come sorted by expert, `counts`
+(E,) says how many rows each expert owns, and expert e applies its FFN to its rows. Nothing is
+padded to a capacity and no row is computed twice.
+
+- `eager`: a Python loop over experts; the reference the others are tested against.
+- `grouped`: one `torch.nn.functional.grouped_mm` per projection (CPU and CUDA), the default.
+- `megablocks`: MegaBlocks' grouped GEMM (CUDA only; `pip install megablocks`, see README).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+try:  # optional GPU kernels; the modeling code must load without them
+    from megablocks import grouped_gemm_util as _megablocks_gg
+except ImportError:  # pragma: no cover - depends on the machine
+    _megablocks_gg = None
+
+
+class Experts(nn.Module):
+    """E feed-forward networks with stacked weights."""
+
+    def __init__(self, num_experts, hidden_size, intermediate_size, hidden_act, gated, bias, implementation):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.gated = gated
+        self.has_bias = bias
+        self.implementation = implementation
+        self.act_fn = ACT2FN[hidden_act]
+        up_rows = 2 * intermediate_size if gated else intermediate_size
+        up_name = "gate_up_proj" if gated else "up_proj"
+        setattr(self, up_name, nn.Parameter(torch.empty(num_experts, up_rows, hidden_size)))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        if bias:
+            setattr(self, f"{up_name}_bias", nn.Parameter(torch.zeros(num_experts, up_rows)))
+            self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.up_name = up_name
+
+    @property
+    def up_weight(self):
+        return getattr(self, self.up_name)
+
+    @property
+    def up_bias(self):
+        return getattr(self, f"{self.up_name}_bias") if self.has_bias else None
+
+    @property
+    def down_bias(self):
+        return self.down_proj_bias if self.has_bias else None
+
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.act_fn(gate) * up
+        return self.act_fn(h)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: (S, H) rows sorted by expert; counts: (E,) rows per expert. Returns (S, H)."""
+        return get_experts_implementation(self.implementation)(self, x, counts)
+
+
+def eager_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Reference: one pair of linear layers per expert, over that expert's rows."""
+    out = x.new_empty(x.shape[0], experts.hidden_size)
+    up_b, down_b = experts.up_bias, experts.down_bias
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        h = F.linear(x[rows], experts.up_weight[e], None if up_b is None else up_b[e])  # (n, I or 2I)
+        h = experts.activation(h)  # (n, I)
+        out[rows] = F.linear(h, experts.down_proj[e], None if down_b is None else down_b[e])  # (n, H)
+        start += n
+    return out
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    `grouped_mm`'s CPU backward rejects expanded (stride-0) gradients such as the one of `.sum()`.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _grouped_linear(x, weight, offsets, bias_rows):
+    """x (S, in) sorted by expert; weight (E, out, in); bias_rows (S, out) or None."""
+    out = _ContiguousGrad.apply(F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets))  # (S, out)
+    return out if bias_rows is None else out + bias_rows
+
+
+def grouped_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Two grouped matrix multiplies over all experts at once (no per-expert Python loop)."""
+    if x.shape[0] == 0:
+        return x.new_zeros(0, experts.hidden_size)
+    offsets = counts.cumsum(0).to(torch.int32)  # (E,)
+    expert_of_row = None
+    if experts.has_bias:
+        expert_of_row = torch.repeat_interleave(torch.arange(experts.num_experts, device=x.device), counts)  # (S,)
+    up_b = None if expert_of_row is None else experts.up_bias[expert_of_row]
+    down_b = None if expert_of_row is None else experts.down_bias[expert_of_row]
+    h = experts.activation(_grouped_linear(x, experts.up_weight, offsets, up_b))  # (S, I)
+    return _grouped_linear(h, experts.down_proj, offsets, down_b)  # (S, H)
+
+
+def megablocks_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """MegaBlocks' grouped GEMM (CUTLASS) for the two projections; biases added per row."""
+    if _megablocks_gg is None or not _megablocks_gg.grouped_gemm_is_available():
+        raise ImportError(
+            "`moe_implementation='megablocks'` needs the `megablocks` package with its grouped GEMM "
+            "(CUDA only; see the README's GPU section). Use `moe_implementation='grouped'` otherwise."
+        )
+    if not x.is_cuda:
+        raise ValueError("`moe_implementation='megablocks'` runs on CUDA tensors only; move the model to a GPU.")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"`moe_implementation='megablocks'` needs bf16 or fp16 weights, got {x.dtype}: "
+            "call `model.to(torch.bfloat16)` or use `moe_implementation='grouped'` for fp32."
+        )
+    batch_sizes = counts.to("cpu", torch.int64)  # the kernel takes group sizes on the host
+    expert_of_row = None
+    if experts.has_bias:
+        expert_of_row = torch.repeat_interleave(torch.arange(experts.num_experts, device=x.device), counts)
+    h = _megablocks_gg.ops.gmm(x, experts.up_weight, batch_sizes, trans_b=True)  # (S, I or 2I)
+    if expert_of_row is not None:
+        h = h + experts.up_bias[expert_of_row]
+    h = experts.activation(h)
+    out = _megablocks_gg.ops.gmm(h, experts.down_proj, batch_sizes, trans_b=True)  # (S, H)
+    if expert_of_row is not None:
+        out = out + experts.down_bias[expert_of_row]
+    return out
+
+
+EXPERTS_IMPLEMENTATIONS = {
+    "eager": eager_experts_forward,
+    "grouped": grouped_experts_forward,
+    "megablocks": megablocks_experts_forward,
+}
+
+
+def get_experts_implementation(name: str):
+    try:
+        return EXPERTS_IMPLEMENTATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"`moe_implementation` must be one of {sorted(EXPERTS_IMPLEMENTATIONS)}, got {name!r}."
+        ) from None

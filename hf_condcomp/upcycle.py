@@ -1,0 +1,501 @@
+"""Upcycling: a dense pretrained checkpoint becomes a conditional-computation model.
+
+Every weight of the source is copied key for key into the target (same names, asserted shapes),
+except the FFNs of the chosen layers, which become E experts and a router:
+
+- `copy`: every expert is the dense FFN (sparse upcycling, Komatsuzaki et al. 2022). With
+  normalised top-k weights the experts' outputs sum to the dense output whatever the router
+  says, so the model starts exactly at its dense parent. The router is N(0, initializer_range).
+- `noise`: copy, plus Gaussian noise of `noise_std` times each matrix's standard deviation.
+- `drop`: Drop-Upcycling (Nakamura et al. 2025): in each expert a random `drop_ratio` of the
+  intermediate neurons is re-initialised from N(mean, std) of the dense matrix, so experts
+  diverge from the start.
+- `split-random` / `split-kmeans`: the FFN's neurons are partitioned into E groups of I/E
+  (MoEfication, Zhang et al. 2022), at random or by balanced k-means on the neurons' input
+  weights. Selected experts are summed with unit weights and each expert carries 1/k of the
+  output bias, so top-k = E reproduces the dense FFN exactly; the router starts at the groups'
+  mean input weights (a token is sent to the groups it pre-activates most).
+"""
+
+import math
+import re
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PreTrainedModel,
+)
+from transformers.initialization import no_init_weights
+
+from . import assets
+from .modeling.configuration_condcomp import (
+    CondCompBertConfig,
+    CondCompGPT2Config,
+    CondCompLlamaConfig,
+    ROUTING_TYPES,
+    intermediate_size_of,
+)
+from .modeling.modeling_condcomp_bert import (
+    CondCompBertForMaskedLM,
+    CondCompBertForSequenceClassification,
+    CondCompBertForTokenClassification,
+    CondCompBertModel,
+)
+from .modeling.modeling_condcomp_gpt2 import CondCompGPT2ForCausalLM, CondCompGPT2Model
+from .modeling.modeling_condcomp_llama import CondCompLlamaForCausalLM, CondCompLlamaModel
+
+INITS = ("copy", "noise", "drop", "split-random", "split-kmeans")
+TASKS = ("base", "sequence-classification", "token-classification", "masked-lm", "causal-lm")
+VARIANTS = ("moe", "mod", "gate")
+
+_AUTO_SOURCE = {
+    "base": AutoModel,
+    "sequence-classification": AutoModelForSequenceClassification,
+    "token-classification": AutoModelForTokenClassification,
+    "masked-lm": AutoModelForMaskedLM,
+    "causal-lm": AutoModelForCausalLM,
+}
+
+# family: (config class, {task: target class}, layer prefix in the base model, source model types)
+FAMILIES = {
+    "bert": (
+        CondCompBertConfig,
+        {
+            "base": CondCompBertModel,
+            "sequence-classification": CondCompBertForSequenceClassification,
+            "token-classification": CondCompBertForTokenClassification,
+            "masked-lm": CondCompBertForMaskedLM,
+        },
+        "encoder.layer.{i}.",
+        ("bert",),
+    ),
+    "gpt2": (
+        CondCompGPT2Config,
+        {"base": CondCompGPT2Model, "causal-lm": CondCompGPT2ForCausalLM},
+        "h.{i}.",
+        ("gpt2",),
+    ),
+    "llama": (
+        CondCompLlamaConfig,
+        {"base": CondCompLlamaModel, "causal-lm": CondCompLlamaForCausalLM},
+        "layers.{i}.",
+        ("llama", "mistral", "qwen2"),
+    ),
+}
+_FAMILY_OF = {model_type: family for family, spec in FAMILIES.items() for model_type in spec[3]}
+
+# The source architecture's own task, from `config.architectures[0]`'s suffix.
+_ARCH_SUFFIX_TASK = (
+    ("ForSequenceClassification", "sequence-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForMaskedLM", "masked-lm"),
+    ("ForPreTraining", "masked-lm"),
+    ("LMHeadModel", "causal-lm"),
+    ("ForCausalLM", "causal-lm"),
+    ("Model", "base"),
+)
+_CONFIG_KEYS_DROPPED = (
+    "model_type",
+    "architectures",
+    "transformers_version",
+    "quantization_config",
+    "_name_or_path",
+    "auto_map",
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "layer_types",
+)
+
+
+def _error(argument, value, allowed):
+    return ValueError(f"`{argument}` must be {allowed}, got {value!r}.")
+
+
+def parse_layers(layers, num_layers: int, argument: str = "layers") -> list[int]:
+    """`every_other` (layers 1, 3, 5, ... as in Switch/ST-MoE), `all`, '0,2,4' or a list of ints."""
+    if layers == "every_other":
+        return list(range(1, num_layers, 2))
+    if layers == "all":
+        return list(range(num_layers))
+    if isinstance(layers, str):
+        try:
+            layers = [int(part) for part in layers.split(",") if part.strip()]
+        except ValueError:
+            raise _error(argument, layers, "'every_other', 'all' or comma-separated layer indices like '0,2,4'") from None
+    layers = [int(i) for i in layers]
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad or not layers:
+        raise ValueError(
+            f"`{argument}` has layer index {bad[0] if bad else None!r} out of range: the source has {num_layers} "
+            f"layers, so indices must be in [0, {num_layers - 1}]."
+        )
+    return sorted(set(layers))
+
+
+def _task_of_architecture(architecture: str | None, family: str) -> str:
+    if architecture:
+        for suffix, task in _ARCH_SUFFIX_TASK:
+            if architecture.endswith(suffix):
+                return task
+    return "base" if family == "bert" else "causal-lm"
+
+
+def _load_source(source, task, num_labels):
+    """Returns (dense model, family, task, source name)."""
+    if isinstance(source, PreTrainedModel):
+        model, name = source, getattr(source.config, "_name_or_path", "") or type(source).__name__
+        family = _family(model.config.model_type)
+        source_task = _task_of_architecture(type(model).__name__, family)
+        task = task or source_task
+        if task != source_task:
+            raise ValueError(
+                f"`task`={task!r} differs from the loaded model's own task {source_task!r}: pass the source as a "
+                "path or Hub id to change heads, or load it with the head you want."
+            )
+        return model, family, task, name
+    if not isinstance(source, (str, bytes)) and not hasattr(source, "__fspath__"):
+        raise _error("source", source, "a Hub id, a local folder or a loaded `PreTrainedModel`")
+    name = str(source)
+    path = assets.resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"`source`={name!r} could not be read as a Transformers checkpoint ({err}). Pass a Hub id, a folder "
+            "with config.json and weights, or one of the embedded names: " + ", ".join(assets.EMBEDDED)
+        ) from err
+    family = _family(config.model_type)
+    architecture = (config.architectures or [None])[0]
+    task = task or _task_of_architecture(architecture, family)
+    _check_task(task, family)
+    kwargs = {}
+    if num_labels is not None and task in ("sequence-classification", "token-classification"):
+        kwargs["num_labels"] = num_labels
+    try:
+        model = _AUTO_SOURCE[task].from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"`source`={name!r}: loading its weights failed ({err}).") from err
+    return model, family, task, name
+
+
+def _family(model_type: str) -> str:
+    if model_type not in _FAMILY_OF:
+        raise ValueError(
+            f"unsupported source architecture `model_type`={model_type!r}: supported are {sorted(_FAMILY_OF)} "
+            "(BERT encoders, GPT-2 decoders, Llama-family decoders)."
+        )
+    return _FAMILY_OF[model_type]
+
+
+def _check_task(task, family):
+    tasks = FAMILIES[family][1]
+    if task not in tasks:
+        raise _error("task", task, f"one of {sorted(tasks)} for a {family} source")
+
+
+def _target_config(src_config, family, **fields):
+    config_class = FAMILIES[family][0]
+    values = {k: v for k, v in src_config.to_dict().items() if k not in _CONFIG_KEYS_DROPPED}
+    if src_config.model_type == "qwen2":
+        values["qkv_bias"], values["attention_bias"] = True, False
+    sliding = getattr(src_config, "sliding_window", None)
+    if src_config.model_type in ("mistral", "qwen2") and sliding and getattr(src_config, "use_sliding_window", True):
+        if sliding < src_config.max_position_embeddings:
+            raise ValueError(
+                f"source `sliding_window`={sliding} is not supported (full attention only): use a checkpoint "
+                "without sliding-window attention."
+            )
+    values.update(fields)
+    return config_class(**values)
+
+
+def _dense_ffn(state, prefix, family):
+    """The dense FFN of one layer in a canonical form: inputs (list of (I, H)), their biases, out (H, I), out bias."""
+    get = state.get
+    if family == "bert":
+        ins = [state[prefix + "intermediate.dense.weight"]]
+        in_b = [state[prefix + "intermediate.dense.bias"]]
+        out, out_b = state[prefix + "output.dense.weight"], state[prefix + "output.dense.bias"]
+        keys = [prefix + k for k in ("intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight", "output.dense.bias")]
+    elif family == "gpt2":
+        ins = [state[prefix + "mlp.c_fc.weight"].t()]  # Conv1D (H, I) -> (I, H)
+        in_b = [state[prefix + "mlp.c_fc.bias"]]
+        out, out_b = state[prefix + "mlp.c_proj.weight"].t(), state[prefix + "mlp.c_proj.bias"]  # (I, H) -> (H, I)
+        keys = [prefix + k for k in ("mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")]
+    else:
+        names = ("gate_proj", "up_proj", "down_proj")
+        ins = [state[prefix + f"mlp.{n}.weight"] for n in names[:2]]
+        out = state[prefix + "mlp.down_proj.weight"]
+        has_bias = get(prefix + "mlp.gate_proj.bias") is not None
+        in_b = [state[prefix + f"mlp.{n}.bias"] for n in names[:2]] if has_bias else None
+        out_b = state[prefix + "mlp.down_proj.bias"] if has_bias else None
+        keys = [prefix + f"mlp.{n}.{p}" for n in names for p in (("weight", "bias") if has_bias else ("weight",))]
+    return ins, in_b, out, out_b, keys
+
+
+def _reinit_like(t, rows, gen):
+    """Values drawn from N(mean, std) of `t`, for the given rows (dim 0)."""
+    fresh = torch.randn((len(rows),) + tuple(t.shape[1:]), generator=gen, dtype=torch.float32) * t.float().std() + t.float().mean()
+    return fresh.to(t.dtype)
+
+
+def balanced_kmeans(points: torch.Tensor, num_groups: int, gen: torch.Generator, iters: int = 15) -> list[torch.Tensor]:
+    """Partition rows of `points` (I, D) into equal groups by cosine k-means with balanced assignment."""
+    n = points.shape[0]
+    size = n // num_groups
+    x = torch.nn.functional.normalize(points.float(), dim=-1)
+    centroids = x[torch.randperm(n, generator=gen)[:num_groups]]
+    assign = torch.empty(n, dtype=torch.long)
+    for _ in range(iters):
+        sim = x @ centroids.t()  # (I, E)
+        order = torch.argsort(sim.reshape(-1), descending=True).tolist()
+        assign.fill_(-1)
+        fill = [0] * num_groups
+        left = n
+        for flat in order:  # greedy: best (neuron, group) pairs first, groups capped at `size`
+            i, g = divmod(flat, num_groups)
+            if assign[i] < 0 and fill[g] < size:
+                assign[i] = g
+                fill[g] += 1
+                left -= 1
+                if left == 0:
+                    break
+        centroids = torch.nn.functional.normalize(
+            torch.stack([x[assign == g].mean(0) for g in range(num_groups)]), dim=-1
+        )
+    return [torch.nonzero(assign == g).squeeze(-1) for g in range(num_groups)]
+
+
+def _experts_from_dense(ffn, num_experts, top_k, init, gen, noise_std, drop_ratio, gated):
+    """Returns {name: tensor} for the experts module and the router weight (or None)."""
+    ins, in_b, out, out_b, _ = ffn
+    inter = out.shape[1]
+    experts_in, experts_in_b, experts_out, experts_out_b = [], [], [], []
+    router = None
+    if init.startswith("split"):
+        if inter % num_experts:
+            raise ValueError(
+                f"`init`={init!r} splits the FFN's {inter} neurons into `num_experts`={num_experts} equal groups: "
+                "choose a number of experts that divides it."
+            )
+        if init == "split-kmeans":
+            groups = balanced_kmeans(torch.cat(ins, dim=1), num_experts, gen)
+        else:
+            groups = list(torch.randperm(inter, generator=gen).view(num_experts, -1))
+        for g in groups:
+            experts_in.append([w[g] for w in ins])
+            experts_in_b.append(None if in_b is None else [b[g] for b in in_b])
+            experts_out.append(out[:, g])
+            experts_out_b.append(None if out_b is None else out_b / top_k)
+        router = torch.stack([ins[0][g].float().mean(0) for g in groups]).to(ins[0].dtype)  # (E, H)
+    else:
+        for _ in range(num_experts):
+            e_in, e_in_b, e_out = [w.clone() for w in ins], None if in_b is None else [b.clone() for b in in_b], out.clone()
+            if init == "noise":
+                e_in = [w + torch.randn(w.shape, generator=gen).to(w.dtype) * noise_std * w.float().std() for w in e_in]
+                e_out = e_out + torch.randn(e_out.shape, generator=gen).to(e_out.dtype) * noise_std * out.float().std()
+            elif init == "drop":
+                rows = torch.randperm(inter, generator=gen)[: int(round(drop_ratio * inter))]
+                for w in e_in:
+                    w[rows] = _reinit_like(w, rows, gen)
+                if e_in_b is not None:
+                    for b in e_in_b:
+                        b[rows] = _reinit_like(b.unsqueeze(-1), rows, gen).squeeze(-1)
+                e_out[:, rows] = _reinit_like(e_out.t(), rows, gen).t()
+            experts_in.append(e_in)
+            experts_in_b.append(e_in_b)
+            experts_out.append(e_out)
+            experts_out_b.append(None if out_b is None else out_b.clone())
+    up = torch.stack([torch.cat(e, dim=0) for e in experts_in])  # (E, I' or 2I', H), [gate; up] when gated
+    tensors = {("gate_up_proj" if gated else "up_proj"): up, "down_proj": torch.stack(experts_out)}  # (E, H, I')
+    if experts_in_b[0] is not None:
+        tensors[("gate_up_proj_bias" if gated else "up_proj_bias")] = torch.stack([torch.cat(b) for b in experts_in_b])
+        tensors["down_proj_bias"] = torch.stack(experts_out_b)
+    return tensors, router
+
+
+def upcycle(
+    source,
+    num_experts: int = 8,
+    top_k: int = 2,
+    routing: str = "token_choice",
+    capacity_factor: float | None = None,
+    init: str = "copy",
+    layers="every_other",
+    task: str | None = None,
+    num_labels: int | None = None,
+    variant: str = "moe",
+    capacity: float = 0.5,
+    compute_penalty: float = 0.01,
+    threshold: float = 0.5,
+    mod_layers=None,
+    noise_std: float = 0.01,
+    drop_ratio: float = 0.5,
+    seed: int = 0,
+    moe_implementation: str = "grouped",
+    **config_overrides,
+):
+    """Upcycle a dense checkpoint into a conditional-computation model (see module docstring).
+
+    Args:
+        source: Hub id, local folder, embedded name (`all-MiniLM-L6-v2`, `SmolLM2-135M-Instruct`)
+            or a loaded `PreTrainedModel` (BERT, GPT-2 or Llama family).
+        num_experts, top_k, routing, capacity_factor, init: the MoE layers (`variant="moe"`).
+        layers: `every_other`, `all`, '0,2,4' or a list: which layers get the variant.
+        task: `base`, `sequence-classification`, `token-classification`, `masked-lm`, `causal-lm`;
+            default the source architecture's own.
+        num_labels: size of a new classification head.
+        variant: `moe` (FFNs become experts), `mod` (Mixture-of-Depths routed blocks at
+            `capacity`) or `gate` (compute-allocation gates with `compute_penalty`, `threshold`).
+        mod_layers: with `variant="moe"`, also make these blocks Mixture-of-Depths routed blocks at
+            `capacity` (MoE FFNs and routed depth in one model).
+        noise_std, drop_ratio: for `init="noise"` / `init="drop"`.
+        seed: seeds router, noise, drop and split initialisation.
+        **config_overrides: any other config field (`router_aux_loss_coef=...`, ...).
+    Returns:
+        The upcycled model (in eval mode), whose `config.upcycling` records how it was made.
+    """
+    if variant not in VARIANTS:
+        raise _error("variant", variant, f"one of {VARIANTS}")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise _error("num_experts", num_experts, "a positive integer")
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(
+            f"`top_k` (num_experts_per_tok) must be between 1 and `num_experts`={num_experts}, got {top_k!r}: "
+            "lower top_k or raise num_experts."
+        )
+    if routing not in ROUTING_TYPES:
+        raise _error("routing", routing, f"one of {ROUTING_TYPES}")
+    if init not in INITS:
+        raise _error("init", init, f"one of {INITS}")
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise _error("capacity_factor", capacity_factor, "> 0, or None for dropless routing")
+    if task is not None and task not in TASKS:
+        raise _error("task", task, f"one of {TASKS}")
+    if not 0 <= drop_ratio <= 1:
+        raise _error("drop_ratio", drop_ratio, "in [0, 1]")
+    if noise_std < 0:
+        raise _error("noise_std", noise_std, ">= 0")
+
+    dense, family, task, source_name = _load_source(source, task, num_labels)
+    _check_task(task, family)
+    src_config = dense.config
+    num_layers = src_config.num_hidden_layers
+    chosen = parse_layers(layers, num_layers)
+
+    fields = dict(moe_implementation=moe_implementation)
+    if variant == "moe":
+        split = init.startswith("split")
+        inter = intermediate_size_of(src_config)
+        fields.update(
+            num_local_experts=num_experts,
+            num_experts_per_tok=top_k,
+            moe_routing=routing,
+            moe_capacity_factor=capacity_factor,
+            moe_layers=chosen,
+            router_unit_weights=split,
+            moe_expert_intermediate_size=inter // num_experts if split else None,
+        )
+    if variant == "mod":
+        fields.update(mod_layers=chosen, mod_capacity=capacity)
+    elif variant == "gate":
+        fields.update(gate_layers=chosen, gate_compute_penalty=compute_penalty, gate_threshold=threshold)
+    elif mod_layers is not None:
+        fields.update(mod_layers=parse_layers(mod_layers, num_layers, "mod_layers"), mod_capacity=capacity)
+    if task in ("sequence-classification", "token-classification"):
+        fields["num_labels"] = src_config.num_labels
+        fields["id2label"] = src_config.id2label
+        fields["label2id"] = src_config.label2id
+    fields["upcycling"] = {
+        "source": source_name,
+        "source_model_type": src_config.model_type,
+        "task": task,
+        "variant": variant,
+        "layers": chosen,
+        "init": init if variant == "moe" else None,
+        "num_experts": num_experts if variant == "moe" else None,
+        "top_k": top_k if variant == "moe" else None,
+        "routing": routing if variant == "moe" else None,
+        "capacity_factor": capacity_factor,
+        "capacity": capacity if variant == "mod" else None,
+        "compute_penalty": compute_penalty if variant == "gate" else None,
+        "threshold": threshold if variant == "gate" else None,
+        "noise_std": noise_std if init == "noise" else None,
+        "drop_ratio": drop_ratio if init == "drop" else None,
+        "seed": seed,
+    }
+    fields.update(config_overrides)
+    config = _target_config(src_config, family, **fields)
+
+    target_class = FAMILIES[family][1][task]
+    with no_init_weights():  # every weight is overwritten below: skip the random init
+        target = target_class(config)
+    state = convert_state_dict(dense.state_dict(), target, family, config, init, seed, noise_std, drop_ratio)
+    target.load_state_dict(state, strict=True)
+    target.to(dense.dtype)
+    return target.eval()
+
+
+def convert_state_dict(src_state, target, family, config, init="copy", seed=0, noise_std=0.01, drop_ratio=0.5):
+    """Map a dense state dict onto `target`'s keys; asserts that nothing is missing or dropped."""
+    gen = torch.Generator().manual_seed(seed)
+    layer_template = FAMILIES[family][2]
+    base = "" if target.base_model is target else target.base_model_prefix + "."
+    target_keys = dict(target.state_dict(keep_vars=True))
+    out, consumed = {}, set()
+    gated = family == "llama"
+    for i in config.moe_layers:
+        prefix = base + layer_template.format(i=i)
+        ffn = _dense_ffn(src_state, prefix, family)
+        tensors, router = _experts_from_dense(
+            ffn, config.num_local_experts, config.num_experts_per_tok, init, gen, noise_std, drop_ratio, gated
+        )
+        for name, tensor in tensors.items():
+            out[f"{prefix}mlp.experts.{name}"] = tensor.contiguous()
+        router_key = f"{prefix}mlp.router.weight"
+        if router is None:
+            shape = target_keys[router_key].shape
+            router = torch.randn(shape, generator=gen) * config.initializer_range
+        out[router_key] = router.to(ffn[2].dtype).contiguous()
+        consumed.update(ffn[4])
+    for key, param in target_keys.items():
+        if key in out:
+            continue
+        if key not in src_state:
+            fresh = _fresh_parameter(target, key, param, config, gen)
+            if fresh is None:
+                raise KeyError(f"upcycling: target weight {key!r} has no source weight and no initialiser")
+            out[key] = fresh
+            continue
+        if tuple(src_state[key].shape) != tuple(param.shape):
+            raise ValueError(f"upcycling: shape of {key!r} is {tuple(src_state[key].shape)} in the source, {tuple(param.shape)} in the target")
+        out[key] = src_state[key]
+        consumed.add(key)
+    for key, tensor in out.items():
+        if tuple(tensor.shape) != tuple(target_keys[key].shape):
+            raise ValueError(f"upcycling: {key!r} built with shape {tuple(tensor.shape)}, expected {tuple(target_keys[key].shape)}")
+    left = [k for k in src_state if k not in consumed and not _ignorable(k)]
+    if left:
+        raise ValueError(f"upcycling would drop source weights {left[:5]}{'...' if len(left) > 5 else ''}: refusing")
+    return out
+
+
+def _ignorable(key):
+    # Buffers that the target recomputes (position ids, rotary frequencies), never learned weights.
+    return bool(re.search(r"(position_ids|token_type_ids|inv_freq|masked_bias|attn\.bias)$", key))
+
+
+def _fresh_parameter(target, key, param, config, gen):
+    """Initial value of a weight the source does not have (gates, routers of routed blocks)."""
+    module_name, _, name = key.rpartition(".")
+    module = target.get_submodule(module_name)
+    fresh = getattr(module, "_condcomp_fresh", None)
+    if fresh is not None:
+        return fresh(name, config, gen)
+    return None
