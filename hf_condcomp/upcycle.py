@@ -153,6 +153,7 @@ def _load_source(source, task, num_labels):
         family = _family(model.config.model_type)
         source_task = _task_of_architecture(type(model).__name__, family)
         task = task or source_task
+        _check_task(task, family)
         if task != source_task:
             raise ValueError(
                 f"`task`={task!r} differs from the loaded model's own task {source_task!r}: pass the source as a "
