@@ -18,6 +18,7 @@ from .modeling.modeling_condcomp_bert import (
 )
 from .modeling.modeling_condcomp_gpt2 import CondCompGPT2ForCausalLM, CondCompGPT2Model
 from .modeling.modeling_condcomp_llama import CondCompLlamaForCausalLM, CondCompLlamaModel
+from .inspect import compare, inspect, routing_summary
 from .upcycle import upcycle
 
 __version__ = "0.1.0"
@@ -39,6 +40,9 @@ for _config, _models in (
 
 __all__ = [
     "upcycle",
+    "inspect",
+    "compare",
+    "routing_summary",
     "CondCompBertConfig",
     "CondCompGPT2Config",
     "CondCompLlamaConfig",
