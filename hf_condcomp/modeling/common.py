@@ -63,6 +63,9 @@ class ForwardContext:
     router_logits: list = field(default_factory=list)
     extra_losses: list = field(default_factory=list)
     layer_fractions: dict = field(default_factory=dict)
+    # Indices into `router_logits` of MoE layers inside routed blocks (gating.py): their rows are
+    # already restricted to the real tokens the block ran on, so `token_mask` must not mask them.
+    prefiltered_logits: set = field(default_factory=set)
 
 
 def build_attention_mask(kv_valid, query_index, num_keys, causal):
@@ -152,6 +155,12 @@ def condcomp_losses(config, ctx: ForwardContext, attention_mask, compute: bool):
     if ctx.router_logits:
         layer_logits = tuple(ctx.router_logits)
         mask = None if ctx.token_mask is None else ctx.token_mask
+        if ctx.prefiltered_logits and mask is not None:
+            flat = mask.reshape(-1)
+            layer_logits = tuple(
+                logits if i in ctx.prefiltered_logits else logits[flat] for i, logits in enumerate(layer_logits)
+            )
+            mask = None
         if config.moe_routing == "token_choice":
             aux = load_balancing_loss(layer_logits, config.num_local_experts, config.num_experts_per_tok, mask)
             total = total + config.router_aux_loss_coef * aux
