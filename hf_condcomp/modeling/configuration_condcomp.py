@@ -124,13 +124,20 @@ def validate_condcomp_config(config) -> None:
             "(Mixture-of-Depths) or gated, not both."
         )
     if not 0 < config.mod_capacity <= 1:
-        raise ValueError(f"`mod_capacity` (capacity) must be in (0, 1], got {config.mod_capacity!r}.")
-    if config.gate_compute_penalty < 0:
         raise ValueError(
-            f"`gate_compute_penalty` (compute_penalty) must be >= 0, got {config.gate_compute_penalty!r}."
+            f"`mod_capacity` (capacity) must be in (0, 1], got {config.mod_capacity!r}: pass the fraction of "
+            "each sequence's tokens a routed block processes, e.g. 0.5 (1.0 = dense)."
+        )
+    if not config.gate_compute_penalty >= 0:  # also rejects NaN
+        raise ValueError(
+            f"`gate_compute_penalty` (compute_penalty) must be >= 0, got {config.gate_compute_penalty!r}: pass "
+            "the weight of the mean allocation in the loss, e.g. 0.01 (0 = no pressure to skip)."
         )
     if not 0 <= config.gate_threshold <= 1:
-        raise ValueError(f"`gate_threshold` (threshold) must be in [0, 1], got {config.gate_threshold!r}.")
+        raise ValueError(
+            f"`gate_threshold` (threshold) must be in [0, 1], got {config.gate_threshold!r}: allocations are "
+            "sigmoids in [0, 1]; pass e.g. 0.5 (0 = never skip)."
+        )
 
 
 def _post_init(config):
