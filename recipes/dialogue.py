@@ -1,0 +1,155 @@
+"""Multi-turn chat fine-tuning of an upcycled decoder; the loss covers the assistant's turns only.
+
+    accelerate launch recipes/dialogue.py --config recipes/configs/dialogue_chitchat_smollm2.yaml
+    python recipes/dialogue.py --config recipes/configs/dialogue_chitchat_smollm2.yaml max_train_steps=20
+
+Data: JSON lines with a `messages` list of {"role", "content"} (the chat format of transformers'
+chat templates), a Hub dataset with a `messages` column, or `--dataset_name chitchat` (the PyPI
+package `chitchat_dataset`, converted to `messages`). Conversations are rendered with the
+tokenizer's chat template. Reports held-out perplexity before and after training, a few sample
+replies, routing statistics, and writes a Hub-ready output folder with a model card.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import datasets
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from hf_condcomp import training  # noqa: E402
+
+# For tokenizers without a chat template (GPT-2): ChatML, as SmolLM2 and many others use.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    training.add_common_arguments(parser)
+    parser.add_argument("--validation_split_percentage", type=float, default=5.0,
+                        help="held-out share of the training conversations when no --validation_file is given")
+    parser.add_argument("--num_sample_replies", type=int, default=3)
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="tokens per sample reply")
+    return parser
+
+
+def load_conversations(args):
+    if args.dataset_name == "chitchat":
+        rows = training.chitchat_conversations()
+        ds = datasets.Dataset.from_list(rows)
+        parts = ds.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+        splits = {"train": parts["train"], "validation": parts["test"]}
+        for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+            if limit and limit < len(splits[name]):
+                splits[name] = splits[name].select(range(limit))
+        return splits
+    return training.load_splits(args)
+
+
+def main(argv=None):
+    args = training.parse_args(build_parser(), argv)
+    training.validate_args(args)
+
+    # 1. Data: conversations, checked before anything expensive.
+    splits = load_conversations(args)
+    for name, ds in splits.items():
+        training.check_conversations(ds, f"{name} split ({getattr(args, name + '_file', None) or args.dataset_name})")
+
+    # 2. Accelerator, tokenizer (with a chat template), model.
+    accelerator = training.make_accelerator(args)
+    tokenizer = training.load_tokenizer(args)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHATML
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = training.load_model(args, AutoModelForCausalLM, "causal-lm")
+    model = training.apply_lora(model, args)
+    config = training.unwrap(accelerator, model).config
+
+    def render(messages, **kwargs):
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
+
+    def tokenize(example):
+        """Labels are the tokens of each assistant turn: the rendered conversation up to and with
+        the turn, minus the rendering up to the turn's generation prompt (chat templates render
+        prefixes consistently)."""
+        messages = example["messages"]
+        ids = render(messages)
+        labels = [-100] * len(ids)
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start = len(render(messages[:i], add_generation_prompt=True))
+                end = len(render(messages[: i + 1]))
+                labels[start:end] = ids[start:end]
+        return {"input_ids": ids[: args.max_length], "labels": labels[: args.max_length]}
+
+    with accelerator.main_process_first():
+        processed = {name: ds.map(tokenize, remove_columns=ds.column_names, desc=f"tokenize {name}")
+                     for name, ds in splits.items()}
+        processed = {name: ds.filter(lambda e: any(t != -100 for t in e["labels"][1:])) for name, ds in processed.items()}
+    collate = training.pad_collate(tokenizer.pad_token_id)
+    train_dataloader = DataLoader(processed["train"], shuffle=True, collate_fn=collate, batch_size=args.per_device_train_batch_size)
+    eval_dataloader = DataLoader(processed["validation"], collate_fn=collate, batch_size=args.per_device_eval_batch_size)
+
+    # 3. Optimizer, schedule, prepare.
+    optimizer = training.make_optimizer(model, args)
+    lr_scheduler = training.schedule(args, accelerator, train_dataloader, optimizer)
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
+    )
+    training.start_run(accelerator, args, model, "dialogue", f"{len(processed['train'])} conversations")
+
+    # 4. Held-out perplexity before training, train, perplexity after.
+    before = training.evaluate_loss(accelerator, model, eval_dataloader)
+    results = training.train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, config)
+    after = training.evaluate_loss(accelerator, model, eval_dataloader)
+
+    # 5. A few sample replies: the context up to the last assistant turn, answered greedily.
+    contexts, references = [], []
+    for messages in splits["validation"]["messages"][: args.num_sample_replies]:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        contexts.append(messages[:last])
+        references.append(messages[last]["content"])
+    prompts = [render(c, add_generation_prompt=True)[-args.max_length:] for c in contexts]
+    replies = training.generate(accelerator, model, tokenizer, prompts, args.max_new_tokens, args.per_device_eval_batch_size)
+    results.update(
+        eval_loss_before=before["loss"],
+        perplexity_before=before["perplexity"],
+        eval_loss=after["loss"],
+        perplexity=after["perplexity"],
+        eval_samples=len(processed["validation"]),
+        eval_compute_fraction=after["compute_fraction"],
+        num_processes=accelerator.num_processes,
+        sample_replies=[{"last_user_turn": c[-1]["content"] if c else "", "reference": r, "reply": p.strip()}
+                        for c, r, p in zip(contexts, references, replies)],
+        routing=training.routing_stats(accelerator, model, eval_dataloader, args.routing_eval_batches),
+    )
+    accelerator.print(json.dumps({k: results[k] for k in ("perplexity_before", "perplexity", "train_loss")}))
+    if args.with_tracking:
+        accelerator.log({"eval/perplexity": results["perplexity"]}, step=results["train_steps"])
+
+    # 6. Save a complete Hub repository and its model card.
+    saved = training.save_model(accelerator, model, tokenizer, args)
+    training.write_results(args, results, accelerator)
+    if accelerator.is_main_process:
+        data = args.dataset_name or args.train_file
+        training.write_model_card(
+            args, saved.config, results, task_type="text-generation", task_name="Dialogue",
+            dataset_name=args.dataset_name or Path(args.train_file).stem, dataset_type=args.dataset_name or "json",
+            metrics={"perplexity": "perplexity", "perplexity_before": "perplexity_before"},
+            data_text=f"{data}; {len(processed['train'])} conversations rendered with the chat template, loss on "
+                      "assistant turns only.",
+        )
+    training.push_to_hub(args, accelerator)
+    training.end_training(accelerator, args)
+    return results
+
+
+if __name__ == "__main__":
+    main()

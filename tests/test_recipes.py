@@ -1,0 +1,286 @@
+"""End-to-end runs of the recipes on real data (Banking77, Multi30k, chitchat) with small step
+budgets: metrics in all_results.json, exact resume, a 2-process CPU DDP run, the saved folder
+loading without hf_condcomp, the model card, the Hub upload (intercepted) and bad inputs.
+
+Runs in process (`recipe.main(argv)`) except where a clean interpreter or two processes are the
+point. Tiny random GPT-2 models with the real GPT-2 tokenizer keep the decoder runs fast.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+GPT2_TOKENIZER = ROOT.parent / "shared" / "assets" / "gpt2-tokenizer"
+BANKING77 = DATA / "classification" / "banking77"
+MULTI30K = DATA / "translation" / "multi30k"
+
+pytestmark = pytest.mark.skipif(not BANKING77.is_dir() or not MULTI30K.is_dir(), reason="needs ../shared/data")
+
+# Measured on a 2-core CPU: 100 steps reach 0.30-0.41 accuracy (chance 1/77 = 0.013; a model whose
+# head or experts do not learn stays near chance).
+BANKING77_ACCURACY_FLOOR = 0.15
+
+
+def load_recipe(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.getbasetemp() / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run(name, *args):
+    return load_recipe(name).main([str(a) for a in args])
+
+
+def make_tiny_gpt2(folder, dropout):
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    merges = [tuple(line.split()) for line in (GPT2_TOKENIZER / "merges.txt").read_text().splitlines()[1:] if line.strip()]
+    tokenizer = GPT2TokenizerFast(vocab=json.loads((GPT2_TOKENIZER / "vocab.json").read_text()), merges=merges)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=len(tokenizer),
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"), dropout=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_nodrop(tmp_path_factory):
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2_nodrop"), dropout=0.0)
+
+
+def translation_args(model, out, *extra):
+    return (
+        "--model_name_or_path", model, "--train_file", MULTI30K / "train", "--validation_file", MULTI30K / "val",
+        "--source_lang", "en", "--target_lang", "de", "--max_train_samples", 40, "--max_eval_samples", 8,
+        "--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 8, "--learning_rate", "2e-3",
+        "--max_length", 64, "--max_target_length", 8, "--output_dir", out,
+        "upcycling.num_experts=4", "upcycling.layers=all", *extra,
+    )
+
+
+# --- classification -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def banking77_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("banking77")
+    env_home = tmp_path_factory.getbasetemp() / "hf_home"
+    os.environ.update(HF_HOME=str(env_home), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    results = run(
+        "classification", "--model_name_or_path", "all-MiniLM-L6-v2",
+        "--train_file", BANKING77 / "train.csv", "--validation_file", BANKING77 / "test.csv",
+        "--text_column", "text", "--label_column", "category", "--max_train_samples", 1600,
+        "--max_eval_samples", 400, "--max_train_steps", 100, "--per_device_train_batch_size", 16,
+        "--learning_rate", "3e-4", "--num_warmup_steps", 10, "--max_length", 32, "--output_dir", out,
+        "--with_tracking", "upcycling.num_experts=4",
+    )
+    return out, results
+
+
+def test_classification_banking77_reaches_floor(banking77_run):
+    out, _ = banking77_run
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_accuracy"] >= BANKING77_ACCURACY_FLOOR, results["eval_accuracy"]
+    assert 0 < results["eval_macro_f1"] <= 1
+    assert results["num_labels"] == 77 and results["train_steps"] == 100
+    history = results["log_history"]
+    assert history[-1]["train/loss"] < history[0]["train/loss"]
+    assert all(h["train/aux_loss"] > 0 for h in history)  # router losses are part of training
+    layers = results["routing"]["moe_layers"]
+    assert sorted(layers, key=int) == ["1", "3", "5"]
+    assert all(sum(s["tokens_per_expert"]) > 0 for s in layers.values())
+    assert results["eval_compute_fraction"] == pytest.approx(1.0)
+    assert list((out / "runs").rglob("events.out.tfevents*")), "TensorBoard logs"
+
+
+def test_saved_classifier_loads_without_hf_condcomp(banking77_run):
+    out, results = banking77_run
+    code = f"""
+import sys, json
+sys.modules["hf_condcomp"] = None  # the saved folder must not need this package
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+model = AutoModelForSequenceClassification.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+tok = AutoTokenizer.from_pretrained({str(out)!r})
+batch = tok(["I lost my card", "How do I top up?"], return_tensors="pt", padding=True)
+with torch.no_grad():
+    logits = model(**batch).logits
+print(json.dumps({{"shape": list(logits.shape), "module": type(model).__module__, "label": model.config.id2label[0]}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""}, cwd=out.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["shape"] == [2, 77]
+    assert not info["module"].startswith("hf_condcomp")
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics["accuracy"] == pytest.approx(results["eval_accuracy"])
+    assert metrics["f1"] == pytest.approx(results["eval_macro_f1"])
+    assert card.data.base_model == "all-MiniLM-L6-v2"
+    assert "trust_remote_code=True" in card.text and "| num_experts | 4 |" in card.text
+    assert "| 1 | [" in card.text  # routing statistics table
+
+
+# --- translation: metrics, LoRA, push --------------------------------------------------------------
+
+def test_translation_reports_bleu_chrf_and_pushes(tiny_gpt2, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = repo_id
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        files = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+        calls["upload"] = (repo_id, sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns)))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    out = tmp_path / "out"
+    results = run("translation", *translation_args(
+        tiny_gpt2, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--lora_r", 4, "--lora_targets", "experts",
+        "--push_to_hub", "--hub_model_id", "someone/tiny-moe-multi30k",
+    ))
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved["eval_bleu"] >= 0 and saved["eval_chrf"] > 0 and saved["eval_samples"] == 8
+    assert results["routing"]["moe_layers"]
+    # LoRA merged on save: a plain upcycled checkpoint with no adapter keys.
+    keys = load_file(out / "model.safetensors").keys()
+    assert not [k for k in keys if "lora" in k] and any("experts.up_proj" in k for k in keys)
+    assert calls["create_repo"] == "someone/tiny-moe-multi30k"
+    repo_id, files = calls["upload"]
+    assert repo_id == "someone/tiny-moe-multi30k"
+    for needed in ("README.md", "config.json", "model.safetensors", "tokenizer.json", "all_results.json",
+                   "configuration_condcomp.py", "modeling_condcomp_gpt2.py"):
+        assert needed in files
+    assert not [f for f in files if f.startswith("checkpoints/")]
+
+
+def test_resume_equals_uninterrupted(tiny_gpt2, tmp_path):
+    # 40 pairs / batch 8 = 5 batches per epoch: step 3 is mid-epoch, step 7 is in the second epoch.
+    full = tmp_path / "full"
+    run("translation", *translation_args(tiny_gpt2, full, "--max_train_steps", 7, "--checkpointing_steps", 3,
+                                         "--num_generation_samples", 2))
+    assert (full / "checkpoints" / "step_3").is_dir()
+    # "Kill" after the step-3 checkpoint: a fresh run resumes from it (the checkpoint is the same
+    # whether or not the first run went on) and must end at the same weights.
+    resumed = tmp_path / "resumed"
+    results = run("translation", *translation_args(
+        tiny_gpt2, resumed, "--max_train_steps", 7, "--resume_from_checkpoint", full / "checkpoints" / "step_3",
+        "--num_generation_samples", 2))
+    assert results["train_steps"] == 7
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_two_process_ddp_matches_single_process(tiny_gpt2_nodrop, tmp_path):
+    common = ("--max_train_steps", 4, "--num_generation_samples", 4, "--max_train_samples", 32)
+    single = run("translation", *translation_args(tiny_gpt2_nodrop, tmp_path / "single", *common))
+    out = tmp_path / "ddp"
+    args = [str(a) for a in translation_args(tiny_gpt2_nodrop, out, *common)]
+    args[args.index("--per_device_train_batch_size") + 1] = "4"  # 2 x 4 = the single run's 8
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "recipes" / "translation.py"), *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((out / "all_results.json").read_text())
+    assert ddp["num_processes"] == 2
+    assert ddp["train_examples_per_process"] == [16, 16]  # both processes trained on their half
+    assert single["train_examples_per_process"] == [32]
+    assert ddp["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-3)
+    assert ddp["train_loss"] == pytest.approx(single["train_loss"], rel=1e-3)
+
+
+# --- dialogue -------------------------------------------------------------------------------------
+
+def test_dialogue_chitchat_perplexity_drops(tiny_gpt2, tmp_path):
+    out = tmp_path / "out"
+    results = run(
+        "dialogue", "--model_name_or_path", tiny_gpt2, "--dataset_name", "chitchat", "--max_train_samples", 24,
+        "--max_eval_samples", 8, "--max_train_steps", 6, "--per_device_train_batch_size", 4,
+        "--learning_rate", "3e-3", "--max_length", 64, "--max_new_tokens", 8, "--num_sample_replies", 2,
+        "--output_dir", out, "upcycling.num_experts=4",
+    )
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved["perplexity"] < saved["perplexity_before"]
+    assert len(saved["sample_replies"]) == 2 and all("reply" in r for r in saved["sample_replies"])
+    assert results["routing"]["moe_layers"]
+
+
+# --- bad inputs stop before training --------------------------------------------------------------
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing_column", "empty_file", "one_class", "language_key", "checkpoint"])
+def test_bad_input_stops_before_training(case, tmp_path, monkeypatch):
+    from hf_condcomp import training
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded: the error must come before")
+
+    monkeypatch.setattr(training, "load_model", no_model)
+    out = tmp_path / "out"
+    good_csv = _write(tmp_path / "good.csv", "text,label\nhello,a\nbye,b\n")
+    cls = ("--model_name_or_path", "all-MiniLM-L6-v2", "--output_dir", out)
+    if case == "missing_column":
+        recipe, args, match = "classification", (*cls, "--train_file", good_csv, "--text_column", "sentence"), r"sentence.*--text_column"
+    elif case == "empty_file":
+        recipe, args, match = "classification", (*cls, "--train_file", _write(tmp_path / "empty.csv", "")), r"empty\.csv.*empty"
+    elif case == "one_class":
+        one = _write(tmp_path / "one.csv", "text,label\nhello,a\nbye,a\n")
+        recipe, args, match = "classification", (*cls, "--train_file", one), r"one\.csv.*one class"
+    elif case == "language_key":
+        pairs = _write(tmp_path / "pairs.jsonl", json.dumps({"translation": {"en": "a dog", "de": "ein Hund"}}) + "\n")
+        recipe, args, match = "translation", ("--model_name_or_path", "x", "--output_dir", out, "--train_file", pairs,
+                                              "--target_lang", "fr"), r"--target_lang.*pairs\.jsonl.*\['de', 'en'\]"
+    else:
+        bad = tmp_path / "step_5"
+        bad.mkdir()
+        _write(bad / "training_state.json", "{not json")
+        recipe, args, match = "classification", (*cls, "--train_file", good_csv, "--resume_from_checkpoint", bad), r"--resume_from_checkpoint.*step_5"
+    with pytest.raises(training.RecipeError, match=match):
+        run(recipe, *args)
+    assert not (out / "model.safetensors").exists()
