@@ -84,25 +84,38 @@ def eager_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Tenso
     return out
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
+class _GroupedLinear(torch.autograd.Function):
+    """y = x W_e^T + b_e for the rows of each expert e, as one grouped GEMM, and its backward.
 
-    `grouped_mm`'s CPU backward rejects expanded (stride-0) gradients such as the one of `.sum()`.
+    Written out by hand rather than left to autograd's `grouped_mm` derivative because, on the CPU,
+    that derivative transposes and copies the weight gradient and rejects stride-0 gradients, and
+    the per-row bias would otherwise be a gathered (S, out) tensor kept for the backward. Here the
+    weight gradient comes straight out in the stored (E, out, in) layout (dW_e = dY_e^T X_e, one
+    2-D x 2-D grouped GEMM) and the bias gradient is one segmented sum over the expert groups.
     """
 
     @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
+    def forward(ctx, x, weight, bias, offsets, counts):
+        # x (S, in) sorted by expert; weight (E, out, in); bias (E, out) or None; offsets int32 (E,)
+        out = F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)  # (S, out)
+        if bias is not None:
+            out += torch.repeat_interleave(bias, counts, dim=0, output_size=x.shape[0])  # (S, out)
+        ctx.save_for_backward(x, weight, offsets, counts)
+        ctx.has_bias = bias is not None
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous()
-
-
-def _grouped_linear(x, weight, offsets, bias_rows):
-    """x (S, in) sorted by expert; weight (E, out, in); bias_rows (S, out) or None."""
-    out = _ContiguousGrad.apply(F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets))  # (S, out)
-    return out if bias_rows is None else out + bias_rows
+        x, weight, offsets, counts = ctx.saved_tensors
+        grad = grad.contiguous()  # (S, out); `.sum()` hands in a stride-0 gradient
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.grouped_mm(grad, weight, offs=offsets)  # (S, in)
+        if ctx.needs_input_grad[1]:
+            grad_w = F.grouped_mm(grad.t(), x, offs=offsets)  # (E, out, in); empty experts get zeros
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = torch.segment_reduce(grad, "sum", lengths=counts)  # (E, out)
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _grouped_mm_aligned(experts: Experts, x: torch.Tensor) -> bool:
@@ -122,13 +135,9 @@ def grouped_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Ten
     if not _grouped_mm_aligned(experts, x):
         return eager_experts_forward(experts, x, counts)
     offsets = counts.cumsum(0).to(torch.int32)  # (E,)
-    expert_of_row = None
-    if experts.has_bias:
-        expert_of_row = torch.repeat_interleave(torch.arange(experts.num_experts, device=x.device), counts)  # (S,)
-    up_b = None if expert_of_row is None else experts.up_bias[expert_of_row]
-    down_b = None if expert_of_row is None else experts.down_bias[expert_of_row]
-    h = experts.activation(_grouped_linear(x, experts.up_weight, offsets, up_b))  # (S, I)
-    return _grouped_linear(h, experts.down_proj, offsets, down_b)  # (S, H)
+    h = _GroupedLinear.apply(x, experts.up_weight, experts.up_bias, offsets, counts)  # (S, I or 2I)
+    h = experts.activation(h)  # (S, I)
+    return _GroupedLinear.apply(h, experts.down_proj, experts.down_bias, offsets, counts)  # (S, H)
 
 
 def megablocks_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,54 @@ from .experts import Experts
 from .routing import expert_choice, token_choice
 
 
+class _PermuteRows(torch.autograd.Function):
+    """out = x[index] where `index` is a permutation; its backward is the inverse gather.
+
+    Autograd's derivative of `x[index]` is a scatter-add (`index_put_` with accumulation), which on
+    the CPU is much slower than a gather; a permutation needs no accumulation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, index):
+        inverse = torch.empty_like(index).scatter_(0, index, torch.arange(index.numel(), device=index.device))
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None
+
+
+class _DispatchRows(torch.autograd.Function):
+    """x_sorted = x[token_index] when every token owns exactly k rows; the backward sums each
+    token's k row gradients through `inverse` (a gather and a reshape-sum) instead of a scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, token_index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, token_index)  # (S, H)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        num_tokens, top_k = inverse.shape
+        grad_tok = grad.index_select(0, inverse.reshape(-1)).view(num_tokens, top_k, -1)  # (N, k, H)
+        return grad_tok.sum(1), None, None
+
+
+def combine_dropless(y: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Sum each token's k expert outputs with its weights: gathers and one batched GEMM, no scatter.
+
+    y (S, H) sorted by expert, weights (S,) sorted likewise, inverse (N, k) from `Dispatch`.
+    """
+    num_tokens, top_k = inverse.shape
+    flat = inverse.reshape(-1)  # (N * k,) token-major
+    y_tok = _PermuteRows.apply(y, flat).view(num_tokens, top_k, -1)  # (N, k, H)
+    w_tok = weights[flat].view(num_tokens, 1, top_k).to(y.dtype)  # (N, 1, k)
+    return torch.bmm(w_tok, y_tok).squeeze(1)  # (N, H)
+
+
 class MoEFeedForward(nn.Module):
     """Replaces one dense FFN by `num_local_experts` experts and a linear router.
 
@@ -69,9 +117,16 @@ class MoEFeedForward(nn.Module):
         logits_routed = logits if rows is None else logits[rows]
 
         dispatch = self.route(logits_routed)
-        y = self.experts(x_routed[dispatch.token_index], dispatch.counts)  # (S, H)
-        y = y * dispatch.weights.unsqueeze(-1).to(y.dtype)
-        out = x.new_zeros(x_routed.shape).index_add_(0, dispatch.token_index, y)  # (Nv, H)
+        if dispatch.inverse is not None:
+            x_sorted = _DispatchRows.apply(x_routed, dispatch.token_index, dispatch.inverse)  # (S, H)
+        else:
+            x_sorted = x_routed[dispatch.token_index]  # (S, H)
+        y = self.experts(x_sorted, dispatch.counts)  # (S, H)
+        if dispatch.inverse is not None:
+            out = combine_dropless(y, dispatch.weights, dispatch.inverse)  # (Nv, H)
+        else:  # tokens own 0..E rows each (capacity, expert choice): scatter-add them
+            y = y * dispatch.weights.unsqueeze(-1).to(y.dtype)
+            out = x.new_zeros(x_routed.shape).index_add_(0, dispatch.token_index, y)  # (Nv, H)
         if rows is not None:
             out = x.new_zeros(x.shape).index_copy_(0, rows, out)  # (N, H)
 

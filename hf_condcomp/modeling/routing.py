@@ -28,12 +28,15 @@ class Dispatch:
     weights: (S,) combine weight of each assignment.
     counts: (E,) assignments per expert; they partition the S rows in expert order.
     dropped: (scalar tensor) assignments dropped by the capacity limit.
+    inverse: (N, k) sorted row of token n's c-th choice, set only when every token has exactly k
+        rows (dropless token choice); it lets the combine be a gather and a sum instead of a scatter.
     """
 
     token_index: torch.Tensor
     weights: torch.Tensor
     counts: torch.Tensor
     dropped: torch.Tensor
+    inverse: torch.Tensor | None = None
 
 
 def _unit_weights(probs: torch.Tensor) -> torch.Tensor:
@@ -77,7 +80,11 @@ def token_choice(
 
     order = torch.argsort(expert_ids, stable=True)
     counts = torch.bincount(expert_ids, minlength=num_experts)
-    return Dispatch(token_ids[order], weights[order], counts, dropped)
+    inverse = None
+    if capacity_factor is None:  # assignment c * N + n sits at sorted row inverse[n, c]
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        inverse = inverse.view(top_k, num_tokens).t()  # (N, k)
+    return Dispatch(token_ids[order], weights[order], counts, dropped, inverse)
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
