@@ -1,0 +1,91 @@
+"""Shared helpers for the benchmarks: machine info, interleaved timing, CPU peak memory, output."""
+
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except OSError:
+        commit = "unknown"
+    info = {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__, "commit": commit,
+            "python": platform.python_version()}
+    try:
+        info["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 1, sync=None) -> dict:
+    """Median seconds per call of each fn, run round-robin so that machine noise hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if sync:
+                sync()
+            start = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def cpu_peak_bytes(fn) -> int | None:
+    """Peak bytes held by tensors allocated during fn (CPU), from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+        level = peak = 0
+        for e in events:
+            level += e.cpu_memory_usage
+            peak = max(peak, level)
+        return peak
+    except Exception:  # profiler internals vary across versions; memory is then reported as unknown
+        return None
+
+
+def print_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = [" | ".join(c.ljust(widths[c]) for c in columns), "-|-".join("-" * widths[c] for c in columns)]
+    lines += [" | ".join(fmt(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def write_json(path, payload) -> None:
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2))
+        print(f"wrote {path}")
