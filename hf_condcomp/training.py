@@ -600,8 +600,9 @@ def train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, c
             break
     progress.close()
     seen = accelerator.gather(torch.tensor([examples_seen], device=accelerator.device)).tolist()
+    loss_sum = accelerator.reduce(torch.tensor([epoch_loss, float(epoch_batches)], device=accelerator.device), reduction="sum")
     return {
-        "train_loss": epoch_loss / max(1, epoch_batches),
+        "train_loss": (loss_sum[0] / loss_sum[1].clamp(min=1)).item(),  # over every process's batches
         "train_steps": completed_steps,
         "train_examples_per_process": seen,
         "log_history": history,

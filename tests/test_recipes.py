@@ -130,16 +130,16 @@ sys.modules["hf_condcomp"] = None  # the saved folder must not need this package
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 model = AutoModelForSequenceClassification.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
-tok = AutoTokenizer.from_pretrained({str(out)!r})
+tok = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)
 batch = tok(["I lost my card", "How do I top up?"], return_tensors="pt", padding=True)
 with torch.no_grad():
     logits = model(**batch).logits
-print(json.dumps({{"shape": list(logits.shape), "module": type(model).__module__, "label": model.config.id2label[0]}}))
+print("RESULT " + json.dumps({{"shape": list(logits.shape), "module": type(model).__module__, "label": model.config.id2label[0]}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": ""}, cwd=out.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
     assert info["shape"] == [2, 77]
     assert not info["module"].startswith("hf_condcomp")
 
@@ -228,7 +228,8 @@ def test_two_process_ddp_matches_single_process(tiny_gpt2_nodrop, tmp_path):
     assert ddp["train_examples_per_process"] == [16, 16]  # both processes trained on their half
     assert single["train_examples_per_process"] == [32]
     assert ddp["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-3)
-    assert ddp["train_loss"] == pytest.approx(single["train_loss"], rel=1e-3)
+    # Per-batch means over half batches (token counts differ) and the batch-level aux loss: close, not equal.
+    assert ddp["train_loss"] == pytest.approx(single["train_loss"], rel=1e-2)
 
 
 # --- dialogue -------------------------------------------------------------------------------------
