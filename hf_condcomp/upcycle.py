@@ -17,7 +17,6 @@ except the FFNs of the chosen layers, which become E experts and a router:
   mean input weights (a token is sent to the groups it pre-activates most).
 """
 
-import math
 import re
 
 import torch

@@ -183,6 +183,24 @@ def compute_fraction(config, ctx: ForwardContext):
     return (n - len(per_layer) + sum(per_layer.values())) / n, per_layer
 
 
+def base_output(config, ctx: ForwardContext, hidden, attention_mask, compute_losses, output_router_logits, **fields):
+    """A base model's output: its hidden states plus the router and gate losses and the executed
+    compute of this forward (`loss` carries the weighted sum the heads add to their task loss)."""
+    total, aux, z, extra = condcomp_losses(config, ctx, attention_mask, compute_losses)
+    fraction, per_layer = compute_fraction(config, ctx)
+    return CondCompOutput(
+        loss=total,
+        last_hidden_state=hidden,
+        router_logits=tuple(ctx.router_logits) if output_router_logits else None,
+        aux_loss=aux,
+        z_loss=z,
+        compute_loss=extra,
+        compute_fraction=fraction,
+        layer_compute_fractions=per_layer,
+        **fields,
+    )
+
+
 def head_output(base, loss, logits, return_dict):
     """A head's output: its task loss plus the base model's router and gate losses."""
     if loss is not None and base.loss is not None:

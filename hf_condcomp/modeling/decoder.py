@@ -4,7 +4,7 @@ causal-LM head and its loss. `generate()` comes from `GenerationMixin`."""
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from .common import CondCompOutput, compute_fraction, condcomp_losses, head_output, make_context, positions_from_mask
+from .common import base_output, head_output, make_context, positions_from_mask
 from .gating import run_layers
 
 
@@ -45,19 +45,15 @@ class CondCompDecoderMixin:
         x = self.final_norm(x)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (x,)
-        total, aux, z, extra = condcomp_losses(self.config, ctx, attention_mask, self.training or output_router_logits)
-        fraction, per_layer = compute_fraction(self.config, ctx)
-        return CondCompOutput(
-            loss=total,
-            last_hidden_state=x,
+        return base_output(
+            self.config,
+            ctx,
+            x,
+            attention_mask,
+            self.training or output_router_logits,
+            output_router_logits,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden,
-            router_logits=tuple(ctx.router_logits) if output_router_logits else None,
-            aux_loss=aux,
-            z_loss=z,
-            compute_loss=extra,
-            compute_fraction=fraction,
-            layer_compute_fractions=per_layer,
         )
 
     def position_embeddings(self, x, position_ids):

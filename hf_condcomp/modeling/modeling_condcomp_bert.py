@@ -13,11 +13,9 @@ from transformers.activations import ACT2FN
 
 from .common import (
     CondCompInitMixin,
-    CondCompOutput,
     ForwardContext,
     attention,
-    compute_fraction,
-    condcomp_losses,
+    base_output,
     head_output,
     make_context,
 )
@@ -195,19 +193,15 @@ class CondCompBertModel(CondCompBertPreTrainedModel):
         B, T = x.shape[:2]
         ctx = make_context(attention_mask, T, 0, causal=False, device=x.device, batch_size=B)
         x, all_hidden = run_layers(self.encoder.layer, x, ctx, output_hidden_states)
-        total, aux, z, extra = condcomp_losses(self.config, ctx, attention_mask, self.training or output_router_logits)
-        fraction, per_layer = compute_fraction(self.config, ctx)
-        return CondCompOutput(
-            loss=total,
-            last_hidden_state=x,
+        return base_output(
+            self.config,
+            ctx,
+            x,
+            attention_mask,
+            self.training or output_router_logits,
+            output_router_logits,
             pooler_output=self.pooler(x) if self.pooler is not None else None,
             hidden_states=all_hidden,
-            router_logits=tuple(ctx.router_logits) if output_router_logits else None,
-            aux_loss=aux,
-            z_loss=z,
-            compute_loss=extra,
-            compute_fraction=fraction,
-            layer_compute_fractions=per_layer,
         )
 
 
