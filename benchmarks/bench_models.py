@@ -16,7 +16,6 @@ All timings of one model family run interleaved in one process; ratios are what 
 """
 
 import argparse
-import copy
 import json
 import subprocess
 import sys

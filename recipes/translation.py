@@ -17,7 +17,6 @@ from functools import partial
 from pathlib import Path
 
 import sacrebleu
-import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
