@@ -170,10 +170,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller batches, fewer tokens and repeats")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice); 1 avoids oversubscription on small shared machines")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--memory-child", nargs=4, metavar=("NAME", "BATCH", "SEQ", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         name, batch, seq, steps = args.memory_child
         memory_child(name, int(batch), int(seq), int(steps))

@@ -55,11 +55,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small shape, few repeats")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice); 1 avoids oversubscription on small shared machines")
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--no-eager", action="store_true", help="skip the (slow) eager loop")
     parser.add_argument("--memory", action="store_true", help="CPU: also profile tensor memory (slow)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

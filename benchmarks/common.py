@@ -1,6 +1,7 @@
 """Shared helpers for the benchmarks: machine info, interleaved timing, CPU peak memory, output."""
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -27,7 +28,7 @@ def machine_info() -> dict:
         commit += "+dirty" if dirty else ""
     except OSError:
         commit = "unknown"
-    info = {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__, "commit": commit,
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit,
             "python": platform.python_version()}
     try:
         info["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
