@@ -36,7 +36,9 @@ def load_runs():
 
 
 def fmt(x, nd=3):
-    return "n/a" if x is None else f"{x:.{nd}f}"
+    if x is None:
+        return "n/a"
+    return f"{x:.1e}" if 0 < abs(x) < 10 ** -nd else f"{x:.{nd}f}"
 
 
 def before_table():
@@ -79,7 +81,7 @@ def paired_gap(runs, arm="moe_copy_tc", ref="dense"):
     if not seeds:
         return None, []
     gaps = [100 * (a[s] - d[s]) for s in seeds]
-    return statistics.mean(gaps), seeds
+    return statistics.mean(gaps), [f"seed {s}: {g:+.2f}" for s, g in zip(seeds, gaps)]
 
 
 def balance_table(runs):
@@ -117,8 +119,8 @@ def tradeoff_plot(runs):
     for arm in arms:
         xs = [r["results"]["eval_compute_fraction"] for r in runs[arm]]
         ys = [r["results"]["eval_accuracy"] for r in runs[arm]]
-        ax.scatter(xs, ys, label=LABELS[arm].split(",")[0] + f" ({len(xs)} seed{'s' * (len(xs) > 1)})")
-    ax.set_xlabel("executed compute fraction of the gated layers' tokens (eval)")
+        ax.scatter(xs, ys, label=f"{arm} ({len(xs)} seed{'s' * (len(xs) > 1)})")
+    ax.set_xlabel("executed compute fraction, whole model (eval)")
     ax.set_ylabel("Banking77 accuracy (512 test)")
     ax.set_title("Compute trade-off, 120 steps on CPU", fontsize=10)
     ax.legend(fontsize=8)
@@ -141,7 +143,7 @@ def main():
         "before_commit": before_data["commit"][:12] if before_data else "n/a",
         "before_wall": f"{before_data['wall_seconds']:.0f}" if before_data else "n/a",
         "classification_table": classification_table(runs),
-        "gap": "n/a" if gap is None else f"{gap:+.2f} accuracy points (MoE minus dense, paired by seed, seeds {gap_seeds})",
+        "gap": "n/a" if gap is None else f"{gap:+.2f} accuracy points on average (MoE minus dense, paired by seed: {'; '.join(gap_seeds)})",
         "balance_table": balance_table(runs),
         "ec_range": "not run" if ec_ok is None else f"{ec_ok[0]:.4f} to {ec_ok[1]:.4f}",
         "commands": commands(runs),

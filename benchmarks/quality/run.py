@@ -35,8 +35,8 @@ CONFIG = "recipes/configs/classification_banking77.yaml"
 ARMS = {
     "dense": ["upcycling.num_experts=1", "upcycling.top_k=1"],
     "moe_copy_tc": [],  # the config: 8 experts, top-2, token choice, copy, every other layer, aux 0.01
-    "moe_copy_tc_noaux": ["upcycling.router_aux_loss_coef=0"],
-    "moe_copy_ec": ["upcycling.routing=expert_choice", "upcycling.capacity_factor=2"],
+    "moe_copy_tc_noaux": ["upcycling.router_aux_loss_coef=0.0"],
+    "moe_copy_ec": ["upcycling.routing=expert_choice", "upcycling.capacity_factor=2.0"],
     "moe_split_kmeans": ["upcycling.init=split-kmeans"],
     "moe_split_random": ["upcycling.init=split-random"],
     "mod_c0.5": ["upcycling.variant=mod", "upcycling.capacity=0.5"],
@@ -70,6 +70,7 @@ def run_classification(arm, seed):
            "upcycling.seed=0", f"output_dir={out}", *ARMS[arm]]
     printable = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
     print(printable, flush=True)
+    head = commit()  # before the run: the code it ran on
     start = time.time()
     # One thread per run: two threads contending with another process for 2 cores ran ~7x slower.
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
@@ -79,7 +80,7 @@ def run_classification(arm, seed):
     wall = time.time() - start
     results = json.loads((out / "all_results.json").read_text())
     results.pop("log_history", None)
-    record = {"arm": arm, "seed": seed, "commit": commit(), "command": printable, "wall_seconds": wall,
+    record = {"arm": arm, "seed": seed, "commit": head, "command": printable, "wall_seconds": wall,
               "machine": f"{os.cpu_count()}-core CPU, shared", "results": results}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1, default=float))
