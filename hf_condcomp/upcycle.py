@@ -17,7 +17,9 @@ except the FFNs of the chosen layers, which become E experts and a router:
   mean input weights (a token is sent to the groups it pre-activates most).
 """
 
+import dataclasses
 import re
+import typing
 
 import torch
 from transformers import (
@@ -212,7 +214,19 @@ def _target_config(src_config, family, **fields):
                 "without sliding-window attention."
             )
     values.update(fields)
-    return config_class(**values)
+    return config_class(**_as_floats_where_expected(config_class, values))
+
+
+def _as_floats_where_expected(config_class, values):
+    """Whole numbers given for float fields (`capacity_factor=2`, `router_aux_loss_coef=0`, as YAML
+    and the command line write them) become floats: the strict config would reject the int."""
+    for field in dataclasses.fields(config_class):
+        value = values.get(field.name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            types = typing.get_args(field.type) or (field.type,)
+            if float in types and int not in types:
+                values[field.name] = float(value)
+    return values
 
 
 def _dense_ffn(state, prefix, family):

@@ -206,6 +206,13 @@ def test_bad_upcycling_arguments_raise_clear_value_errors(kwargs, pattern):
         hf_condcomp.upcycle(tiny_source("bert"), **kwargs)
 
 
+def test_whole_numbers_are_accepted_for_float_settings():
+    # YAML and command lines write `capacity_factor=2` and `router_aux_loss_coef=0` as ints.
+    moe = hf_condcomp.upcycle(tiny_source("bert"), routing="expert_choice", capacity_factor=2, router_aux_loss_coef=0)
+    assert moe.config.moe_capacity_factor == 2.0 and isinstance(moe.config.moe_capacity_factor, float)
+    assert moe.config.router_aux_loss_coef == 0.0
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match=r"`num_experts_per_tok`.*`num_local_experts`=4, got 5"):
         hf_condcomp.CondCompBertConfig(num_local_experts=4, num_experts_per_tok=5)
