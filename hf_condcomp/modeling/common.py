@@ -146,15 +146,15 @@ def positions_from_mask(attention_mask, num_queries, past_length, device):
     return positions[:, -num_queries:]
 
 
-def condcomp_losses(config, ctx: ForwardContext, attention_mask, compute: bool):
-    """Returns (weighted total or None, aux_loss, z_loss, compute_loss)."""
+def condcomp_losses(config, ctx: ForwardContext, compute: bool):
+    """Returns (weighted total or None, aux_loss, z_loss, compute_loss); padding is `ctx.token_mask`."""
     if not compute:
         return None, None, None, None
     aux = z = extra = None
     total = 0.0
     if ctx.router_logits:
         layer_logits = tuple(ctx.router_logits)
-        mask = None if ctx.token_mask is None else ctx.token_mask
+        mask = ctx.token_mask
         if ctx.prefiltered_logits and mask is not None:
             flat = mask.reshape(-1)
             layer_logits = tuple(
@@ -183,10 +183,10 @@ def compute_fraction(config, ctx: ForwardContext):
     return (n - len(per_layer) + sum(per_layer.values())) / n, per_layer
 
 
-def base_output(config, ctx: ForwardContext, hidden, attention_mask, compute_losses, output_router_logits, **fields):
+def base_output(config, ctx: ForwardContext, hidden, compute_losses, output_router_logits, **fields):
     """A base model's output: its hidden states plus the router and gate losses and the executed
     compute of this forward (`loss` carries the weighted sum the heads add to their task loss)."""
-    total, aux, z, extra = condcomp_losses(config, ctx, attention_mask, compute_losses)
+    total, aux, z, extra = condcomp_losses(config, ctx, compute_losses)
     fraction, per_layer = compute_fraction(config, ctx)
     return CondCompOutput(
         loss=total,

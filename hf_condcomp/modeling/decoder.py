@@ -49,7 +49,6 @@ class CondCompDecoderMixin:
             self.config,
             ctx,
             x,
-            attention_mask,
             self.training or output_router_logits,
             output_router_logits,
             past_key_values=past_key_values if use_cache else None,

@@ -197,7 +197,6 @@ class CondCompBertModel(CondCompBertPreTrainedModel):
             self.config,
             ctx,
             x,
-            attention_mask,
             self.training or output_router_logits,
             output_router_logits,
             pooler_output=self.pooler(x) if self.pooler is not None else None,
