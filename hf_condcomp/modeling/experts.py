@@ -84,6 +84,11 @@ def eager_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Tenso
     return out
 
 
+def _bias_rows(bias: torch.Tensor, counts: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Each expert's bias (E, out) repeated over its rows: (S, out), rows sorted by expert."""
+    return torch.repeat_interleave(bias, counts, dim=0, output_size=num_rows)
+
+
 class _GroupedLinear(torch.autograd.Function):
     """y = x W_e^T + b_e for the rows of each expert e, as one grouped GEMM, and its backward.
 
@@ -99,7 +104,7 @@ class _GroupedLinear(torch.autograd.Function):
         # x (S, in) sorted by expert; weight (E, out, in); bias (E, out) or None; offsets int32 (E,)
         out = F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)  # (S, out)
         if bias is not None:
-            out += torch.repeat_interleave(bias, counts, dim=0, output_size=x.shape[0])  # (S, out)
+            out += _bias_rows(bias, counts, x.shape[0])  # (S, out)
         ctx.save_for_backward(x, weight, offsets, counts)
         ctx.has_bias = bias is not None
         return out
@@ -155,16 +160,13 @@ def megablocks_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.
             "call `model.to(torch.bfloat16)` or use `moe_implementation='grouped'` for fp32."
         )
     batch_sizes = counts.to("cpu", torch.int64)  # the kernel takes group sizes on the host
-    expert_of_row = None
-    if experts.has_bias:
-        expert_of_row = torch.repeat_interleave(torch.arange(experts.num_experts, device=x.device), counts)
     h = _megablocks_gg.ops.gmm(x, experts.up_weight, batch_sizes, trans_b=True)  # (S, I or 2I)
-    if expert_of_row is not None:
-        h = h + experts.up_bias[expert_of_row]
+    if experts.has_bias:
+        h = h + _bias_rows(experts.up_bias, counts, x.shape[0])
     h = experts.activation(h)
     out = _megablocks_gg.ops.gmm(h, experts.down_proj, batch_sizes, trans_b=True)  # (S, H)
-    if expert_of_row is not None:
-        out = out + experts.down_bias[expert_of_row]
+    if experts.has_bias:
+        out = out + _bias_rows(experts.down_bias, counts, x.shape[0])
     return out
 
 
