@@ -55,6 +55,9 @@ def add_common_arguments(parser: argparse.ArgumentParser):
     a("--per_device_train_batch_size", type=int, default=8)
     a("--per_device_eval_batch_size", type=int, default=16)
     a("--learning_rate", type=float, default=5e-5)
+    a("--router_learning_rate", type=float, default=None,
+      help="learning rate of MoE routers, MoD routers/predictors and compute gates (default: learning_rate); "
+           "zero-initialised gates barely move in a short fine-tuning at the model's learning rate")
     a("--weight_decay", type=float, default=0.0)
     a("--num_train_epochs", type=int, default=3)
     a("--max_train_steps", type=int, default=None, help="overrides num_train_epochs")
@@ -158,6 +161,10 @@ def validate_args(args):
         raise RecipeError("pass `--train_file` (csv, tsv, json, jsonl, or text pairs) or `--dataset_name`.")
     if args.push_to_hub and not args.hub_model_id:
         raise RecipeError("`--push_to_hub` needs `--hub_model_id` (e.g. `--hub_model_id you/minilm-moe-banking77`).")
+    for flag in ("learning_rate", "router_learning_rate"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:  # also rejects NaN
+            raise RecipeError(f"`--{flag}` must be > 0, got {value!r}: pass a positive learning rate, e.g. 2e-4.")
     if args.lora_r and args.lora_r < 0:
         raise RecipeError(f"`--lora_r` must be >= 0, got {args.lora_r}.")
     bad = set(filter(None, args.lora_targets.split(","))) - {"attention", "experts"}
@@ -501,13 +508,27 @@ def schedule(args, accelerator, train_dataloader, optimizer):
     )
 
 
+ROUTING_PARAMETER_PARTS = (".router.", "mod_router", "mod_predictor", "compute_gate")
+
+
+def is_routing_parameter(name):
+    """MoE routers, MoD routers and predictors, compute gates (the parts `router_learning_rate` sets)."""
+    return any(part in name for part in ROUTING_PARAMETER_PARTS)
+
+
 def make_optimizer(model, args):
-    decay, no_decay = [], []
+    """AdamW without weight decay on biases and norms; routers and gates at `router_learning_rate`."""
+    router_lr = args.learning_rate if args.router_learning_rate is None else args.router_learning_rate
+    groups = {}
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(param)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate)
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower()
+        lr = router_lr if is_routing_parameter(name) else args.learning_rate
+        group = groups.setdefault((lr, no_decay), {"params": [], "lr": lr,
+                                                   "weight_decay": 0.0 if no_decay else args.weight_decay})
+        group["params"].append(param)
+    return torch.optim.AdamW(list(groups.values()), lr=args.learning_rate)
 
 
 def router_loss_parts(outputs, config):
@@ -656,9 +677,10 @@ def evaluate_loss(accelerator, model, dataloader):
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "compute_fraction": sum(fractions) / max(1, len(fractions))}
 
 
-def generate(accelerator, model, tokenizer, prompts, max_new_tokens, batch_size, num_beams=1):
+def generate(accelerator, model, tokenizer, prompts, max_new_tokens, batch_size, num_beams=1, stop_strings=None):
     """Greedy (or beam) continuations of token-id prompts, left-padded; each process generates
-    its share and the texts are gathered in order. Returns the decoded new text per prompt."""
+    its share and the texts are gathered in order. Returns the decoded new text per prompt.
+    `stop_strings` (e.g. ["\\n"]) end a continuation early, as the end-of-sequence token does."""
     net = unwrap(accelerator, model)
     net.eval()
     pad = tokenizer.pad_token_id
@@ -671,7 +693,8 @@ def generate(accelerator, model, tokenizer, prompts, max_new_tokens, batch_size,
             mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in chunk], device=accelerator.device)
             with torch.no_grad():
                 out = net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                   num_beams=num_beams, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                                   num_beams=num_beams, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                   **({"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}))
             texts += tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
     from accelerate.utils import gather_object
 

@@ -97,9 +97,12 @@ def main(argv=None):
 
     # 5. Evaluate: teacher-forced loss, then greedy translations scored by sacreBLEU and chrF.
     teacher_forced = training.evaluate_loss(accelerator, model, eval_dataloader)
-    pairs = splits["validation"]["translation"][: args.num_generation_samples]
+    # BLEU on the test split when one is given (Multi30k: test 2016), else on the validation split.
+    bleu_split = "test" if "test" in splits else "validation"
+    pairs = splits[bleu_split]["translation"][: args.num_generation_samples]
     hypotheses = training.generate(accelerator, model, tokenizer, [prompt_ids(p[src]) for p in pairs],
-                                   args.max_target_length, args.per_device_eval_batch_size, args.num_beams)
+                                   args.max_target_length, args.per_device_eval_batch_size, args.num_beams,
+                                   stop_strings=["\n"])
     hypotheses = [h.split("\n")[0].strip() for h in hypotheses]  # the answer ends at the line break
     references = [p[tgt] for p in pairs]
     results.update(
@@ -108,6 +111,7 @@ def main(argv=None):
         eval_bleu=sacrebleu.corpus_bleu(hypotheses, [references]).score,
         eval_chrf=sacrebleu.corpus_chrf(hypotheses, [references]).score,
         eval_samples=len(references),
+        eval_bleu_split=bleu_split,
         eval_compute_fraction=teacher_forced["compute_fraction"],
         num_processes=accelerator.num_processes,
         samples=[{"source": p[src], "reference": r, "translation": h} for p, r, h in zip(pairs[:3], references, hypotheses)],
