@@ -3,9 +3,11 @@
     python benchmarks/quality/run.py before_training   # no training: split-upcycled vs dense parent
     python benchmarks/quality/run.py classification    # Banking77: dense vs copy-MoE, 3 seeds
     python benchmarks/quality/run.py arms              # Banking77 single-seed arms (EC, split, MoD, gate, no aux)
+    python benchmarks/quality/run.py translation       # Multi30k en-de, SmolLM2: dense vs MoE (LoRA), dense full
+    python benchmarks/quality/run.py dialogue          # chitchat, SmolLM2: dense vs MoE vs MoD perplexity
     python benchmarks/quality/render.py                # RESULTS.md from the JSONs
 
-Each classification run is the real recipe (`recipes/classification.py`) in a subprocess, with the
+Each run is the real recipe (`recipes/<task>.py`) in a subprocess, with the
 same data subset, steps and learning-rate schedule for every arm. Resumable: a run whose JSON
 exists under benchmarks/quality/results/ is skipped. Raw output folders go to $QUALITY_OUT
 (default /tmp/hf_condcomp_quality), never into git. Each JSON records the commit and the command.
@@ -43,13 +45,47 @@ ARMS = {
     "mod_c0.5_all": ["upcycling.variant=mod", "upcycling.capacity=0.5", "upcycling.layers=all"],
     "gate_p0.1": ["upcycling.variant=gate", "upcycling.compute_penalty=0.1"],
 }
+# Decoder tables: SmolLM2-135M-Instruct (the embedded offline checkpoint), one seed, short budgets
+# (~15-25 s per optimizer step of 16 sequences on one core).
+TRANSLATION_CONFIG = "recipes/configs/translation_multi30k_smollm2.yaml"
+TRANSLATION_BUDGET = [
+    "max_train_samples=2000", "max_eval_samples=200", "num_generation_samples=200", "max_train_steps=30",
+    "per_device_train_batch_size=8", "gradient_accumulation_steps=2", "per_device_eval_batch_size=16",
+    "num_warmup_steps=3", "max_length=96", "max_target_length=48", "with_tracking=false",
+    "checkpointing_steps=100000", "routing_eval_batches=4",
+]
+TRANSLATION_ARMS = {
+    "dense_lora": ["upcycling.num_experts=1", "upcycling.top_k=1"],
+    "moe_lora": [],  # the config: 4 experts, top-2, copy, every other layer; LoRA on attention + experts
+    # Full fine-tuning at the usual ~10x lower learning rate than LoRA's.
+    "dense_full": ["upcycling.num_experts=1", "upcycling.top_k=1", "lora_r=0", "learning_rate=5e-5"],
+}
+DIALOGUE_CONFIG = "recipes/configs/dialogue_chitchat_smollm2.yaml"
+DIALOGUE_BUDGET = [
+    "max_train_samples=2000", "max_eval_samples=100", "max_train_steps=30", "per_device_train_batch_size=8",
+    "gradient_accumulation_steps=1", "per_device_eval_batch_size=8", "num_warmup_steps=3", "max_length=128",
+    "num_sample_replies=2", "max_new_tokens=24", "with_tracking=false", "checkpointing_steps=100000",
+    "routing_eval_batches=4",
+]
+DIALOGUE_ARMS = {
+    "dense_lora": ["upcycling.num_experts=1", "upcycling.top_k=1"],
+    "moe_lora": [],
+    "mod_c0.5_lora": ["upcycling.variant=mod", "upcycling.capacity=0.5"],
+}
+# table -> (recipe, config, budget, arms, [(arm, seed)] in priority order, metric printed)
 TABLES = {
-    # (arm, seed) in priority order: the target comparison first, seeds interleaved.
-    "classification": [(a, s) for s in (0, 1, 2) for a in ("dense", "moe_copy_tc")],
+    # The target comparison first, seeds interleaved.
+    "classification": ("classification", CONFIG, BUDGET, ARMS,
+                       [(a, s) for s in (0, 1, 2) for a in ("dense", "moe_copy_tc")], "eval_accuracy"),
     # MoD on all layers at capacity 0.5 is the arm that can meet "<= 60% executed compute";
     # on every other layer the whole model executes ~75%.
-    "arms": [("moe_copy_ec", 0), ("moe_copy_tc_noaux", 0), ("mod_c0.5_all", 0), ("moe_split_kmeans", 0),
-             ("mod_c0.5", 0), ("gate_p0.1", 0), ("moe_split_random", 0)],
+    "arms": ("classification", CONFIG, BUDGET, ARMS,
+             [("moe_copy_ec", 0), ("moe_copy_tc_noaux", 0), ("mod_c0.5_all", 0), ("moe_split_kmeans", 0),
+              ("mod_c0.5", 0), ("gate_p0.1", 0), ("moe_split_random", 0)], "eval_accuracy"),
+    "translation": ("translation", TRANSLATION_CONFIG, TRANSLATION_BUDGET, TRANSLATION_ARMS,
+                    [(a, 0) for a in TRANSLATION_ARMS], "eval_bleu"),
+    "dialogue": ("dialogue", DIALOGUE_CONFIG, DIALOGUE_BUDGET, DIALOGUE_ARMS,
+                 [(a, 0) for a in DIALOGUE_ARMS], "eval_perplexity"),
 }
 
 
@@ -60,14 +96,15 @@ def commit():
     return head + ("-dirty" if dirty else "")
 
 
-def run_classification(arm, seed):
-    path = RESULTS / "classification" / f"{arm}_seed{seed}.json"
+def run_recipe(table, arm, seed):
+    recipe, config, budget, arms, _, metric = TABLES[table]
+    path = RESULTS / recipe / f"{arm}_seed{seed}.json"
     if path.exists():
-        print(f"skip {path.name} (exists)")
+        print(f"skip {path.relative_to(RESULTS)} (exists)")
         return
-    out = OUT / f"{arm}_seed{seed}"
-    cmd = [sys.executable, "recipes/classification.py", "--config", CONFIG, *BUDGET, f"seed={seed}",
-           "upcycling.seed=0", f"output_dir={out}", *ARMS[arm]]
+    out = OUT / recipe / f"{arm}_seed{seed}"
+    cmd = [sys.executable, f"recipes/{recipe}.py", "--config", config, *budget, f"seed={seed}",
+           "upcycling.seed=0", f"output_dir={out}", *arms[arm]]
     printable = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
     print(printable, flush=True)
     head = commit()  # before the run: the code it ran on
@@ -84,7 +121,7 @@ def run_classification(arm, seed):
               "machine": f"{os.cpu_count()}-core CPU, shared", "results": results}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1, default=float))
-    print(f"{arm} seed {seed}: accuracy {results['eval_accuracy']:.4f} in {wall:.0f} s", flush=True)
+    print(f"{recipe} {arm} seed {seed}: {metric} {results[metric]:.4f} in {wall:.0f} s", flush=True)
 
 
 def main(argv=None):
@@ -94,8 +131,8 @@ def main(argv=None):
     if argv[0] == "before_training":
         from before_training import main as before
         return before()
-    for arm, seed in TABLES[argv[0]]:
-        run_classification(arm, seed)
+    for arm, seed in TABLES[argv[0]][4]:
+        run_recipe(argv[0], arm, seed)
 
 
 if __name__ == "__main__":
