@@ -3,6 +3,9 @@
     python benchmarks/quality/run.py before_training   # no training: split-upcycled vs dense parent
     python benchmarks/quality/run.py classification    # Banking77: dense vs copy-MoE, 3 seeds
     python benchmarks/quality/run.py arms              # Banking77 single-seed arms (EC, split, MoD, gate, no aux)
+    python benchmarks/quality/run.py tradeoff          # Banking77 gated variants on all layers at several budgets
+    python benchmarks/quality/run.py seeds             # Banking77 seeds 1-2 of expert choice and split upcycling
+    python benchmarks/quality/run.py sst2              # SST-2: dense vs copy-MoE, 3 seeds, and expert choice
     python benchmarks/quality/run.py translation       # Multi30k en-de, SmolLM2: dense vs MoE (LoRA), dense full
     python benchmarks/quality/run.py dialogue          # chitchat, SmolLM2: dense vs MoE vs MoD perplexity
     python benchmarks/quality/render.py                # RESULTS.md from the JSONs
@@ -44,7 +47,21 @@ ARMS = {
     "mod_c0.5": ["upcycling.variant=mod", "upcycling.capacity=0.5"],
     "mod_c0.5_all": ["upcycling.variant=mod", "upcycling.capacity=0.5", "upcycling.layers=all"],
     "gate_p0.1": ["upcycling.variant=gate", "upcycling.compute_penalty=0.1"],
+    # Compute trade-off: gated variants on all layers at several budgets. Routers and gates learn
+    # at 1e-2 (`router_learning_rate`): at the model's 2e-4 they barely leave their initialisation.
+    "mod_c0.9_all": ["upcycling.variant=mod", "upcycling.capacity=0.9", "upcycling.layers=all"],
+    "mod_c0.75_all": ["upcycling.variant=mod", "upcycling.capacity=0.75", "upcycling.layers=all"],
+    "mod_c0.5_all_rlr": ["upcycling.variant=mod", "upcycling.capacity=0.5", "upcycling.layers=all",
+                         "router_learning_rate=1e-2"],
+    "gate_all_p0.005_rlr": ["upcycling.variant=gate", "upcycling.compute_penalty=0.005", "upcycling.layers=all",
+                            "router_learning_rate=1e-2"],
+    "gate_all_p0.02_rlr": ["upcycling.variant=gate", "upcycling.compute_penalty=0.02", "upcycling.layers=all",
+                           "router_learning_rate=1e-2"],
 }
+# SST-2 (binary sentiment): the same budget and arms, its own config; evaluated on 872 sentences.
+SST2_CONFIG = "recipes/configs/classification_sst2.yaml"
+SST2_BUDGET = [b for b in BUDGET if not b.startswith(("max_eval_samples", "max_length"))] + [
+    "max_eval_samples=872", "max_length=64", "num_warmup_steps=50"]
 # Decoder tables: SmolLM2-135M-Instruct (the embedded offline checkpoint), one seed, short budgets
 # (~15-25 s per optimizer step of 16 sequences on one core).
 TRANSLATION_CONFIG = "recipes/configs/translation_multi30k_smollm2.yaml"
@@ -72,7 +89,7 @@ DIALOGUE_ARMS = {
     "moe_lora": [],
     "mod_c0.5_lora": ["upcycling.variant=mod", "upcycling.capacity=0.5"],
 }
-# table -> (recipe, config, budget, arms, [(arm, seed)] in priority order, metric printed)
+# table -> (results folder, whose first word names the recipe; config, budget, arms, [(arm, seed)] in priority order, metric printed)
 TABLES = {
     # The target comparison first, seeds interleaved.
     "classification": ("classification", CONFIG, BUDGET, ARMS,
@@ -82,6 +99,14 @@ TABLES = {
     "arms": ("classification", CONFIG, BUDGET, ARMS,
              [("moe_copy_ec", 0), ("moe_copy_tc_noaux", 0), ("mod_c0.5_all", 0), ("moe_split_kmeans", 0),
               ("mod_c0.5", 0), ("gate_p0.1", 0), ("moe_split_random", 0)], "eval_accuracy"),
+    "tradeoff": ("classification", CONFIG, BUDGET, ARMS,
+                 [(a, 0) for a in ("mod_c0.5_all_rlr", "gate_all_p0.02_rlr", "mod_c0.75_all", "gate_all_p0.005_rlr",
+                                   "mod_c0.9_all")], "eval_accuracy"),
+    "seeds": ("classification", CONFIG, BUDGET, ARMS,
+              [(a, s) for s in (1, 2) for a in ("moe_copy_ec", "moe_split_kmeans", "moe_split_random")],
+              "eval_accuracy"),
+    "sst2": ("classification_sst2", SST2_CONFIG, SST2_BUDGET, ARMS,
+             [(a, s) for s in (0, 1, 2) for a in ("dense", "moe_copy_tc")] + [("moe_copy_ec", 0)], "eval_accuracy"),
     "translation": ("translation", TRANSLATION_CONFIG, TRANSLATION_BUDGET, TRANSLATION_ARMS,
                     [(a, 0) for a in TRANSLATION_ARMS], "eval_bleu"),
     "dialogue": ("dialogue", DIALOGUE_CONFIG, DIALOGUE_BUDGET, DIALOGUE_ARMS,
@@ -97,12 +122,13 @@ def commit():
 
 
 def run_recipe(table, arm, seed):
-    recipe, config, budget, arms, _, metric = TABLES[table]
-    path = RESULTS / recipe / f"{arm}_seed{seed}.json"
+    folder, config, budget, arms, _, metric = TABLES[table]
+    recipe = folder.split("_")[0]  # results folder "classification_sst2" runs recipes/classification.py
+    path = RESULTS / folder / f"{arm}_seed{seed}.json"
     if path.exists():
         print(f"skip {path.relative_to(RESULTS)} (exists)")
         return
-    out = OUT / recipe / f"{arm}_seed{seed}"
+    out = OUT / folder / f"{arm}_seed{seed}"
     cmd = [sys.executable, f"recipes/{recipe}.py", "--config", config, *budget, f"seed={seed}",
            "upcycling.seed=0", f"output_dir={out}", *arms[arm]]
     printable = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
@@ -121,7 +147,7 @@ def run_recipe(table, arm, seed):
               "machine": f"{os.cpu_count()}-core CPU, shared", "results": results}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1, default=float))
-    print(f"{recipe} {arm} seed {seed}: {metric} {results[metric]:.4f} in {wall:.0f} s", flush=True)
+    print(f"{folder} {arm} seed {seed}: {metric} {results[metric]:.4f} in {wall:.0f} s", flush=True)
 
 
 def main(argv=None):
