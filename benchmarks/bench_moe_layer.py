@@ -59,7 +59,7 @@ def main():
                         help="torch threads (default: torch's choice); 1 avoids oversubscription on small shared machines")
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--no-eager", action="store_true", help="skip the (slow) eager loop")
-    parser.add_argument("--memory", action="store_true", help="CPU: also profile tensor memory (slow)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass (CPU: the profiler)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     if args.threads:
@@ -98,16 +98,14 @@ def main():
             row["eager/grouped"] = med["eager"] / med["grouped"]
         if "megablocks" in med:
             row["megablocks/dense"] = med["megablocks"] / med["dense"]
-        for name, fn in fns.items():
+        for name, fn in ([] if args.no_memory else fns.items()):
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
                 fn()
                 peak = torch.cuda.max_memory_allocated() - base
-            elif args.memory:
-                peak = cpu_peak_bytes(fn)
-            else:  # CPU peak memory of whole training runs is measured by bench_models.py
-                continue
+            else:
+                peak = cpu_peak_bytes(fn)  # tensors allocated by one fwd+bwd: activations and gradients
             row[f"{name}_peak_MiB"] = None if peak is None else peak / 2**20
         rows.append(row)
         print(f"  done {hidden}/{ffn} E={experts} N={tokens}: grouped/dense {row['grouped/dense']:.2f}", flush=True)
@@ -115,7 +113,7 @@ def main():
     columns = ["hidden", "ffn", "experts", "tokens", "dense_s"] + [f"{i}_s" for i in impls]
     columns += ["grouped/dense"] + (["eager/grouped"] if "eager" in impls else [])
     columns += (["megablocks/dense"] if "megablocks" in impls else [])
-    columns += ["dense_peak_MiB", "grouped_peak_MiB"] if (cuda or args.memory) else []
+    columns += [] if args.no_memory else [f"{name}_peak_MiB" for name in ["dense", *impls]]
     info = machine_info()
     print(f"\nMoE layer fwd+bwd, top-{args.top_k}, {dtype}, {device}; machine: {info}")
     table = print_table(rows, columns)

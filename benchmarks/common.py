@@ -58,16 +58,23 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 1, sync=None) -> 
 
 
 def cpu_peak_bytes(fn) -> int | None:
-    """Peak bytes held by tensors allocated during fn (CPU), from the profiler's memory events."""
+    """Peak bytes held by tensors allocated during fn (CPU), from the profiler's memory accounting:
+    each op's own allocations minus frees (`self_cpu_memory_usage`; a net allocation placed at the
+    op's start, a net free at its end, so the peak is not underestimated) and the frees recorded
+    outside any op (`[memory]` events), summed in time order. Tensors alive before fn are not counted."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
-        events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+        deltas = []
+        for e in prof.events():
+            delta = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+            if delta:  # an op's net allocation counts from its start, its net free from its end
+                deltas.append((e.time_range.start if delta > 0 else e.time_range.end, delta))
         level = peak = 0
-        for e in events:
-            level += e.cpu_memory_usage
+        for _, delta in sorted(deltas, key=lambda d: d[0]):
+            level += delta
             peak = max(peak, level)
         return peak
     except Exception:  # profiler internals vary across versions; memory is then reported as unknown
