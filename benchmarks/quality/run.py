@@ -110,7 +110,7 @@ TABLES = {
     "translation": ("translation", TRANSLATION_CONFIG, TRANSLATION_BUDGET, TRANSLATION_ARMS,
                     [(a, 0) for a in TRANSLATION_ARMS], "eval_bleu"),
     "dialogue": ("dialogue", DIALOGUE_CONFIG, DIALOGUE_BUDGET, DIALOGUE_ARMS,
-                 [(a, 0) for a in DIALOGUE_ARMS], "eval_perplexity"),
+                 [(a, 0) for a in DIALOGUE_ARMS], "perplexity"),
 }
 
 
