@@ -173,6 +173,7 @@ class _Totals:
     def __init__(self):
         self.counts: dict[int, torch.Tensor] = {}
         self.dropped: Counter = Counter()
+        self.unrouted: Counter = Counter()
         self.tokens: Counter = Counter()
         self.real_tokens = 0
         self.fraction_sum = 0.0
@@ -185,6 +186,8 @@ class _Totals:
             counts = rec["counts"].detach().cpu().long()
             self.counts[layer] = counts if layer not in self.counts else self.counts[layer] + counts
             self.dropped[layer] += int(rec["dropped"])
+            # Tokens that no expert processed (expert choice leaves some; so do capacity drops).
+            self.unrouted[layer] += int(rec["num_tokens"]) - int(rec["token_rows"].unique().numel())
             self.tokens[layer] += int(rec["num_tokens"])
         fraction = getattr(outputs, "compute_fraction", None)
         self.fraction_sum += n * (1.0 if fraction is None else float(fraction))
@@ -202,6 +205,7 @@ class _Totals:
                 "tokens_per_expert": counts,
                 **load_stats(counts),
                 "dropped": self.dropped[layer],
+                "unrouted_tokens": self.unrouted[layer],
                 "num_tokens": self.tokens[layer],
             }
         gated_layers = sorted(set(gated_layers) | set(self.layer_fraction_sum))
@@ -219,6 +223,7 @@ def routing_summary(model, batches) -> dict:
                                     "load_entropy_raw": float,  # H(load) in nats
                                     "max_over_mean": float,
                                     "dropped": int,             # assignments dropped by capacity
+                                    "unrouted_tokens": int,     # tokens no expert processed
                                     "dead_experts": [int],
                                     "num_tokens": int}},        # real (non-padding) tokens routed
          "gated_layers": {"<layer>": {"compute_fraction": float}},

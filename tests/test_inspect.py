@@ -81,12 +81,32 @@ def test_hand_set_router_gives_exact_counts_entropy_and_dead_experts():
     for layer in ("0", "1"):
         s = result["moe_layers"][layer]
         assert s["tokens_per_expert"] == counts
-        assert s["num_tokens"] == 22 and s["dropped"] == 0
+        assert s["num_tokens"] == 22 and s["dropped"] == 0 and s["unrouted_tokens"] == 0
         assert s["dead_experts"] == [3]
         assert s["load_entropy_raw"] == pytest.approx(raw, abs=1e-12)
         assert s["load_entropy"] == pytest.approx(raw / math.log(4), abs=1e-12)
         assert s["max_over_mean"] == pytest.approx(8 / (22 / 4))
     assert result["gated_layers"] == {} and result["compute_fraction"] == 1.0
+
+
+class SharedPreferenceRouter(nn.Module):
+    """Experts 0 and 1 both prefer later positions (logit = position), expert 2 earlier ones (logit 0)."""
+
+    def forward(self, x):  # x (N, H) -> (N, 3); one unpadded row, so row n is position n
+        t = torch.arange(x.shape[0], dtype=torch.float32)
+        return torch.stack([t, t, torch.zeros_like(t)], dim=-1)
+
+
+def test_expert_choice_counts_the_tokens_no_expert_picked():
+    model = hf_condcomp.upcycle(tiny_bert(), num_experts=3, top_k=1, routing="expert_choice", capacity_factor=1.0,
+                                layers=[0])
+    (moe,) = moe_modules(model)
+    moe.router = SharedPreferenceRouter()
+    # 6 tokens, capacity ceil(6 * 1 / 3) = 2: experts 0 and 1 both take positions 5 and 4, expert 2
+    # takes positions 0 and 1, so positions 2 and 3 pass through the residual only.
+    s = routing_summary(model, [batch([6], 6)])["moe_layers"]["0"]
+    assert s["tokens_per_expert"] == [2, 2, 2] and s["max_over_mean"] == 1.0
+    assert s["unrouted_tokens"] == 2 and s["num_tokens"] == 6 and s["dropped"] == 0
 
 
 def test_top2_counts_and_most_frequent_tokens_per_expert():
