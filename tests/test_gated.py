@@ -281,6 +281,56 @@ def test_gates_penalise_allocation_in_training_and_skip_below_threshold(family):
     assert out.compute_fraction == pytest.approx(total / (LAYERS * real.sum().item()))
 
 
+def without_dropout(dense):
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                 "attention_dropout"):
+        if hasattr(dense.config, name):
+            setattr(dense.config, name, 0.0)
+    return dense
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_straight_through_gates_train_on_the_inference_forward(family):
+    """Default gate training applies the inference decision (skipped tokens: no update, hidden from
+    the others' attention), so a trained gate does not meet a different network at inference."""
+    model = hf_condcomp.upcycle(without_dropout(dense_source(family)), variant="gate", layers="all", threshold=0.5,
+                                compute_penalty=0.0, gate_init_bias=0.0)
+    assert model.config.gate_straight_through is True
+    randomize_decisions(model, std=0.5)
+    ids, mask = batch(family)
+    real = mask.bool()
+    model.eval()
+    with torch.no_grad():
+        inference = model(ids, attention_mask=mask)
+    assert 0 < inference.compute_fraction < 1  # mixed decisions
+    model.train()
+    training = model(ids, attention_mask=mask)
+    torch.testing.assert_close(main_output(family, training)[real], main_output(family, inference)[real])
+
+    # Soft training (the opt-out) runs another network: every token updated, scaled by a.
+    model.config.gate_straight_through = False
+    with torch.no_grad():
+        soft = model(ids, attention_mask=mask)
+    assert not torch.allclose(main_output(family, soft)[real], main_output(family, inference)[real])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_straight_through_gives_skipped_tokens_a_gradient(family):
+    """A layer whose gate skips every token still gets the soft gate's gradient, so it can reopen."""
+    model = hf_condcomp.upcycle(without_dropout(dense_source(family)), variant="gate", layers=[1], threshold=0.5,
+                                compute_penalty=0.0, gate_init_bias=-3.0)  # a = 0.047 < 0.5 everywhere
+    ids, mask = batch(family)
+    model.eval()
+    with torch.no_grad():
+        assert model(ids, attention_mask=mask).layer_compute_fractions[1] == 0.0
+    model.train()
+    out = model(ids, attention_mask=mask)
+    main_output(family, out)[mask.bool()].square().mean().backward()
+    gate = layers_of(model)[1].compute_gate
+    assert gate.bias.grad is not None and gate.bias.grad.abs().item() > 0
+    assert gate.weight.grad.abs().sum().item() > 0
+
+
 # --- Decoders: causal decisions, generate() with and without the cache ----------------------------------
 
 

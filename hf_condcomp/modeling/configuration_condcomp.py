@@ -51,6 +51,9 @@ class CondCompFields:
         gate_compute_penalty: lambda in loss = task loss + lambda * mean allocation.
         gate_threshold: at inference, tokens whose allocation is below it skip the layer.
         gate_init_bias: initial gate bias; sigmoid(bias) is the starting allocation.
+        gate_straight_through: train with the inference decision (tokens below the threshold
+            contribute no update and are hidden from the other tokens' attention), gradients as
+            through the soft gate; False trains with soft gates only (every token, scaled by a).
     """
 
     num_local_experts: int = 8
@@ -74,6 +77,7 @@ class CondCompFields:
     gate_compute_penalty: float = 0.01
     gate_threshold: float = 0.5
     gate_init_bias: float = 4.0
+    gate_straight_through: bool = True
 
 
 def _check_layers(name, layers, num_layers):

@@ -38,6 +38,7 @@ queries. Greedy search and sampling are supported; beam search reorders the cach
 mask and is not supported with gated layers.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -218,15 +219,34 @@ def _gated_layer(layer, x, ctx):
     a = gate(x)  # (B, T) allocations in [0, 1]
     real = ctx.token_mask
     if layer.training:
-        keep = None  # soft gates: every token runs, so a gets its gradient
         penalty = config.gate_compute_penalty * _masked_mean(a, real) / len(config.gate_layers)
         ctx.extra_losses.append(penalty)
+        if getattr(config, "gate_straight_through", False) and ctx.cache is None:
+            return _straight_through_layer(layer, x, ctx, a, config.gate_threshold)
+        keep = None  # soft gates: every token runs, so a gets its gradient
     else:
         keep = a >= config.gate_threshold
         keep = keep if real is None else keep & real
     if gate.record_routing:
         gate.routing_log.append((keep if keep is not None else _all_real(x, real)).detach())
     return _run_subset(layer, x, ctx, keep, a, config)
+
+
+def _straight_through_layer(layer, x, ctx, a, threshold):
+    """Training forward that equals the inference one: tokens with a < threshold get no update and
+    are hidden as keys from the other tokens, as when inference skips them; the rest get a times
+    their update. Every token is still computed so that each allocation gets the soft gate's
+    gradient (straight-through: the forward uses a * 1[a >= threshold], the backward d/da = 1)."""
+    real = ctx.token_mask
+    keep = a >= threshold
+    keep = keep if real is None else keep & real  # (B, T)
+    hard = keep.to(a.dtype)
+    scale = a * hard + (a - a.detach()) * (1 - hard)  # value: a or 0; gradient: as the soft gate's
+    attn_mask, is_causal = build_attention_mask(keep, ctx.query_index, x.shape[1], ctx.causal)
+    sub = dataclasses.replace(ctx, attn_mask=attn_mask, is_causal=is_causal, kv_valid=keep)
+    ctx.layer_fractions[layer.layer_idx] = 1.0  # training computes every token
+    out = layer(x, sub)  # (B, T, H)
+    return x + scale.unsqueeze(-1).to(x.dtype) * (out - x)
 
 
 def _all_real(x, real):
