@@ -24,12 +24,32 @@ LABELS = {
     "mod_c0.5": "MoD, capacity 0.5, every other layer",
     "mod_c0.5_all": "MoD, capacity 0.5, all layers",
     "gate_p0.1": "gate, compute penalty 0.1, threshold 0.5, every other layer",
+    "mod_c0.9_all": "MoD, capacity 0.9, all layers",
+    "mod_c0.75_all": "MoD, capacity 0.75, all layers",
+    "mod_c0.5_all_rlr": "MoD, capacity 0.5, all layers, router lr 1e-2",
+    "gate_all_p0.005_rlr": "gate, penalty 0.005, threshold 0.5, all layers, gate lr 1e-2",
+    "gate_all_p0.02_rlr": "gate, penalty 0.02, threshold 0.5, all layers, gate lr 1e-2",
+    "gate_all_p0.05_rlr": "gate, penalty 0.05, threshold 0.5, all layers, gate lr 1e-2",
+    "gate_all_p0.02_rlr_soft": "gate, penalty 0.02, as above but soft training",
 }
+GATED = [a for a in LABELS if a.startswith(("mod_", "gate_"))]
+TRANSLATION_LABELS = {
+    "dense_lora": ("dense (1 expert, top-1)", "LoRA r=16 on attention + FFN, lr 2e-4"),
+    "moe_lora": ("MoE copy, 4 experts top-2, every other layer", "LoRA r=16 on attention + experts, routers full, lr 2e-4"),
+    "dense_full": ("dense (1 expert, top-1)", "full fine-tuning, lr 5e-5"),
+}
+DIALOGUE_LABELS = {
+    "dense_lora": "dense (1 expert, top-1)",
+    "moe_lora": "MoE copy, 4 experts top-2, every other layer",
+    "mod_c0.5_lora": "MoD, capacity 0.5, every other layer (causal predictor at eval)",
+}
+FOLDERS = {"classification": LABELS, "classification_sst2": LABELS, "translation": TRANSLATION_LABELS,
+           "dialogue": DIALOGUE_LABELS}
 
 
-def load_runs():
+def load_runs(folder="classification"):
     runs = {}
-    for path in sorted((RESULTS / "classification").glob("*.json")):
+    for path in sorted((RESULTS / folder).glob("*.json")):
         r = json.loads(path.read_text())
         runs.setdefault(r["arm"], []).append(r)
     return runs
@@ -54,11 +74,11 @@ def before_table():
     return "\n".join(lines) + "\n", data
 
 
-def classification_table(runs):
+def classification_table(runs, arms=LABELS):
     lines = ["| arm | seeds | accuracy per seed | accuracy mean ± std | macro-F1 mean | eval compute fraction | wall s (whole run) | wall ratio to dense |",
              "|---|---|---|---|---|---|---|---|"]
     dense_wall = statistics.mean(r["wall_seconds"] for r in runs["dense"]) if "dense" in runs else None
-    for arm in LABELS:
+    for arm in arms:
         if arm not in runs:
             continue
         rs = sorted(runs[arm], key=lambda r: r["seed"])
@@ -84,6 +104,13 @@ def paired_gap(runs, arm="moe_copy_tc", ref="dense"):
     return statistics.mean(gaps), [f"seed {s}: {g:+.2f}" for s, g in zip(seeds, gaps)]
 
 
+def gap_text(runs):
+    gap, per_seed = paired_gap(runs)
+    if gap is None:
+        return "n/a"
+    return f"{gap:+.2f} accuracy points on average (MoE minus dense, paired by seed: {'; '.join(per_seed)})"
+
+
 def balance_table(runs):
     lines = ["| arm | seed | MoE layer | tokens per expert | max/mean load | dropped assignments | dropped share | dead experts |",
              "|---|---|---|---|---|---|---|---|"]
@@ -97,42 +124,102 @@ def balance_table(runs):
     return "\n".join(lines) + "\n"
 
 
-def commands(runs):
-    seen = []
-    for arm in LABELS:
+def tradeoff_table(runs):
+    """Gated arms on seed 0 against dense seed 0: executed compute, accuracy, the target test."""
+    dense = {r["seed"]: r["results"]["eval_accuracy"] for r in runs.get("dense", [])}
+    lines = ["| arm | seed | executed compute (eval) | per-layer executed fraction | accuracy | minus dense (points) | <= 60% compute and within 2 points |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in ["dense", *GATED]:
         for r in sorted(runs.get(arm, []), key=lambda r: r["seed"]):
-            seen.append(f"# {arm} seed {r['seed']} (commit {r['commit'][:12]})\n{r['command']}")
+            res = r["results"]
+            cf = res.get("eval_compute_fraction", 1.0)
+            layers = res.get("routing", {}).get("gated_layers", {})
+            per_layer = ", ".join(f"{float(v['compute_fraction']):.2f}" for _, v in sorted(layers.items(), key=lambda kv: int(kv[0]))) or "-"
+            gap = 100 * (res["eval_accuracy"] - dense[r["seed"]]) if r["seed"] in dense else None
+            ok = "-" if arm == "dense" or gap is None else ("yes" if cf <= 0.60 and gap >= -2.0 else "no")
+            lines.append(f"| {LABELS[arm]} | {r['seed']} | {cf:.3f} | {per_layer} | {res['eval_accuracy']:.3f} | "
+                         f"{'-' if arm == 'dense' or gap is None else f'{gap:+.1f}'} | {ok} |")
+    return "\n".join(lines) + "\n"
+
+
+def translation_table(runs):
+    lines = ["| model | fine-tuning | steps | sacreBLEU | chrF | validation loss | test sentences | compute fraction | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm, (model, tuning) in TRANSLATION_LABELS.items():
+        for r in runs.get(arm, []):
+            res = r["results"]
+            lines.append(f"| {model} | {tuning} | {res['train_steps']} | {res['eval_bleu']:.2f} | {res['eval_chrf']:.2f} | "
+                         f"{res['eval_loss']:.3f} | {res['eval_samples']} ({res.get('eval_bleu_split', 'validation')}) | "
+                         f"{res['eval_compute_fraction']:.3f} | {r['wall_seconds']:.0f} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else "_Not run._\n"
+
+
+def translation_samples(runs):
+    out = []
+    for arm in TRANSLATION_LABELS:
+        for r in runs.get(arm, []):
+            sample = r["results"]["samples"][0]
+            if not out:
+                out.append(f"Source: {sample['source']}  \nReference: {sample['reference']}  ")
+            out.append(f"{arm}: {sample['translation']}  ")
+    return "\n".join(out)
+
+
+def dialogue_table(runs):
+    lines = ["| model | steps | perplexity before | perplexity after | executed compute (eval) | wall s |",
+             "|---|---|---|---|---|---|"]
+    for arm, label in DIALOGUE_LABELS.items():
+        for r in runs.get(arm, []):
+            res = r["results"]
+            lines.append(f"| {label} | {res['train_steps']} | {res['perplexity_before']:.2f} | {res['perplexity']:.2f} | "
+                         f"{res['eval_compute_fraction']:.3f} | {r['wall_seconds']:.0f} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else "_Not run._\n"
+
+
+def commands(all_runs):
+    seen = []
+    for folder, labels in FOLDERS.items():
+        runs = all_runs[folder]
+        for arm in labels:
+            for r in sorted(runs.get(arm, []), key=lambda r: r["seed"]):
+                seen.append(f"# {folder}: {arm} seed {r['seed']} (commit {r['commit'][:12]})\n{r['command']}")
     return "\n".join(seen)
 
 
 def tradeoff_plot(runs):
     """Accuracy against executed compute fraction (eval mode) for the dense and gated arms run."""
-    arms = [a for a in ("dense", "mod_c0.5", "mod_c0.5_all", "gate_p0.1") if a in runs]
+    arms = [a for a in ["dense", *GATED] if a in runs]
     if not any(a != "dense" for a in arms):
-        return "_Not run: no gated arm finished in this session._"
+        return "_Not run: no gated arm finished._"
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     for arm in arms:
-        xs = [r["results"]["eval_compute_fraction"] for r in runs[arm]]
-        ys = [r["results"]["eval_accuracy"] for r in runs[arm]]
-        ax.scatter(xs, ys, label=f"{arm} ({len(xs)} seed{'s' * (len(xs) > 1)})")
+        rs = [r for r in runs[arm] if r["seed"] == 0]
+        xs = [r["results"].get("eval_compute_fraction", 1.0) for r in rs]
+        ys = [r["results"]["eval_accuracy"] for r in rs]
+        ax.scatter(xs, ys, label=arm, marker="*" if arm == "dense" else ("o" if arm.startswith("mod") else "s"))
+    ax.axvline(0.6, color="grey", lw=0.8, ls="--")
+    if "dense" in runs:
+        d0 = [r["results"]["eval_accuracy"] for r in runs["dense"] if r["seed"] == 0]
+        if d0:
+            ax.axhline(d0[0] - 0.02, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("executed compute fraction, whole model (eval)")
     ax.set_ylabel("Banking77 accuracy (512 test)")
-    ax.set_title("Compute trade-off, 120 steps on CPU", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title("Compute trade-off, seed 0, 120 steps on CPU\n(target: left of dashed, above dotted)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(HERE / "compute_tradeoff.png", dpi=90)
     return "![accuracy vs executed compute](benchmarks/quality/compute_tradeoff.png)"
 
 
 def main():
-    runs = load_runs()
+    all_runs = {folder: load_runs(folder) for folder in FOLDERS}
+    runs = all_runs["classification"]
     before, before_data = before_table()
-    gap, gap_seeds = paired_gap(runs)
     ec_ok = None
     if "moe_copy_ec" in runs:
         ratios = [s["max_over_mean"] for r in runs["moe_copy_ec"] for s in r["results"]["routing"]["moe_layers"].values()]
@@ -143,11 +230,17 @@ def main():
         "before_commit": before_data["commit"][:12] if before_data else "n/a",
         "before_wall": f"{before_data['wall_seconds']:.0f}" if before_data else "n/a",
         "classification_table": classification_table(runs),
-        "gap": "n/a" if gap is None else f"{gap:+.2f} accuracy points on average (MoE minus dense, paired by seed: {'; '.join(gap_seeds)})",
+        "gap": gap_text(runs),
         "balance_table": balance_table(runs),
         "ec_range": "not run" if ec_ok is None else f"{ec_ok[0]:.4f} to {ec_ok[1]:.4f}",
-        "commands": commands(runs),
+        "commands": commands(all_runs),
         "tradeoff": tradeoff_plot(runs),
+        "tradeoff_table": tradeoff_table(runs),
+        "sst2_table": classification_table(all_runs["classification_sst2"]) if all_runs["classification_sst2"] else "_Not run._\n",
+        "sst2_gap": gap_text(all_runs["classification_sst2"]),
+        "translation_table": translation_table(all_runs["translation"]),
+        "translation_samples": translation_samples(all_runs["translation"]),
+        "dialogue_table": dialogue_table(all_runs["dialogue"]),
     }
     for key, value in fields.items():
         text = text.replace("{{" + key + "}}", value)

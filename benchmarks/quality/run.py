@@ -53,10 +53,11 @@ ARMS = {
     "mod_c0.75_all": ["upcycling.variant=mod", "upcycling.capacity=0.75", "upcycling.layers=all"],
     "mod_c0.5_all_rlr": ["upcycling.variant=mod", "upcycling.capacity=0.5", "upcycling.layers=all",
                          "router_learning_rate=1e-2"],
-    "gate_all_p0.005_rlr": ["upcycling.variant=gate", "upcycling.compute_penalty=0.005", "upcycling.layers=all",
-                            "router_learning_rate=1e-2"],
-    "gate_all_p0.02_rlr": ["upcycling.variant=gate", "upcycling.compute_penalty=0.02", "upcycling.layers=all",
-                           "router_learning_rate=1e-2"],
+    # Gates train on the inference forward by default (straight-through); "_soft" is the opt-out.
+    **{f"gate_all_p{p}_rlr": ["upcycling.variant=gate", f"upcycling.compute_penalty={p}", "upcycling.layers=all",
+                              "router_learning_rate=1e-2"] for p in ("0.005", "0.02", "0.05")},
+    "gate_all_p0.02_rlr_soft": ["upcycling.variant=gate", "upcycling.compute_penalty=0.02", "upcycling.layers=all",
+                                "router_learning_rate=1e-2", "upcycling.gate_straight_through=false"],
 }
 # SST-2 (binary sentiment): the same budget and arms, its own config; evaluated on 872 sentences.
 SST2_CONFIG = "recipes/configs/classification_sst2.yaml"
@@ -101,7 +102,7 @@ TABLES = {
               ("mod_c0.5", 0), ("gate_p0.1", 0), ("moe_split_random", 0)], "eval_accuracy"),
     "tradeoff": ("classification", CONFIG, BUDGET, ARMS,
                  [(a, 0) for a in ("mod_c0.5_all_rlr", "gate_all_p0.02_rlr", "mod_c0.75_all", "gate_all_p0.005_rlr",
-                                   "mod_c0.9_all")], "eval_accuracy"),
+                                   "gate_all_p0.02_rlr_soft", "gate_all_p0.05_rlr", "mod_c0.9_all")], "eval_accuracy"),
     "seeds": ("classification", CONFIG, BUDGET, ARMS,
               [(a, s) for s in (1, 2) for a in ("moe_copy_ec", "moe_split_kmeans", "moe_split_random")],
               "eval_accuracy"),
