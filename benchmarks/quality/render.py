@@ -26,6 +26,8 @@ LABELS = {
     "gate_p0.1": "gate, compute penalty 0.1, threshold 0.5, every other layer",
     "mod_c0.9_all": "MoD, capacity 0.9, all layers",
     "mod_c0.75_all": "MoD, capacity 0.75, all layers",
+    "mod_c0.6_all": "MoD, capacity 0.6, all layers",
+    "mod_c0.55_all": "MoD, capacity 0.55, all layers",
     "mod_c0.5_all_rlr": "MoD, capacity 0.5, all layers, router lr 1e-2",
     "gate_all_p0.005_rlr": "gate, penalty 0.005, threshold 0.5, all layers, gate lr 1e-2",
     "gate_all_p0.02_rlr": "gate, penalty 0.02, threshold 0.5, all layers, gate lr 1e-2",

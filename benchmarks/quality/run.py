@@ -50,7 +50,8 @@ ARMS = {
     # Compute trade-off: gated variants on all layers at several budgets. Routers and gates learn
     # at 1e-2 (`router_learning_rate`): at the model's 2e-4 they barely leave their initialisation.
     "mod_c0.9_all": ["upcycling.variant=mod", "upcycling.capacity=0.9", "upcycling.layers=all"],
-    "mod_c0.75_all": ["upcycling.variant=mod", "upcycling.capacity=0.75", "upcycling.layers=all"],
+    **{f"mod_c{c}_all": ["upcycling.variant=mod", f"upcycling.capacity={c}", "upcycling.layers=all"]
+       for c in ("0.75", "0.6", "0.55")},
     "mod_c0.5_all_rlr": ["upcycling.variant=mod", "upcycling.capacity=0.5", "upcycling.layers=all",
                          "router_learning_rate=1e-2"],
     # Gates train on the inference forward by default (straight-through); "_soft" is the opt-out.
@@ -102,7 +103,8 @@ TABLES = {
               ("mod_c0.5", 0), ("gate_p0.1", 0), ("moe_split_random", 0)], "eval_accuracy"),
     "tradeoff": ("classification", CONFIG, BUDGET, ARMS,
                  [(a, 0) for a in ("mod_c0.5_all_rlr", "gate_all_p0.02_rlr", "mod_c0.75_all", "gate_all_p0.005_rlr",
-                                   "gate_all_p0.02_rlr_soft", "gate_all_p0.05_rlr", "mod_c0.9_all")], "eval_accuracy"),
+                                   "gate_all_p0.02_rlr_soft", "gate_all_p0.05_rlr", "mod_c0.9_all", "mod_c0.6_all",
+                                   "mod_c0.55_all")], "eval_accuracy"),
     "seeds": ("classification", CONFIG, BUDGET, ARMS,
               [(a, s) for s in (1, 2) for a in ("moe_copy_ec", "moe_split_kmeans", "moe_split_random")],
               "eval_accuracy"),
