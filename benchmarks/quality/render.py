@@ -114,15 +114,19 @@ def gap_text(runs):
 
 
 def balance_table(runs):
-    lines = ["| arm | seed | MoE layer | tokens per expert | max/mean load | dropped assignments | dropped share | dead experts |",
+    """Seed 0 of every MoE arm, and every seed of expert choice (whose unrouted tokens it shows)."""
+    lines = ["| arm | seed | MoE layer | tokens per expert | max/mean load | dropped share | tokens no expert processed | dead experts |",
              "|---|---|---|---|---|---|---|---|"]
     for arm in ("moe_copy_tc", "moe_copy_tc_noaux", "moe_copy_ec", "moe_split_kmeans", "moe_split_random"):
-        for r in sorted(runs.get(arm, []), key=lambda r: r["seed"])[:1]:
+        rs = sorted(runs.get(arm, []), key=lambda r: r["seed"])
+        for r in rs if arm == "moe_copy_ec" else rs[:1]:
             layers = r["results"]["routing"].get("moe_layers", {})
             for layer, s in sorted(layers.items(), key=lambda kv: int(kv[0])):
                 total = sum(s["tokens_per_expert"]) + s["dropped"]
+                unrouted = s.get("unrouted_tokens")
+                unrouted = "not recorded" if unrouted is None else f"{unrouted} of {s['num_tokens']} ({unrouted / s['num_tokens']:.1%})"
                 lines.append(f"| {LABELS[arm]} | {r['seed']} | {layer} | {s['tokens_per_expert']} | {s['max_over_mean']:.3f} | "
-                             f"{s['dropped']} | {s['dropped'] / total if total else 0:.3f} | {s['dead_experts']} |")
+                             f"{s['dropped'] / total if total else 0:.3f} | {unrouted} | {s['dead_experts']} |")
     return "\n".join(lines) + "\n"
 
 
