@@ -285,3 +285,44 @@ def test_bad_input_stops_before_training(case, tmp_path, monkeypatch):
     with pytest.raises(training.RecipeError, match=match):
         run(recipe, *args)
     assert not (out / "model.safetensors").exists()
+
+
+def test_generate_folds_lora_in_while_decoding_and_restores_the_adapters():
+    """The recipes' `generate` merges LoRA for decoding speed: same tokens as the unmerged model,
+    and afterwards the adapters are unmerged with every weight back to its value."""
+    import types
+
+    from accelerate import Accelerator
+
+    import hf_condcomp
+    from conftest import tiny_source
+    from hf_condcomp import training
+
+    model = hf_condcomp.upcycle(tiny_source("llama"), num_experts=4, top_k=2, layers="all")
+    args = types.SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets="attention,experts",
+                                 lora_trainable="router")
+    model = training.apply_lora(model, args)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # zero at init: make the adapters change the tokens
+                param.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tokenizer = types.SimpleNamespace(pad_token_id=0, eos_token_id=None,
+                                      batch_decode=lambda ids, skip_special_tokens: [" ".join(map(str, r.tolist())) for r in ids])
+    prompts = [[5, 7, 9, 11], [3, 4]]
+    model.eval()
+    with torch.no_grad():  # reference: the unmerged model, prompt by prompt
+        expected = [" ".join(map(str, model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                                     max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(p):].tolist()))
+                    for p in prompts]
+    with torch.no_grad():
+        model.base_model.disable_adapter_layers()
+        plain = model.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        model.base_model.enable_adapter_layers()
+    assert " ".join(map(str, plain[0, 4:].tolist())) != expected[0], "LoRA must change the tokens for this check"
+
+    texts = training.generate(Accelerator(cpu=True), model, tokenizer, prompts, max_new_tokens=6, batch_size=1)
+    assert texts == expected
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), before[name], rtol=0, atol=1e-5, msg=name)
