@@ -4,6 +4,7 @@
     python benchmarks/quality/run.py classification    # Banking77: dense vs copy-MoE, 3 seeds
     python benchmarks/quality/run.py arms              # Banking77 single-seed arms (EC, split, MoD, gate, no aux)
     python benchmarks/quality/run.py tradeoff          # Banking77 gated variants on all layers at several budgets
+    python benchmarks/quality/run.py tradeoff_seeds    # Banking77 seeds 1-2 of MoD at capacity 0.55 and 0.75
     python benchmarks/quality/run.py seeds             # Banking77 seeds 1-2 of expert choice and split upcycling
     python benchmarks/quality/run.py sst2              # SST-2: dense vs copy-MoE, 3 seeds, and expert choice
     python benchmarks/quality/run.py translation       # Multi30k en-de, SmolLM2: dense vs MoE (LoRA), dense full
@@ -105,6 +106,9 @@ TABLES = {
                  [(a, 0) for a in ("mod_c0.5_all_rlr", "gate_all_p0.02_rlr", "mod_c0.75_all", "gate_all_p0.005_rlr",
                                    "gate_all_p0.02_rlr_soft", "gate_all_p0.05_rlr", "mod_c0.9_all", "mod_c0.6_all",
                                    "mod_c0.55_all")], "eval_accuracy"),
+    # Seeds 1-2 of the MoD settings closest to the gated target: 0.75 (held on seed 0) and 0.55.
+    "tradeoff_seeds": ("classification", CONFIG, BUDGET, ARMS,
+                       [(a, s) for s in (1, 2) for a in ("mod_c0.55_all", "mod_c0.75_all")], "eval_accuracy"),
     "seeds": ("classification", CONFIG, BUDGET, ARMS,
               [(a, s) for s in (1, 2) for a in ("moe_copy_ec", "moe_split_kmeans", "moe_split_random")],
               "eval_accuracy"),
