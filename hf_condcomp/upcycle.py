@@ -452,6 +452,11 @@ def upcycle(
         target = target_class(config)
     state = convert_state_dict(dense.state_dict(), target, family, config, init, seed, noise_std, drop_ratio)
     target.load_state_dict(state, strict=True)
+    if getattr(config, "tie_word_embeddings", False):
+        # The model was built without `post_init`'s weight init, which is also where transformers
+        # ties the head to the embeddings: tie here, or fine-tuning trains two copies of a matrix
+        # that `save_pretrained` writes once.
+        target.tie_weights()
     target.to(dense.dtype)
     return target.eval()
 

@@ -138,6 +138,27 @@ def test_upcycled_model_keeps_every_source_weight():
     assert moe.config.upcycling["init"] == "copy" and moe.config.upcycling["layers"] == [1]
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_embeddings_stay_tied_through_upcycling_and_reload(family, tied, tmp_path):
+    """A tied parent gives a tied MoE: one matrix, trained once, saved once; an untied parent keeps
+    its separate head. Tied but untied in memory, fine-tuning would train two copies and saving
+    (which writes the tied matrix once) would silently drop one of them."""
+    dense = tiny_source(family, tie_word_embeddings=tied)
+    moe = hf_condcomp.upcycle(dense, num_experts=2, top_k=1, layers="all")
+    assert moe.config.tie_word_embeddings is tied
+    assert (moe.get_output_embeddings().weight is moe.get_input_embeddings().weight) is tied
+    with torch.no_grad():  # a change to the embeddings must reach the head (tied) or not (untied)
+        moe.get_input_embeddings().weight[3].add_(1.0)
+    head, embed = moe.get_output_embeddings().weight, moe.get_input_embeddings().weight
+    assert torch.equal(head[3], embed[3]) is tied
+    moe.save_pretrained(tmp_path)
+    reloaded = type(moe).from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded.get_output_embeddings().weight, head, rtol=0, atol=0)
+    torch.testing.assert_close(reloaded.get_input_embeddings().weight, embed, rtol=0, atol=0)
+    assert (reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight) is tied
+
+
 def test_aux_and_z_losses_are_added_to_the_classification_loss():
     dense = tiny_source("bert", "sequence-classification")
     moe = hf_condcomp.upcycle(dense, router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
