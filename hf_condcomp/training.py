@@ -516,8 +516,12 @@ def is_routing_parameter(name):
     return any(part in name for part in ROUTING_PARAMETER_PARTS)
 
 
-def make_optimizer(model, args):
-    """AdamW without weight decay on biases and norms; routers and gates at `router_learning_rate`."""
+def make_optimizer(model, args, accelerator=None):
+    """AdamW without weight decay on biases and norms; routers and gates at `router_learning_rate`.
+
+    The fused AdamW kernel is used on one process or plain DDP on CPU or CUDA: an MoE has several
+    times its parent's parameters, and the default per-tensor AdamW loop took ~270 ms per step for
+    33 M parameters on one CPU thread against ~50 ms fused. FSDP and DeepSpeed keep the default."""
     router_lr = args.learning_rate if args.router_learning_rate is None else args.router_learning_rate
     groups = {}
     for name, param in model.named_parameters():
@@ -528,7 +532,9 @@ def make_optimizer(model, args):
         group = groups.setdefault((lr, no_decay), {"params": [], "lr": lr,
                                                    "weight_decay": 0.0 if no_decay else args.weight_decay})
         group["params"].append(param)
-    return torch.optim.AdamW(list(groups.values()), lr=args.learning_rate)
+    fused = accelerator is None or (accelerator.device.type in ("cpu", "cuda")
+                                    and accelerator.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU"))
+    return torch.optim.AdamW(list(groups.values()), lr=args.learning_rate, fused=fused or None)
 
 
 def router_loss_parts(outputs, config):

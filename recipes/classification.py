@@ -81,7 +81,7 @@ def main(argv=None):
     eval_dataloader = DataLoader(processed["validation"], collate_fn=collator, batch_size=args.per_device_eval_batch_size)
 
     # 3. Optimizer, schedule, prepare.
-    optimizer = training.make_optimizer(model, args)
+    optimizer = training.make_optimizer(model, args, accelerator)
     lr_scheduler = training.schedule(args, accelerator, train_dataloader, optimizer)
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler

@@ -85,6 +85,8 @@ def main(argv=None):
         for i, message in enumerate(messages):
             if message["role"] == "assistant":
                 start = len(render(messages[:i], add_generation_prompt=True))
+                if start >= args.max_length:  # this turn and later ones are truncated away: stop
+                    break                     # (rendering every prefix is quadratic in turns)
                 end = len(render(messages[: i + 1]))
                 labels[start:end] = ids[start:end]
         return {"input_ids": ids[: args.max_length], "labels": labels[: args.max_length]}
@@ -98,7 +100,7 @@ def main(argv=None):
     eval_dataloader = DataLoader(processed["validation"], collate_fn=collate, batch_size=args.per_device_eval_batch_size)
 
     # 3. Optimizer, schedule, prepare.
-    optimizer = training.make_optimizer(model, args)
+    optimizer = training.make_optimizer(model, args, accelerator)
     lr_scheduler = training.schedule(args, accelerator, train_dataloader, optimizer)
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
