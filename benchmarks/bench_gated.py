@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,9 @@ import torch
 import transformers
 
 import hf_condcomp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info  # noqa: E402
 
 
 def build_models(capacities, thresholds, seed):
@@ -119,6 +123,7 @@ def main():
     transformers.logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
+    info = machine_info()  # at the start: the commit and load the run began with
     torch.manual_seed(args.seed)
 
     capacities = [float(c) for c in args.capacities.split(",") if c]
@@ -160,7 +165,7 @@ def main():
         "seq_len": args.seq_len,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "machine": platform.platform(),
+        "machine": {**info, "platform": platform.platform()},
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "results": rows,

@@ -33,6 +33,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    info = machine_info()  # at the start: the commit and load the run began with
 
     # (in, out) of the up and down projections of the layer benchmark's shapes; rows = top-2 x tokens.
     grid = [(fin, fout, e, rows) for (fin, fout), e, rows in itertools.product(
@@ -60,7 +61,6 @@ def main():
         rows_out.append(row)
         print(f"  done in={fin} out={fout} E={experts} rows={rows}", flush=True)
 
-    info = machine_info()
     print(f"\nOne grouped projection vs one dense GEMM of equal FLOPs, fp32, cpu; machine: {info}")
     table = print_table(rows_out, ["in", "out", "experts", "rows", "rows_per_expert", "dense_ms", "forward/dense",
                                    "grad_x/dense", "grad_w/dense", "loop/dense"])

@@ -184,6 +184,7 @@ def main():
         memory_child(name, int(batch), int(seq), int(steps))
         return
 
+    info = machine_info()  # at the start: the commit and load the run began with
     repeats = args.repeats or (2 if args.quick else 3)
     mb, ms = (8, 128) if args.quick else (32, 128)  # MiniLM batch x seq
     lb, ls = (2, 64) if args.quick else (4, 128)  # SmolLM2 training batch x seq
@@ -247,7 +248,6 @@ def main():
                                "moe_MiB": moe["peak_growth_bytes"] / 2**20,
                                "budget_MiB": budget / 2**20, "within": moe["peak_growth_bytes"] <= budget})
 
-    info = machine_info()
     print(f"\nWhole models, CPU fp32, repeats={repeats}; machine: {info}")
     table = print_table(rows, ["bench", "shape", "dense_s", "moe_s", "moe/dense", "target"])
     print("(decode rows: dense_s / moe_s columns hold tokens/s)")

@@ -64,6 +64,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    info = machine_info()  # at the start: the commit and load the run began with
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -114,7 +115,6 @@ def main():
     columns += ["grouped/dense"] + (["eager/grouped"] if "eager" in impls else [])
     columns += (["megablocks/dense"] if "megablocks" in impls else [])
     columns += [] if args.no_memory else [f"{name}_peak_MiB" for name in ["dense", *impls]]
-    info = machine_info()
     print(f"\nMoE layer fwd+bwd, top-{args.top_k}, {dtype}, {device}; machine: {info}")
     table = print_table(rows, columns)
     write_json(args.out, {"machine": info, "device": device, "dtype": str(dtype), "top_k": args.top_k,
