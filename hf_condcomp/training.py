@@ -520,8 +520,8 @@ def make_optimizer(model, args, accelerator=None):
     """AdamW without weight decay on biases and norms; routers and gates at `router_learning_rate`.
 
     The fused AdamW kernel is used on one process or plain DDP on CPU or CUDA: an MoE has several
-    times its parent's parameters, and the default per-tensor AdamW loop took ~270 ms per step for
-    33 M parameters on one CPU thread against ~50 ms fused. FSDP and DeepSpeed keep the default."""
+    times its parent's parameters, and the default per-tensor AdamW loop is several times slower
+    on the CPU. FSDP and DeepSpeed keep the default."""
     router_lr = args.learning_rate if args.router_learning_rate is None else args.router_learning_rate
     groups = {}
     for name, param in model.named_parameters():
