@@ -218,28 +218,26 @@ def _gated_layer(layer, x, ctx):
     config = gate.config
     a = gate(x)  # (B, T) allocations in [0, 1]
     real = ctx.token_mask
+    decided = a >= config.gate_threshold
+    decided = decided if real is None else decided & real  # (B, T): the inference decision
     if layer.training:
         penalty = config.gate_compute_penalty * _masked_mean(a, real) / len(config.gate_layers)
         ctx.extra_losses.append(penalty)
         if getattr(config, "gate_straight_through", False) and ctx.cache is None:
-            return _straight_through_layer(layer, x, ctx, a, config.gate_threshold)
+            return _straight_through_layer(layer, x, ctx, a, decided)
         keep = None  # soft gates: every token runs, so a gets its gradient
     else:
-        keep = a >= config.gate_threshold
-        keep = keep if real is None else keep & real
+        keep = decided
     if gate.record_routing:
         gate.routing_log.append((keep if keep is not None else _all_real(x, real)).detach())
     return _run_subset(layer, x, ctx, keep, a, config)
 
 
-def _straight_through_layer(layer, x, ctx, a, threshold):
-    """Training forward that equals the inference one: tokens with a < threshold get no update and
-    are hidden as keys from the other tokens, as when inference skips them; the rest get a times
-    their update. Every token is still computed so that each allocation gets the soft gate's
-    gradient (straight-through: the forward uses a * 1[a >= threshold], the backward d/da = 1)."""
-    real = ctx.token_mask
-    keep = a >= threshold
-    keep = keep if real is None else keep & real  # (B, T)
+def _straight_through_layer(layer, x, ctx, a, keep):
+    """Training forward that equals the inference one: tokens outside `keep` (B, T), the inference
+    decision, get no update and are hidden as keys from the other tokens, as when inference skips
+    them; the rest get a times their update. Every token is still computed so that each allocation
+    gets the soft gate's gradient (straight-through: the forward uses a * keep, the backward d/da = 1)."""
     hard = keep.to(a.dtype)
     scale = a * hard + (a - a.detach()) * (1 - hard)  # value: a or 0; gradient: as the soft gate's
     attn_mask, is_causal = build_attention_mask(keep, ctx.query_index, x.shape[1], ctx.causal)
