@@ -1,9 +1,9 @@
 """Forward and training-step time of gated models next to their dense parent, on the CPU.
 
     python benchmarks/bench_gated.py --out outputs/bench_gated.json
-    # what notes/issue-3.md reports (2-core machine shared with other jobs: one thread is steadier)
-    python benchmarks/bench_gated.py --threads 1 --capacities 1.0,0.5,0.25 --thresholds 0.3,0.7 \
-        --repeats 7 --train-repeats 2 --out outputs/bench_gated.json
+    # what the README's "Gated layers" table reports (one thread is steadier on a small shared machine)
+    python benchmarks/bench_gated.py --threads 1 --capacities 1.0,0.75,0.5,0.25 --thresholds 0.3,0.7 \
+        --repeats 5 --train-repeats 2 --out benchmarks/results/bench_gated.json
 
 The dense parent is all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) at batch 32 x sequence 128.
 Gated variants, every layer:
@@ -25,7 +25,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ import transformers
 import hf_condcomp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info  # noqa: E402
+from common import interleaved_times, machine_info  # noqa: E402
 
 
 def build_models(capacities, thresholds, seed):
@@ -52,12 +51,6 @@ def build_models(capacities, thresholds, seed):
                 layer.compute_gate.bias.zero_()
         models[f"gate t={t:g}"] = model
     return models
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def forward_fn(model, ids, mask):
@@ -99,12 +92,7 @@ def bench(models, ids, mask, repeats, what):
         else:
             model.train()
             fns[name] = train_step_fn(model, torch.optim.SGD(model.parameters(), lr=1e-5), ids, mask)
-    times = {name: [] for name in models}
-    for name, fn in fns.items():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timed(fn))
+    times = interleaved_times(fns, repeats)
     return {name: statistics.median(ts) for name, ts in times.items()}, times
 
 

@@ -39,8 +39,8 @@ def machine_info() -> dict:
     return info
 
 
-def interleaved_medians(fns: dict, repeats: int, warmup: int = 1, sync=None) -> dict:
-    """Median seconds per call of each fn, run round-robin so that machine noise hits all alike."""
+def interleaved_times(fns: dict, repeats: int, warmup: int = 1, sync=None) -> dict:
+    """Seconds of every call of each fn, run round-robin so that machine noise hits all alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -54,7 +54,12 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 1, sync=None) -> 
             if sync:
                 sync()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 1, sync=None) -> dict:
+    """Median seconds per call of each fn, from `interleaved_times`."""
+    return {name: statistics.median(v) for name, v in interleaved_times(fns, repeats, warmup, sync).items()}
 
 
 def cpu_peak_bytes(fn) -> int | None:
