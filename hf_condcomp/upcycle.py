@@ -18,6 +18,7 @@ except the FFNs of the chosen layers, which become E experts and a router:
 """
 
 import dataclasses
+import difflib
 import re
 import typing
 
@@ -215,6 +216,19 @@ def _target_config(src_config, family, **fields):
             )
     values.update(fields)
     return config_class(**_as_floats_where_expected(config_class, values))
+
+
+def _check_overrides(overrides, config_class, src_config):
+    """Every `upcycle(..., name=value)` override must name a field of the target config (or of the
+    source's): a misspelt name would otherwise be stored as an unused attribute and silently ignored."""
+    known = {f.name for f in dataclasses.fields(config_class)} | set(src_config.to_dict())
+    for name, value in overrides.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
+            raise ValueError(
+                f"`{name}`={value!r} is not an upcycling argument nor a field of {config_class.__name__}.{hint}"
+            )
 
 
 def _as_floats_where_expected(config_class, values):
@@ -444,10 +458,11 @@ def upcycle(
         "drop_ratio": drop_ratio if init == "drop" else None,
         "seed": seed,
     }
+    target_class = FAMILIES[family][1][task]
+    _check_overrides(config_overrides, target_class.config_class, src_config)
     fields.update(config_overrides)
     config = _target_config(src_config, family, **fields)
 
-    target_class = FAMILIES[family][1][task]
     with no_init_weights():  # every weight is overwritten below: skip the random init
         target = target_class(config)
     state = convert_state_dict(dense.state_dict(), target, family, config, init, seed, noise_std, drop_ratio)

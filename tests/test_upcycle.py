@@ -220,6 +220,8 @@ def test_real_smollm2_copy_upcycle_reproduces_logits_and_greedy_generation(smoll
         (dict(capacity_factor=-1.5), r"`capacity_factor`.*> 0.*got -1.5"),
         (dict(task="causal-lm"), r"`task`.*for a bert source.*'causal-lm'"),
         (dict(init="split-random", num_experts=7), r"`init`='split-random'.*40 neurons.*`num_experts`=7"),
+        # A misspelt override would otherwise become an unused config attribute.
+        (dict(router_aux_los_coef=0.1), r"`router_aux_los_coef`=0.1 is not.*Did you mean `router_aux_loss_coef`"),
     ],
 )
 def test_bad_upcycling_arguments_raise_clear_value_errors(kwargs, pattern):
