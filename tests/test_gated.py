@@ -64,6 +64,15 @@ def dense_output(family, dense, ids, mask, **kwargs):
     return out if kwargs.get("output_hidden_states") else main_output(family, out)
 
 
+def pooled_tokens(family, mask):
+    """(B, T) bool: the tokens a pooling head reads, which gated layers always compute
+    (`keep_pooled_token`): [CLS] of the BERT models here (they keep BertModel's pooler)."""
+    pinned = torch.zeros(mask.shape, dtype=torch.bool)
+    if family == "bert":
+        pinned[:, 0] = True
+    return pinned
+
+
 def main_output(family, out):
     return out.last_hidden_state if family == "bert" else out.logits
 
@@ -270,7 +279,7 @@ def test_gates_penalise_allocation_in_training_and_skip_below_threshold(family):
     total = 0
     for i in range(LAYERS):
         x, y = out.hidden_states[i], out.hidden_states[i + 1]
-        keep = (layers[i].compute_gate(x) >= 0.5) & real
+        keep = ((layers[i].compute_gate(x) >= 0.5) | pooled_tokens(family, mask)) & real
         assert seen.get(i, [keep.sum(-1).tolist()]) == [keep.sum(-1).tolist()]
         skipped = real & ~keep
         if family == "bert" or i < LAYERS - 1:  # (decoders' last entry is after the final norm)
@@ -322,13 +331,68 @@ def test_straight_through_gives_skipped_tokens_a_gradient(family):
     ids, mask = batch(family)
     model.eval()
     with torch.no_grad():
-        assert model(ids, attention_mask=mask).layer_compute_fractions[1] == 0.0
+        fraction = model(ids, attention_mask=mask).layer_compute_fractions[1]
+    assert fraction == pooled_tokens(family, mask)[mask.bool()].float().mean().item()  # 0, or [CLS] only
     model.train()
     out = model(ids, attention_mask=mask)
     main_output(family, out)[mask.bool()].square().mean().backward()
     gate = layers_of(model)[1].compute_gate
     assert gate.bias.grad is not None and gate.bias.grad.abs().item() > 0
     assert gate.weight.grad.abs().sum().item() > 0
+
+
+# --- The token a pooling head reads runs through every gated layer -----------------------------------
+
+
+def cls_routing(model, ids, mask):
+    """Per gated layer, the (B, T) bool tokens it computed in one forward (recorded routing)."""
+    modules = [getattr(layer, "mod_router", None) or layer.compute_gate for layer in layers_of(model)]
+    for m in modules:
+        m.record_routing, m.routing_log = True, []
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    return [m.routing_log[-1] for m in modules]
+
+
+@pytest.mark.parametrize("variant", ["mod", "gate"])
+def test_pooled_cls_token_runs_through_every_gated_layer(variant):
+    """BERT's pooler reads [CLS]: a routed block gives it one of its ceil(c * n) places and a gate
+    never skips it (`keep_pooled_token`, default); without it the router can drop [CLS], and skipped
+    tokens give the router no gradient to learn it back."""
+    ids, mask = batch("bert", B=4, T=12, seed=3)
+    real = mask.bool()
+    if variant == "mod":
+        kwargs = dict(variant="mod", capacity=0.25, layers="all")
+    else:  # bias -3 and random weights: the gates open for some tokens only
+        kwargs = dict(variant="gate", layers="all", threshold=0.5, gate_init_bias=-3.0)
+    model = hf_condcomp.upcycle(dense_source("bert"), **kwargs).eval()
+    randomize_decisions(model, std=0.5, seed=1)
+    assert model.config.keep_pooled_token is True
+
+    pinned = cls_routing(model, ids, mask)
+    model.config.keep_pooled_token = False
+    free = cls_routing(model, ids, mask)
+    assert all(bool(keep[:, 0].all()) for keep in pinned)
+    assert not all(bool(keep[:, 0].all()) for keep in free)  # the check is not vacuous: [CLS] was dropped
+    for with_cls, without in zip(pinned, free):
+        if variant == "mod":  # the same budget: [CLS] takes a place, it does not add one
+            expected = [routed_token_count(int(n), 0.25) for n in real.sum(-1)]
+            assert with_cls.sum(-1).tolist() == expected == without.sum(-1).tolist()
+        else:  # the gate's own decisions stand for the other tokens
+            assert torch.equal(with_cls[:, 1:], without[:, 1:])
+
+
+def test_heads_reading_every_token_pin_none():
+    """A masked-LM head reads every position, so no token is pinned: a closed gate skips them all."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    dense = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                       num_attention_heads=HEADS, intermediate_size=INTER)).eval()
+    model = hf_condcomp.upcycle(dense, variant="gate", layers=[1], threshold=0.5, gate_init_bias=-3.0).eval()
+    ids, mask = batch("bert")
+    with torch.no_grad():
+        assert model(ids, attention_mask=mask).layer_compute_fractions[1] == 0.0
 
 
 # --- Decoders: causal decisions, generate() with and without the cache ----------------------------------

@@ -50,6 +50,8 @@ class ForwardContext:
     cache: the KV cache (decoders) or None.
     kv_valid: (B, L) bool validity of every key the attention sees (past + current), or None.
     query_index: (T,) index of each query token in the key sequence (past + position).
+    pinned: (B, T) bool, tokens every routed or gated layer must compute (the token a pooling
+        head reads: `keep_pooled_token`), or None.
     """
 
     token_mask: torch.Tensor | None
@@ -60,6 +62,7 @@ class ForwardContext:
     kv_valid: torch.Tensor | None = None
     position_embeddings: tuple | None = None
     cache: object | None = None
+    pinned: torch.Tensor | None = None
     router_logits: list = field(default_factory=list)
     extra_losses: list = field(default_factory=list)
     layer_fractions: dict = field(default_factory=dict)

@@ -54,6 +54,11 @@ class CondCompFields:
         gate_straight_through: train with the inference decision (tokens below the threshold
             contribute no update and are hidden from the other tokens' attention), gradients as
             through the soft gate; False trains with soft gates only (every token, scaled by a).
+        keep_pooled_token: the token a pooling head reads (the [CLS] of a BERT model with its
+            pooler, as sequence classification uses) runs through every routed and gated layer:
+            it takes one of a routed block's ceil(capacity * n) places, and gates never skip it.
+            A router gets no gradient from the tokens it skips, so a [CLS] skipped early in
+            fine-tuning tends to stay skipped and the classifier reads a stale representation.
     """
 
     num_local_experts: int = 8
@@ -78,6 +83,7 @@ class CondCompFields:
     gate_threshold: float = 0.5
     gate_init_bias: float = 4.0
     gate_straight_through: bool = True
+    keep_pooled_token: bool = True
 
 
 def _check_layers(name, layers, num_layers):

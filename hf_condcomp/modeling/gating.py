@@ -29,6 +29,12 @@ one gate per layer rather than a halting sum):
     default b = 4, a = 0.982 and each gated layer's update is scaled by that (tested); with b >= 17,
     sigmoid(b) rounds to 1 in fp32 and the model equals its dense parent.
 
+The token a pooling head reads (BERT's [CLS] under its pooler, as sequence classification uses) is
+pinned (`ctx.pinned`, config `keep_pooled_token`): routed blocks take it first within their
+ceil(c * n) places and gates never skip it. A router gets no gradient from a token it skips, so
+without the pin a [CLS] dropped early in fine-tuning tends to stay dropped (measured on Banking77:
+RESULTS.md, "Compute trade-off").
+
 Skipped tokens are never computed: the kept tokens are gathered into (B, C, H), the layer runs on
 them under a sub-context (their original positions as `query_index`, so causal order, padding
 and RoPE stay right), and the results are scattered back. With a KV cache a gated layer keeps its
@@ -173,9 +179,12 @@ def _masked_mean(values, mask):
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def top_capacity(scores, token_mask, capacity):
-    """(B, T) bool: per sequence the ceil(capacity * real tokens) real tokens of highest score."""
+def top_capacity(scores, token_mask, capacity, pinned=None):
+    """(B, T) bool: per sequence the ceil(capacity * real tokens) real tokens of highest score;
+    `pinned` (B, T) bool tokens are taken first, within that count."""
     B, T = scores.shape
+    if pinned is not None:
+        scores = scores.masked_fill(pinned, float("inf"))
     if token_mask is None:
         k = routed_token_count(T, capacity)
         index = scores.topk(k, dim=-1).indices  # (B, k)
@@ -202,9 +211,10 @@ def _routed_layer(layer, x, ctx):
         keep = None
     elif predictor is not None and not layer.training:
         keep = predictor(x) > 0  # p > 0.5: causal decision for eval and generation
+        keep = keep if ctx.pinned is None else keep | ctx.pinned
         keep = keep if real is None else keep & real
     else:
-        keep = top_capacity(scores, real, capacity)
+        keep = top_capacity(scores, real, capacity, ctx.pinned)
         if predictor is not None and config.mod_aux_loss_coef > 0:
             bce = F.binary_cross_entropy_with_logits(predictor(x), keep.float(), reduction="none")  # (B, T)
             ctx.extra_losses.append(config.mod_aux_loss_coef * _masked_mean(bce, real))
@@ -219,6 +229,7 @@ def _gated_layer(layer, x, ctx):
     a = gate(x)  # (B, T) allocations in [0, 1]
     real = ctx.token_mask
     decided = a >= config.gate_threshold
+    decided = decided if ctx.pinned is None else decided | ctx.pinned
     decided = decided if real is None else decided & real  # (B, T): the inference decision
     if layer.training:
         penalty = config.gate_compute_penalty * _masked_mean(a, real) / len(config.gate_layers)
