@@ -5,11 +5,15 @@
     python benchmarks/quality/run.py arms              # Banking77 single-seed arms (EC, split, MoD, gate, no aux)
     python benchmarks/quality/run.py tradeoff          # Banking77 gated variants on all layers at several budgets
     python benchmarks/quality/run.py tradeoff_seeds    # Banking77 seeds 1-2 of MoD at capacity 0.55 and 0.75
+    python benchmarks/quality/run.py long              # Banking77 600 steps, whole sets: dense vs MoD, 3 seeds
+    python benchmarks/quality/run.py pooled_token      # Banking77 MoD c=0.55 without pinning [CLS], 3 seeds
     python benchmarks/quality/run.py seeds             # Banking77 seeds 1-2 of expert choice and split upcycling
     python benchmarks/quality/run.py sst2              # SST-2: dense vs copy-MoE, 3 seeds, and expert choice
     python benchmarks/quality/run.py translation       # Multi30k en-de, SmolLM2: dense vs MoE (LoRA), dense full
     python benchmarks/quality/run.py dialogue          # chitchat, SmolLM2: dense vs MoE vs MoD perplexity
     python benchmarks/quality/render.py                # RESULTS.md from the JSONs
+
+`--shard 0/2` and `--shard 1/2` after a table name split its runs between two processes (one per core).
 
 Each run is the real recipe (`recipes/<task>.py`) in a subprocess, with the
 same data subset, steps and learning-rate schedule for every arm. Resumable: a run whose JSON
@@ -53,6 +57,9 @@ ARMS = {
     "mod_c0.9_all": ["upcycling.variant=mod", "upcycling.capacity=0.9", "upcycling.layers=all"],
     **{f"mod_c{c}_all": ["upcycling.variant=mod", f"upcycling.capacity={c}", "upcycling.layers=all"]
        for c in ("0.75", "0.6", "0.55")},
+    # Before `keep_pooled_token` (default since 881dcdd) routers could drop [CLS], the token the classifier reads.
+    "mod_c0.55_all_nopin": ["upcycling.variant=mod", "upcycling.capacity=0.55", "upcycling.layers=all",
+                            "upcycling.keep_pooled_token=false"],
     "mod_c0.5_all_rlr": ["upcycling.variant=mod", "upcycling.capacity=0.5", "upcycling.layers=all",
                          "router_learning_rate=1e-2"],
     # Gates train on the inference forward by default (straight-through); "_soft" is the opt-out.
@@ -61,6 +68,11 @@ ARMS = {
     "gate_all_p0.02_rlr_soft": ["upcycling.variant=gate", "upcycling.compute_penalty=0.02", "upcycling.layers=all",
                                 "router_learning_rate=1e-2", "upcycling.gate_straight_through=false"],
 }
+# A 5x longer budget on the whole training set (~1 epoch of 10k questions), evaluated on the whole
+# test set (3080): the 120-step budget stops while dense is still at ~34%, and retrofitted routed
+# depth is reported to need more training than that. ~6-8 minutes per run on one core.
+LONG_BUDGET = [b for b in BUDGET if not b.startswith(("max_train_samples", "max_eval_samples", "max_train_steps"))] + [
+    "max_train_steps=600"]
 # SST-2 (binary sentiment): the same budget and arms, its own config; evaluated on 872 sentences.
 SST2_CONFIG = "recipes/configs/classification_sst2.yaml"
 SST2_BUDGET = [b for b in BUDGET if not b.startswith(("max_eval_samples", "max_length"))] + [
@@ -109,6 +121,14 @@ TABLES = {
     # Seeds 1-2 of the MoD settings closest to the gated target: 0.75 (held on seed 0) and 0.55.
     "tradeoff_seeds": ("classification", CONFIG, BUDGET, ARMS,
                        [(a, s) for s in (1, 2) for a in ("mod_c0.55_all", "mod_c0.75_all")], "eval_accuracy"),
+    # Does the routed-depth gap close with training? Dense vs MoD on all layers, 600 steps.
+    "long": ("classification_long", CONFIG, LONG_BUDGET, ARMS,
+             [(a, s) for s in (0, 1, 2) for a in ("mod_c0.55_all", "dense")] + [(a, s) for s in (0, 1, 2) for a in
+                                                                                  ("mod_c0.75_all", "mod_c0.55_all_nopin")],
+             "eval_accuracy"),
+    # The same MoD arm with [CLS] free to be skipped, as before `keep_pooled_token`: 3 seeds.
+    "pooled_token": ("classification", CONFIG, BUDGET, ARMS, [("mod_c0.55_all_nopin", s) for s in (0, 1, 2)],
+                     "eval_accuracy"),
     "seeds": ("classification", CONFIG, BUDGET, ARMS,
               [(a, s) for s in (1, 2) for a in ("moe_copy_ec", "moe_split_kmeans", "moe_split_random")],
               "eval_accuracy"),
@@ -164,7 +184,17 @@ def main(argv=None):
     if argv[0] == "before_training":
         from before_training import main as before
         return before()
-    for arm, seed in TABLES[argv[0]][4]:
+    shard, shards = 0, 1
+    if len(argv) > 1:  # "--shard i/n": every n-th run from the i-th, to run n processes side by side
+        if len(argv) != 3 or argv[1] != "--shard":
+            sys.exit(f"usage: run.py TABLE [--shard i/n], got {' '.join(argv)}")
+        try:
+            shard, shards = (int(v) for v in argv[2].split("/"))
+        except ValueError:
+            shards = 0
+        if not 0 <= shard < shards:
+            sys.exit(f"--shard must be i/n with 0 <= i < n (e.g. 0/2 and 1/2), got {argv[2]!r}")
+    for arm, seed in TABLES[argv[0]][4][shard::shards]:
         run_recipe(argv[0], arm, seed)
 
 
