@@ -40,3 +40,23 @@ def test_cpu_peak_bytes_sees_autograd_buffers():
     # once its backward had used it. Counting frees at an op's start would report 2.5 MiB.
     expected = (256 * 1024 + 512 * 1024 + 256 * 512) * 4
     assert expected <= peak < expected + 64 * 1024, (peak / MiB, expected / MiB)
+
+
+def test_probe_routing_reads_a_saved_mod_classifier(tmp_path, capsys):
+    """The RESULTS.md routing probe loads a saved MoD classifier through its remote code and reports
+    [CLS] computed in every routed block (pinned by default), with the router weight norms."""
+    import hf_condcomp
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+    from probe_routing import main as probe
+
+    path = hf_condcomp.assets.minilm_path()
+    model = hf_condcomp.upcycle("all-MiniLM-L6-v2", task="sequence-classification", num_labels=3, variant="mod",
+                                capacity=0.3, layers="all")
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(path).save_pretrained(tmp_path)
+    probe([str(tmp_path), "--num", "8", "--words", "3"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("layer ")]
+    assert len(lines) == 6
+    assert all("[CLS] computed 1.00" in line and "router |w| 0.000" in line for line in lines)

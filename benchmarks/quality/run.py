@@ -4,7 +4,7 @@
     python benchmarks/quality/run.py classification    # Banking77: dense vs copy-MoE, 3 seeds
     python benchmarks/quality/run.py arms              # Banking77 single-seed arms (EC, split, MoD, gate, no aux)
     python benchmarks/quality/run.py tradeoff          # Banking77 gated variants on all layers at several budgets
-    python benchmarks/quality/run.py tradeoff_seeds    # Banking77 seeds 1-2 of MoD at capacity 0.55 and 0.75
+    python benchmarks/quality/run.py tradeoff_seeds    # Banking77 seeds 1-2 of MoD at capacity 0.5, 0.55 and 0.75
     python benchmarks/quality/run.py long              # Banking77 600 steps, whole sets: dense vs MoD, 3 seeds
     python benchmarks/quality/run.py long_router       # the same, MoD with router learning rates 1e-3 and 1e-2
     python benchmarks/quality/run.py pooled_token      # Banking77 MoD c=0.55 without pinning [CLS], 3 seeds
@@ -121,9 +121,10 @@ TABLES = {
                  [(a, 0) for a in ("mod_c0.5_all_rlr", "gate_all_p0.02_rlr", "mod_c0.75_all", "gate_all_p0.005_rlr",
                                    "gate_all_p0.02_rlr_soft", "gate_all_p0.05_rlr", "mod_c0.9_all", "mod_c0.6_all",
                                    "mod_c0.55_all")], "eval_accuracy"),
-    # Seeds 1-2 of the MoD settings closest to the gated target: 0.75 (held on seed 0) and 0.55.
+    # Seeds 1-2 of the MoD settings closest to the gated target: 0.75, 0.55 and 0.5 (each held on seed 0).
     "tradeoff_seeds": ("classification", CONFIG, BUDGET, ARMS,
-                       [(a, s) for s in (1, 2) for a in ("mod_c0.55_all", "mod_c0.75_all")], "eval_accuracy"),
+                       [(a, s) for s in (1, 2) for a in ("mod_c0.55_all", "mod_c0.75_all", "mod_c0.5_all")],
+                       "eval_accuracy"),
     # Does the routed-depth gap close with training? Dense vs MoD on all layers, 600 steps.
     "long": ("classification_long", CONFIG, LONG_BUDGET, ARMS,
              [(a, s) for s in (0, 1, 2) for a in ("mod_c0.55_all", "dense")] + [("mod_c0.75_all", s) for s in (0, 1, 2)],
