@@ -28,6 +28,9 @@ LABELS = {
     "mod_c0.75_all": "MoD, capacity 0.75, all layers",
     "mod_c0.6_all": "MoD, capacity 0.6, all layers",
     "mod_c0.55_all": "MoD, capacity 0.55, all layers",
+    "mod_c0.55_all_nopin": "MoD, capacity 0.55, all layers, [CLS] not pinned",
+    "mod_c0.55_all_rlr1e-3": "MoD, capacity 0.55, all layers, router lr 1e-3",
+    "mod_c0.55_all_rlr1e-2": "MoD, capacity 0.55, all layers, router lr 1e-2",
     "mod_c0.5_all_rlr": "MoD, capacity 0.5, all layers, router lr 1e-2",
     "gate_all_p0.005_rlr": "gate, penalty 0.005, threshold 0.5, all layers, gate lr 1e-2",
     "gate_all_p0.02_rlr": "gate, penalty 0.02, threshold 0.5, all layers, gate lr 1e-2",
@@ -46,7 +49,8 @@ DIALOGUE_LABELS = {
     "moe_lora": "MoE copy, 4 experts top-2, every other layer",
     "mod_c0.5_lora": "MoD, capacity 0.5, every other layer (causal predictor at eval)",
 }
-FOLDERS = {"classification": LABELS, "classification_sst2": LABELS, "translation": TRANSLATION_LABELS,
+FOLDERS = {"classification": LABELS, "classification_long": LABELS, "classification_sst2": LABELS,
+           "translation": TRANSLATION_LABELS,
            "dialogue": DIALOGUE_LABELS}
 
 
@@ -112,6 +116,23 @@ def gap_text(runs):
     if gap is None:
         return "n/a"
     return f"{gap:+.2f} accuracy points on average (MoE minus dense, paired by seed: {'; '.join(per_seed)})"
+
+
+def target_table(runs, arms):
+    """The gated target judged on the mean over seeds: paired gap to dense and executed compute."""
+    lines = ["| arm | seeds | executed compute, mean | accuracy, mean | minus dense, paired by seed (points) | mean gap | <= 60% compute and within 2 points |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        if arm not in runs:
+            continue
+        gap, per_seed = paired_gap(runs, arm)
+        rs = runs[arm]
+        cf = statistics.mean(r["results"]["eval_compute_fraction"] for r in rs)
+        acc = statistics.mean(r["results"]["eval_accuracy"] for r in rs)
+        ok = "n/a" if gap is None else ("yes" if cf <= 0.60 and gap >= -2.0 else "no")
+        lines.append(f"| {LABELS[arm]} | {len(rs)} | {cf:.3f} | {acc:.3f} | {'; '.join(per_seed) or 'n/a'} | "
+                     f"{fmt(gap, 2) if gap is not None else 'n/a'} | {ok} |")
+    return "\n".join(lines) + "\n"
 
 
 def balance_table(runs):
@@ -193,31 +214,39 @@ def commands(all_runs):
     return "\n".join(seen)
 
 
-def tradeoff_plot(runs):
-    """Accuracy against executed compute fraction (eval mode) for the dense and gated arms run."""
-    arms = [a for a in ["dense", *GATED] if a in runs]
-    if not any(a != "dense" for a in arms):
+def tradeoff_plot(runs, long_runs):
+    """Accuracy against executed compute fraction (eval mode) for the dense and gated arms run:
+    120 steps (seed 0) on the left, 600 steps (mean and spread over seeds) on the right."""
+    if not any(a in runs for a in GATED):
         return "_Not run: no gated arm finished._"
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for arm in arms:
-        rs = [r for r in runs[arm] if r["seed"] == 0]
-        xs = [r["results"].get("eval_compute_fraction", 1.0) for r in rs]
-        ys = [r["results"]["eval_accuracy"] for r in rs]
-        ax.scatter(xs, ys, label=arm, marker="*" if arm == "dense" else ("o" if arm.startswith("mod") else "s"))
-    ax.axvline(0.6, color="grey", lw=0.8, ls="--")
-    if "dense" in runs:
-        d0 = [r["results"]["eval_accuracy"] for r in runs["dense"] if r["seed"] == 0]
-        if d0:
-            ax.axhline(d0[0] - 0.02, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("executed compute fraction, whole model (eval)")
-    ax.set_ylabel("Banking77 accuracy (512 test)")
-    ax.set_title("Compute trade-off, seed 0, 120 steps on CPU\n(target: left of dashed, above dotted)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    colors = dict(zip(["dense", *GATED], plt.get_cmap("tab20").colors))
+    panels = [(axes[0], runs, "120 steps, 2,000 questions, 512 test, seed 0", True),
+              (axes[1], long_runs, "600 steps, all 10,003 questions, 3,080 test, mean of seeds", False)]
+    for ax, data, title, seed0 in panels:
+        for arm in [a for a in ["dense", *GATED] if a in data]:
+            rs = [r for r in data[arm] if r["seed"] == 0 or not seed0]
+            if not rs:
+                continue
+            xs = [r["results"].get("eval_compute_fraction", 1.0) for r in rs]
+            ys = [r["results"]["eval_accuracy"] for r in rs]
+            marker = "*" if arm == "dense" else ("o" if arm.startswith("mod") else "s")
+            err = statistics.stdev(ys) if len(ys) > 1 else 0.0
+            ax.errorbar([statistics.mean(xs)], [statistics.mean(ys)], yerr=[err], fmt=marker, capsize=3,
+                        color=colors[arm], label=f"{arm} ({len(ys)} seed{'s' if len(ys) > 1 else ''})")
+        ax.axvline(0.6, color="grey", lw=0.8, ls="--")
+        dense = [r["results"]["eval_accuracy"] for r in data.get("dense", []) if r["seed"] == 0 or not seed0]
+        if dense:
+            ax.axhline(statistics.mean(dense) - 0.02, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("executed compute fraction, whole model (eval)")
+        ax.set_ylabel("Banking77 accuracy")
+        ax.set_title(f"{title}\n(target: left of dashed, above dotted)", fontsize=9)
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     fig.tight_layout()
     fig.savefig(HERE / "compute_tradeoff.png", dpi=90)
     return "![accuracy vs executed compute](benchmarks/quality/compute_tradeoff.png)"
@@ -241,7 +270,10 @@ def main():
         "balance_table": balance_table(runs),
         "ec_range": "not run" if ec_ok is None else f"{ec_ok[0]:.4f} to {ec_ok[1]:.4f}",
         "commands": commands(all_runs),
-        "tradeoff": tradeoff_plot(runs),
+        "tradeoff": tradeoff_plot(runs, all_runs["classification_long"]),
+        "long_table": classification_table(all_runs["classification_long"], ["dense", *GATED]),
+        "long_target": target_table(all_runs["classification_long"], GATED),
+        "short_target": target_table(runs, GATED),
         "tradeoff_table": tradeoff_table(runs),
         "sst2_table": classification_table(all_runs["classification_sst2"]) if all_runs["classification_sst2"] else "_Not run._\n",
         "sst2_gap": gap_text(all_runs["classification_sst2"]),
