@@ -6,6 +6,7 @@
     python benchmarks/quality/run.py tradeoff          # Banking77 gated variants on all layers at several budgets
     python benchmarks/quality/run.py tradeoff_seeds    # Banking77 seeds 1-2 of MoD at capacity 0.5, 0.55 and 0.75
     python benchmarks/quality/run.py long              # Banking77 600 steps, whole sets: dense vs MoD, 3 seeds
+    python benchmarks/quality/run.py long_moe          # the same 600 steps: copy-MoE token choice and expert choice
     python benchmarks/quality/run.py long_router       # the same, MoD with router learning rates 1e-3 and 1e-2
     python benchmarks/quality/run.py pooled_token      # Banking77 MoD c=0.55 without pinning [CLS], 3 seeds
     python benchmarks/quality/run.py seeds             # Banking77 seeds 1-2 of expert choice and split upcycling
@@ -129,6 +130,9 @@ TABLES = {
     "long": ("classification_long", CONFIG, LONG_BUDGET, ARMS,
              [(a, s) for s in (0, 1, 2) for a in ("mod_c0.55_all", "dense")] + [("mod_c0.75_all", s) for s in (0, 1, 2)],
              "eval_accuracy"),
+    # Does the MoE verdict of the 120-step table hold when dense has learned the task? 3 seeds each.
+    "long_moe": ("classification_long", CONFIG, LONG_BUDGET, ARMS,
+                 [(a, s) for s in (0, 1, 2) for a in ("moe_copy_tc", "moe_copy_ec")], "eval_accuracy"),
     # At the model's 2e-4 the MoD routers hardly move in 600 steps (weight norms ~0.1): faster routers.
     "long_router": ("classification_long", CONFIG, LONG_BUDGET, ARMS,
                     [(f"mod_c0.55_all_rlr{lr}", 0) for lr in ("1e-3", "1e-2")], "eval_accuracy"),
