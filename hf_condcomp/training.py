@@ -36,7 +36,7 @@ UPCYCLING_KEYS = (
     "variant", "num_experts", "top_k", "routing", "capacity_factor", "init", "layers", "capacity",
     "compute_penalty", "threshold", "mod_layers", "noise_std", "drop_ratio", "seed", "moe_implementation",
     "router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "gate_init_bias", "gate_straight_through",
-    "keep_pooled_token",
+    "keep_pooled_token", "skipped_tokens_as_keys",
 )
 
 

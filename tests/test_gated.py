@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
 
 import hf_condcomp  # noqa: E402
-from hf_condcomp.modeling.gating import routed_token_count  # noqa: E402
+from hf_condcomp.modeling.gating import routed_token_count, top_capacity  # noqa: E402
 
 VOCAB, HIDDEN, INTER, LAYERS, HEADS = 99, 32, 40, 3, 4
 FAMILIES = ("bert", "gpt2", "llama")
@@ -393,6 +393,62 @@ def test_heads_reading_every_token_pin_none():
     ids, mask = batch("bert")
     with torch.no_grad():
         assert model(ids, attention_mask=mask).layer_compute_fractions[1] == 0.0
+
+
+# --- Encoders: skipped tokens can stay visible as keys ------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["mod", "gate"])
+def test_skipped_tokens_as_keys_give_routed_tokens_the_dense_update(variant):
+    """With `skipped_tokens_as_keys` a routed token attends to every real token, so its update is
+    exactly the full layer's for that token; skipped tokens pass unchanged and their key/value
+    projections are counted in the executed compute."""
+    from hf_condcomp.modeling.common import make_context
+
+    ids, mask = batch("bert", B=3, T=10, seed=4)
+    real = mask.bool()
+    kwargs = dict(variant="mod", capacity=0.5) if variant == "mod" else dict(variant="gate", threshold=0.5, gate_init_bias=0.0)
+    model = hf_condcomp.upcycle(without_dropout(dense_source("bert")), layers=[1], skipped_tokens_as_keys=True, **kwargs)
+    model.eval()
+    randomize_decisions(model, std=0.5, seed=2)
+    layer = layers_of(model)[1]
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_hidden_states=True)
+        x, y = out.hidden_states[1], out.hidden_states[2]
+        full = layer(x, make_context(mask, x.shape[1], 0, causal=False, device=x.device, batch_size=x.shape[0]))
+        if variant == "mod":
+            scale = 2 * torch.sigmoid(layer.mod_router(x))
+            keep = top_capacity(layer.mod_router(x), real, 0.5, pooled_tokens("bert", mask))
+        else:
+            scale = layer.compute_gate(x)
+            keep = ((scale >= 0.5) | pooled_tokens("bert", mask)) & real
+    skipped = real & ~keep
+    assert keep.any() and skipped.any()
+    expected = x + scale.unsqueeze(-1) * (full - x)
+    torch.testing.assert_close(y[keep], expected[keep], atol=1e-5, rtol=1e-5)
+    assert torch.equal(y[skipped], x[skipped])
+    H = HIDDEN
+    share = 2 * H * H / (4 * H * H + 2 * H * INTER)
+    n = real.sum(-1)
+    expected_fraction = (keep.sum() + share * ((n - keep.sum(-1)) * (keep.sum(-1) > 0)).sum()) / real.sum()
+    assert out.layer_compute_fractions[1] == pytest.approx(expected_fraction.item())
+
+    # Hidden skipped tokens (the default, as in Raposo et al.) give the routed tokens other updates.
+    model.config.skipped_tokens_as_keys = False
+    with torch.no_grad():
+        hidden = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[2]
+    assert not torch.allclose(hidden[keep], y[keep], atol=1e-4)
+
+    if variant == "gate":  # straight-through training runs the same network as inference
+        model.config.skipped_tokens_as_keys = True
+        model.train()
+        training = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[2]
+        torch.testing.assert_close(training[real], y[real])
+
+
+def test_skipped_tokens_as_keys_is_refused_for_decoders():
+    with pytest.raises(ValueError, match=r"`skipped_tokens_as_keys`=True is supported for BERT-family encoders only.*leave it False"):
+        hf_condcomp.upcycle(dense_source("gpt2"), variant="mod", skipped_tokens_as_keys=True)
 
 
 # --- Decoders: causal decisions, generate() with and without the cache ----------------------------------

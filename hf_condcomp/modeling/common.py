@@ -52,6 +52,8 @@ class ForwardContext:
     query_index: (T,) index of each query token in the key sequence (past + position).
     pinned: (B, T) bool, tokens every routed or gated layer must compute (the token a pooling
         head reads: `keep_pooled_token`), or None.
+    kv_states: (B, L, H) hidden states the attention takes its keys and values from, when they
+        are not the queries' own (a gated layer with `skipped_tokens_as_keys`), or None.
     """
 
     token_mask: torch.Tensor | None
@@ -63,6 +65,7 @@ class ForwardContext:
     position_embeddings: tuple | None = None
     cache: object | None = None
     pinned: torch.Tensor | None = None
+    kv_states: torch.Tensor | None = None
     router_logits: list = field(default_factory=list)
     extra_losses: list = field(default_factory=list)
     layer_fractions: dict = field(default_factory=dict)

@@ -59,6 +59,10 @@ class CondCompFields:
             it takes one of a routed block's ceil(capacity * n) places, and gates never skip it.
             A router gets no gradient from the tokens it skips, so a [CLS] skipped early in
             fine-tuning tends to stay skipped and the classifier reads a stale representation.
+        skipped_tokens_as_keys: (encoders only) tokens a routed or gated layer skips still serve
+            as its attention keys and values, from their unchanged hidden states; only their
+            query, attention output and FFN are skipped. Raposo et al.'s MoD hides them (False).
+            Their key/value projections count in the executed compute.
     """
 
     num_local_experts: int = 8
@@ -84,6 +88,7 @@ class CondCompFields:
     gate_init_bias: float = 4.0
     gate_straight_through: bool = True
     keep_pooled_token: bool = True
+    skipped_tokens_as_keys: bool = False
 
 
 def _check_layers(name, layers, num_layers):
@@ -132,6 +137,12 @@ def validate_condcomp_config(config) -> None:
         raise ValueError(
             f"layer {overlap[0]} is in both `mod_layers` and `gate_layers`: a block is either routed "
             "(Mixture-of-Depths) or gated, not both."
+        )
+    if config.skipped_tokens_as_keys and config.model_type != "condcomp_bert":
+        raise ValueError(
+            f"`skipped_tokens_as_keys`=True is supported for BERT-family encoders only, got model type "
+            f"{config.model_type!r}: decoders keep skipped tokens out of attention and the KV cache; "
+            "leave it False."
         )
     if not 0 < config.mod_capacity <= 1:
         raise ValueError(

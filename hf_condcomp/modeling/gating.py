@@ -35,6 +35,12 @@ ceil(c * n) places and gates never skip it. A router gets no gradient from a tok
 without the pin a [CLS] dropped early in fine-tuning tends to stay dropped (measured on Banking77:
 RESULTS.md, "Compute trade-off").
 
+Encoders can keep skipped tokens as keys (`skipped_tokens_as_keys`): a routed or gated BERT layer
+then takes keys and values from every real token's unchanged hidden state and skips only the
+skipped tokens' queries, attention outputs and FFN, so a routed token's update is exactly the dense
+layer's for that token. The key/value projections of the skipped tokens count in the executed
+compute (`_kv_share`: 1/6 of a MiniLM layer).
+
 Skipped tokens are never computed: the kept tokens are gathered into (B, C, H), the layer runs on
 them under a sub-context (their original positions as `query_index`, so causal order, padding
 and RoPE stay right), and the results are scattered back. With a KV cache a gated layer keeps its
@@ -251,8 +257,11 @@ def _straight_through_layer(layer, x, ctx, a, keep):
     gets the soft gate's gradient (straight-through: the forward uses a * keep, the backward d/da = 1)."""
     hard = keep.to(a.dtype)
     scale = a * hard + (a - a.detach()) * (1 - hard)  # value: a or 0; gradient: as the soft gate's
-    attn_mask, is_causal = build_attention_mask(keep, ctx.query_index, x.shape[1], ctx.causal)
-    sub = dataclasses.replace(ctx, attn_mask=attn_mask, is_causal=is_causal, kv_valid=keep)
+    if layer.compute_gate.config.skipped_tokens_as_keys:
+        sub = ctx  # skipped tokens stay visible as keys, as at inference
+    else:
+        attn_mask, is_causal = build_attention_mask(keep, ctx.query_index, x.shape[1], ctx.causal)
+        sub = dataclasses.replace(ctx, attn_mask=attn_mask, is_causal=is_causal, kv_valid=keep)
     ctx.layer_fractions[layer.layer_idx] = 1.0  # training computes every token
     out = layer(x, sub)  # (B, T, H)
     return x + scale.unsqueeze(-1).to(x.dtype) * (out - x)
@@ -286,7 +295,12 @@ def _run_subset(layer, x, ctx, keep, scale, config):
 
     counts = keep.sum(-1)  # (B,)
     C = int(counts.max())
-    ctx.layer_fractions[layer.layer_idx] = float(counts.sum()) / max(n_real, 1)
+    executed = float(counts.sum())
+    as_keys = config.skipped_tokens_as_keys and cache is None
+    if as_keys:  # the key/value projections of the skipped tokens of sequences that run at all
+        per_seq = torch.full_like(counts, T) if real is None else real.sum(-1)
+        executed += _kv_share(layer, config) * float(((per_seq - counts) * (counts > 0)).sum())
+    ctx.layer_fractions[layer.layer_idx] = executed / max(n_real, 1)
     if cache is not None:
         _store_kv_valid(cache, layer.layer_idx, past_valid, keep)
     if C == 0:
@@ -301,7 +315,7 @@ def _run_subset(layer, x, ctx, keep, scale, config):
     valid = torch.arange(C, device=x.device) < counts.unsqueeze(-1)  # (B, C)
     gather_index = index.unsqueeze(-1).expand(B, C, H)
     x_sub = x.gather(1, gather_index)  # (B, C, H)
-    sub = _sub_context(ctx, index, valid, keep, past_valid, T)
+    sub = _sub_context(ctx, index, valid, keep, past_valid, T, kv_states=x if as_keys else None)
     out = layer(x_sub, sub)  # (B, C, H)
     s = scale.gather(1, index).unsqueeze(-1).to(x.dtype)  # (B, C, 1)
     y = torch.where(valid.unsqueeze(-1), x_sub + s * (out - x_sub), x_sub)
@@ -313,8 +327,20 @@ def _run_subset(layer, x, ctx, keep, scale, config):
     return x.scatter(1, gather_index, y)  # (B, T, H)
 
 
-def _sub_context(ctx, index, valid, keep, past_valid, num_new):
-    """Context of the C gathered tokens `index` (B, C) of a forward over `num_new` tokens."""
+def _kv_share(layer, config):
+    """Share of a BERT layer's per-token matrix-multiply FLOPs spent on the key and value
+    projections (2 H^2 of 4 H^2 + 2 H I; an MoE FFN counts its top-k experts). Attention scores,
+    norms and biases are left out: what `skipped_tokens_as_keys` adds per skipped token."""
+    H = config.hidden_size
+    inter = config.intermediate_size
+    if getattr(layer, "is_moe", False):
+        inter = config.num_experts_per_tok * (config.moe_expert_intermediate_size or inter)
+    return 2 * H * H / (4 * H * H + 2 * H * inter)
+
+
+def _sub_context(ctx, index, valid, keep, past_valid, num_new, kv_states=None):
+    """Context of the C gathered tokens `index` (B, C) of a forward over `num_new` tokens;
+    `kv_states` (B, T, H): keys and values come from all T tokens (`skipped_tokens_as_keys`)."""
     B, C = index.shape
     token_mask = None if bool(valid.all()) else valid
     pos = ctx.position_embeddings
@@ -322,7 +348,9 @@ def _sub_context(ctx, index, valid, keep, past_valid, num_new):
         pos = tuple(
             t.expand(B, *t.shape[1:]).gather(1, index.unsqueeze(-1).expand(B, C, t.shape[-1])) for t in pos
         )
-    if ctx.cache is None:
+    if kv_states is not None:  # encoders only (validated): every real token is a key
+        kv_valid, query_index, num_keys, cache = ctx.kv_valid, index, num_new, None
+    elif ctx.cache is None:
         # Keys are the gathered tokens themselves; they keep their order, so local indices are causal.
         kv_valid, query_index, num_keys, cache = token_mask, torch.arange(C, device=index.device), C, None
     else:
@@ -343,6 +371,7 @@ def _sub_context(ctx, index, valid, keep, past_valid, num_new):
         kv_valid=kv_valid,
         position_embeddings=pos,
         cache=cache,
+        kv_states=kv_states,
         extra_losses=ctx.extra_losses,
         layer_fractions=ctx.layer_fractions,
     )

@@ -56,8 +56,9 @@ class CondCompBertSelfAttention(nn.Module):
         self.dropout = config.attention_probs_dropout_prob
 
     def forward(self, x, ctx: ForwardContext):
-        B, T, _ = x.shape
-        q, k, v = (proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        src = x if ctx.kv_states is None else ctx.kv_states  # (B, L, H): keys may include skipped tokens
+        q = self.query(x).view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = (proj(src).view(*src.shape[:2], self.num_heads, self.head_dim).transpose(1, 2) for proj in (self.key, self.value))
         return attention(q, k, v, ctx, self.dropout if self.training else 0.0)  # (B, T, H)
 
 
