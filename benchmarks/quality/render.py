@@ -29,6 +29,8 @@ LABELS = {
     "mod_c0.6_all": "MoD, capacity 0.6, all layers",
     "mod_c0.55_all": "MoD, capacity 0.55, all layers",
     "mod_c0.55_all_nopin": "MoD, capacity 0.55, all layers, [CLS] not pinned",
+    "mod_c0.45_all_keys": "MoD, capacity 0.45, all layers, skipped tokens kept as keys",
+    "mod_c0.5_all_keys": "MoD, capacity 0.5, all layers, skipped tokens kept as keys",
     "mod_c0.55_all_rlr1e-3": "MoD, capacity 0.55, all layers, router lr 1e-3",
     "mod_c0.55_all_rlr1e-2": "MoD, capacity 0.55, all layers, router lr 1e-2",
     "mod_c0.5_all_rlr": "MoD, capacity 0.5, all layers, router lr 1e-2",

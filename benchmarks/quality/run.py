@@ -7,6 +7,7 @@
     python benchmarks/quality/run.py tradeoff_seeds    # Banking77 seeds 1-2 of MoD at capacity 0.5, 0.55 and 0.75
     python benchmarks/quality/run.py long              # Banking77 600 steps, whole sets: dense vs MoD, 3 seeds
     python benchmarks/quality/run.py long_moe          # the same 600 steps: copy-MoE token choice and expert choice
+    python benchmarks/quality/run.py long_keys         # the same, MoD with skipped tokens kept as keys
     python benchmarks/quality/run.py long_router       # the same, MoD with router learning rates 1e-3 and 1e-2
     python benchmarks/quality/run.py pooled_token      # Banking77 MoD c=0.55 without pinning [CLS], 3 seeds
     python benchmarks/quality/run.py seeds             # Banking77 seeds 1-2 of expert choice and split upcycling
@@ -62,6 +63,9 @@ ARMS = {
     # Before `keep_pooled_token` (default since 881dcdd) routers could drop [CLS], the token the classifier reads.
     "mod_c0.55_all_nopin": ["upcycling.variant=mod", "upcycling.capacity=0.55", "upcycling.layers=all",
                             "upcycling.keep_pooled_token=false"],
+    # Encoders only: skipped tokens stay visible as keys (their key/value projections are counted).
+    **{f"mod_c{c}_all_keys": ["upcycling.variant=mod", f"upcycling.capacity={c}", "upcycling.layers=all",
+                              "upcycling.skipped_tokens_as_keys=true"] for c in ("0.45", "0.5")},
     "mod_c0.5_all_rlr": ["upcycling.variant=mod", "upcycling.capacity=0.5", "upcycling.layers=all",
                          "router_learning_rate=1e-2"],
     **{f"mod_c0.55_all_rlr{lr}": ["upcycling.variant=mod", "upcycling.capacity=0.55", "upcycling.layers=all",
@@ -133,6 +137,9 @@ TABLES = {
     # Does the MoE verdict of the 120-step table hold when dense has learned the task? 3 seeds each.
     "long_moe": ("classification_long", CONFIG, LONG_BUDGET, ARMS,
                  [(a, s) for s in (0, 1, 2) for a in ("moe_copy_tc", "moe_copy_ec")], "eval_accuracy"),
+    # Is hiding skipped tokens from attention what costs MoD its accuracy? Keys from every token.
+    "long_keys": ("classification_long", CONFIG, LONG_BUDGET, ARMS,
+                  [("mod_c0.45_all_keys", s) for s in (0, 1, 2)] + [("mod_c0.5_all_keys", 0)], "eval_accuracy"),
     # At the model's 2e-4 the MoD routers hardly move in 600 steps (weight norms ~0.1): faster routers.
     "long_router": ("classification_long", CONFIG, LONG_BUDGET, ARMS,
                     [(f"mod_c0.55_all_rlr{lr}", 0) for lr in ("1e-3", "1e-2")], "eval_accuracy"),
