@@ -9,6 +9,7 @@
     python benchmarks/quality/run.py long_moe          # the same 600 steps: copy-MoE token choice and expert choice
     python benchmarks/quality/run.py long_keys         # the same, MoD with skipped tokens kept as keys
     python benchmarks/quality/run.py long_router       # the same, MoD with router learning rates 1e-3 and 1e-2
+    python benchmarks/quality/run.py keys              # Banking77 MoD 0.45 with skipped tokens kept as keys, 3 seeds
     python benchmarks/quality/run.py pooled_token      # Banking77 MoD c=0.55 without pinning [CLS], 3 seeds
     python benchmarks/quality/run.py seeds             # Banking77 seeds 1-2 of expert choice and split upcycling
     python benchmarks/quality/run.py sst2              # SST-2: dense vs copy-MoE, 3 seeds, and expert choice
@@ -146,6 +147,8 @@ TABLES = {
     # The same MoD arm with [CLS] free to be skipped, as before `keep_pooled_token`: 3 seeds.
     "pooled_token": ("classification", CONFIG, BUDGET, ARMS, [("mod_c0.55_all_nopin", s) for s in (0, 1, 2)],
                      "eval_accuracy"),
+    # MoD with skipped tokens kept as keys (encoders) at the 120-step budget, 3 seeds.
+    "keys": ("classification", CONFIG, BUDGET, ARMS, [("mod_c0.45_all_keys", s) for s in (0, 1, 2)], "eval_accuracy"),
     "seeds": ("classification", CONFIG, BUDGET, ARMS,
               [(a, s) for s in (1, 2) for a in ("moe_copy_ec", "moe_split_kmeans", "moe_split_random")],
               "eval_accuracy"),
