@@ -113,11 +113,11 @@ def paired_gap(runs, arm="moe_copy_tc", ref="dense"):
     return statistics.mean(gaps), [f"seed {s}: {g:+.2f}" for s, g in zip(seeds, gaps)]
 
 
-def gap_text(runs):
-    gap, per_seed = paired_gap(runs)
+def gap_text(runs, arm="moe_copy_tc"):
+    gap, per_seed = paired_gap(runs, arm)
     if gap is None:
         return "n/a"
-    return f"{gap:+.2f} accuracy points on average (MoE minus dense, paired by seed: {'; '.join(per_seed)})"
+    return f"{gap:+.2f} accuracy points on average ({arm} minus dense, paired by seed: {'; '.join(per_seed)})"
 
 
 def target_table(runs, arms):
@@ -273,7 +273,9 @@ def main():
         "ec_range": "not run" if ec_ok is None else f"{ec_ok[0]:.4f} to {ec_ok[1]:.4f}",
         "commands": commands(all_runs),
         "tradeoff": tradeoff_plot(runs, all_runs["classification_long"]),
-        "long_table": classification_table(all_runs["classification_long"], ["dense", *GATED]),
+        "long_table": classification_table(all_runs["classification_long"], list(LABELS)),
+        "long_gap": gap_text(all_runs["classification_long"]),
+        "long_ec_gap": gap_text(all_runs["classification_long"], "moe_copy_ec"),
         "long_target": target_table(all_runs["classification_long"], GATED),
         "short_target": target_table(runs, GATED),
         "tradeoff_table": tradeoff_table(runs),
