@@ -33,10 +33,28 @@ def add_upcycle_arguments(p: argparse.ArgumentParser):
     p.add_argument("--drop-ratio", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--moe-implementation", default="grouped", help="grouped (default), eager or megablocks")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                   help="any other config field, repeatable: --set skipped_tokens_as_keys=true --set gate_init_bias=2")
+
+
+def parse_overrides(items) -> dict:
+    """`FIELD=VALUE` strings from `--set`, values read as YAML (true, 2, 0.5, [1, 3], text)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"`--set` takes FIELD=VALUE, got {item!r}: e.g. --set skipped_tokens_as_keys=true.")
+        try:
+            out[name.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[name.strip()] = value
+    return out
 
 
 def upcycle_kwargs(args) -> dict:
-    return dict(
+    kwargs = dict(
         variant=args.variant,
         num_experts=args.num_experts,
         top_k=args.top_k,
@@ -54,6 +72,11 @@ def upcycle_kwargs(args) -> dict:
         seed=args.seed,
         moe_implementation=args.moe_implementation,
     )
+    for name, value in parse_overrides(args.overrides).items():
+        if name in kwargs:
+            raise ValueError(f"`--set {name}={value}`: `{name}` has its own flag, use --{name.replace('_', '-')}.")
+        kwargs[name] = value
+    return kwargs
 
 
 def save_atomically(output_dir: Path, write, overwrite: bool = False):

@@ -267,6 +267,18 @@ def test_cli_upcycle_writes_a_loadable_folder(tmp_path):
     assert (out / "model.safetensors").exists() and (out / "modeling_condcomp_gpt2.py").exists()
 
 
+def test_cli_upcycle_sets_other_config_fields(tmp_path):
+    src = tmp_path / "dense"
+    tiny_source("bert").save_pretrained(src)
+    out = tmp_path / "mod"
+    argv = ["upcycle", str(src), str(out), "--variant", "mod", "--layers", "all", "--set", "skipped_tokens_as_keys=true",
+            "--set", "keep_pooled_token=false", "--set", "router_z_loss_coef=0.01"]
+    assert cli_main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["skipped_tokens_as_keys"] is True and config["keep_pooled_token"] is False
+    assert config["router_z_loss_coef"] == 0.01
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -275,6 +287,9 @@ def test_cli_upcycle_writes_a_loadable_folder(tmp_path):
         (["--init", "zeros"], "`init`"),
         (["--layers", "0,7"], "`layers`"),
         (["--capacity-factor", "0"], "`capacity_factor`"),
+        (["--set", "keep_pooled_tokn=false"], "`keep_pooled_tokn`=False is not"),
+        (["--set", "no-equals-sign"], "`--set` takes FIELD=VALUE"),
+        (["--set", "top_k=1"], "`top_k` has its own flag, use --top-k"),
     ],
 )
 def test_failed_cli_upcycle_leaves_nothing_in_output_dir(tmp_path, args, message):
