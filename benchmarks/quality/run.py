@@ -15,6 +15,7 @@
     python benchmarks/quality/run.py sst2              # SST-2: dense vs copy-MoE, 3 seeds, and expert choice
     python benchmarks/quality/run.py translation       # Multi30k en-de, SmolLM2: dense vs MoE (LoRA), dense full
     python benchmarks/quality/run.py dialogue          # chitchat, SmolLM2: dense vs MoE vs MoD perplexity
+    python benchmarks/quality/run.py dialogue_seeds    # chitchat seeds 1-2 of dense and MoE
     python benchmarks/quality/render.py                # RESULTS.md from the JSONs
 
 `--shard 0/2` and `--shard 1/2` after a table name split its runs between two processes (one per core).
@@ -158,6 +159,9 @@ TABLES = {
                     [(a, 0) for a in TRANSLATION_ARMS], "eval_bleu"),
     "dialogue": ("dialogue", DIALOGUE_CONFIG, DIALOGUE_BUDGET, DIALOGUE_ARMS,
                  [(a, 0) for a in DIALOGUE_ARMS], "perplexity"),
+    # Seeds 1-2 of dense and MoE (the seed picks the training subset, its order and LoRA's init).
+    "dialogue_seeds": ("dialogue", DIALOGUE_CONFIG, DIALOGUE_BUDGET, DIALOGUE_ARMS,
+                       [(a, s) for s in (1, 2) for a in ("dense_lora", "moe_lora")], "perplexity"),
 }
 
 
