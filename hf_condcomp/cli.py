@@ -38,18 +38,15 @@ def add_upcycle_arguments(p: argparse.ArgumentParser):
 
 
 def parse_overrides(items) -> dict:
-    """`FIELD=VALUE` strings from `--set`, values read as YAML (true, 2, 0.5, [1, 3], text)."""
-    import yaml
+    """`FIELD=VALUE` strings from `--set`, values read as the recipes read `key=value` overrides."""
+    from .training import yaml_value
 
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise ValueError(f"`--set` takes FIELD=VALUE, got {item!r}: e.g. --set skipped_tokens_as_keys=true.")
-        try:
-            out[name.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[name.strip()] = value
+        out[name.strip()] = yaml_value(value)
     return out
 
 

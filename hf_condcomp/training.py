@@ -86,7 +86,8 @@ def add_common_arguments(parser: argparse.ArgumentParser):
     a("--trust_remote_code", action="store_true")
 
 
-def _yaml_value(text):
+def yaml_value(text):
+    """A command-line value read as YAML (true, 2, 0.5, [1, 3]); text that is no YAML stays text."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -117,7 +118,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None):
         if re.fullmatch(r"[A-Za-z_][\w.]*=.*", token) and not token.startswith("-"):
             key, value = token.split("=", 1)
             if key.startswith("upcycling."):
-                upcycling[key.split(".", 1)[1]] = _yaml_value(value)
+                upcycling[key.split(".", 1)[1]] = yaml_value(value)
                 continue
             if key not in dests:
                 raise RecipeError(f"override `{token}`: `{key}` is not a flag of this recipe (see `--help`).")
@@ -140,7 +141,7 @@ def _cast(parser, key, value):
     for action in parser._actions:
         if action.dest == key:
             if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-                return bool(_yaml_value(value))
+                return bool(yaml_value(value))
             return action.type(value) if action.type else value
     return value
 
