@@ -27,7 +27,6 @@ def main(argv=None):
     parser.add_argument("--max_length", type=int, default=32)
     parser.add_argument("--words", type=int, default=12, help="most common words to report")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, trust_remote_code=True).eval()
     routers = [getattr(layer, "mod_router", None) for layer in model.base_model.encoder.layer]
     if not any(routers):

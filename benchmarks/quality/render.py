@@ -120,6 +120,11 @@ def gap_text(runs, arm="moe_copy_tc"):
     return f"{gap:+.2f} accuracy points on average ({arm} minus dense, paired by seed: {'; '.join(per_seed)})"
 
 
+def meets_gated_target(compute_fraction, gap_points):
+    """Issue 7's gated target: at most 60% executed compute, at most 2 accuracy points below dense."""
+    return compute_fraction <= 0.60 and gap_points >= -2.0
+
+
 def target_table(runs, arms):
     """The gated target judged on the mean over seeds: paired gap to dense and executed compute."""
     lines = ["| arm | seeds | executed compute, mean | accuracy, mean | minus dense, paired by seed (points) | mean gap | <= 60% compute and within 2 points |",
@@ -131,7 +136,7 @@ def target_table(runs, arms):
         rs = runs[arm]
         cf = statistics.mean(r["results"]["eval_compute_fraction"] for r in rs)
         acc = statistics.mean(r["results"]["eval_accuracy"] for r in rs)
-        ok = "n/a" if gap is None else ("yes" if cf <= 0.60 and gap >= -2.0 else "no")
+        ok = "n/a" if gap is None else ("yes" if meets_gated_target(cf, gap) else "no")
         lines.append(f"| {LABELS[arm]} | {len(rs)} | {cf:.3f} | {acc:.3f} | {'; '.join(per_seed) or 'n/a'} | "
                      f"{fmt(gap, 2) if gap is not None else 'n/a'} | {ok} |")
     return "\n".join(lines) + "\n"
@@ -166,7 +171,7 @@ def tradeoff_table(runs):
             layers = res.get("routing", {}).get("gated_layers", {})
             per_layer = ", ".join(f"{float(v['compute_fraction']):.2f}" for _, v in sorted(layers.items(), key=lambda kv: int(kv[0]))) or "-"
             gap = 100 * (res["eval_accuracy"] - dense[r["seed"]]) if r["seed"] in dense else None
-            ok = "-" if arm == "dense" or gap is None else ("yes" if cf <= 0.60 and gap >= -2.0 else "no")
+            ok = "-" if arm == "dense" or gap is None else ("yes" if meets_gated_target(cf, gap) else "no")
             lines.append(f"| {LABELS[arm]} | {r['seed']} | {cf:.3f} | {per_layer} | {res['eval_accuracy']:.3f} | "
                          f"{'-' if arm == 'dense' or gap is None else f'{gap:+.1f}'} | {ok} |")
     return "\n".join(lines) + "\n"

@@ -128,7 +128,7 @@ TABLES = {
                  [(a, 0) for a in ("mod_c0.5_all_rlr", "gate_all_p0.02_rlr", "mod_c0.75_all", "gate_all_p0.005_rlr",
                                    "gate_all_p0.02_rlr_soft", "gate_all_p0.05_rlr", "mod_c0.9_all", "mod_c0.6_all",
                                    "mod_c0.55_all")], "eval_accuracy"),
-    # Seeds 1-2 of the MoD settings closest to the gated target: 0.75, 0.55 and 0.5 (each held on seed 0).
+    # Seeds 1-2 of the MoD settings closest to the gated target on seed 0: capacity 0.75, 0.55 and 0.5.
     "tradeoff_seeds": ("classification", CONFIG, BUDGET, ARMS,
                        [(a, s) for s in (1, 2) for a in ("mod_c0.55_all", "mod_c0.75_all", "mod_c0.5_all")],
                        "eval_accuracy"),
