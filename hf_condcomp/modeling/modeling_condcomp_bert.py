@@ -193,7 +193,8 @@ class CondCompBertModel(CondCompBertPreTrainedModel):
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, H)
         B, T = x.shape[:2]
         ctx = make_context(attention_mask, T, 0, causal=False, device=x.device, batch_size=B)
-        if self.pooler is not None and self.config.keep_pooled_token:
+        gated = self.config.mod_layers or self.config.gate_layers
+        if gated and self.pooler is not None and self.config.keep_pooled_token:
             ctx.pinned = torch.zeros(B, T, dtype=torch.bool, device=x.device)
             ctx.pinned[:, 0] = True  # the pooler reads [CLS]
         x, all_hidden = run_layers(self.encoder.layer, x, ctx, output_hidden_states)
