@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .compat import CACHE_KEY, cache_field, output_cache
 from .experts import Experts
 from .routing import load_balancing_loss, router_z_loss
 
@@ -29,7 +30,12 @@ class CondCompOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
-    past_key_values: object | None = None
+    # The KV cache, under the name the installed transformers gives it (compat.py): a dataclass
+    # field must carry that exact name for `generate()` and `output["..."]` to find it.
+    if CACHE_KEY == "cache":
+        cache: object | None = None
+    else:
+        past_key_values: object | None = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
     router_logits: tuple | None = None
@@ -214,7 +220,7 @@ def head_output(base, loss, logits, return_dict):
     out = CondCompOutput(
         loss=loss,
         logits=logits,
-        past_key_values=base.past_key_values,
+        **cache_field(output_cache(base)),
         hidden_states=base.hidden_states,
         router_logits=base.router_logits,
         aux_loss=base.aux_loss,

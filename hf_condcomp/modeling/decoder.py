@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from .common import base_output, head_output, make_context, positions_from_mask
+from .compat import cache_argument, cache_field
 from .gating import run_layers
 
 
@@ -23,8 +24,10 @@ class CondCompDecoderMixin:
         output_hidden_states=None,
         output_router_logits=None,
         return_dict=None,
+        cache=None,
         **kwargs,
     ):
+        past_key_values = cache_argument(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
@@ -51,8 +54,8 @@ class CondCompDecoderMixin:
             x,
             self.training or output_router_logits,
             output_router_logits,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden,
+            **cache_field(past_key_values if use_cache else None),
         )
 
     def position_embeddings(self, x, position_ids):
@@ -82,13 +85,14 @@ class CondCompCausalLMMixin:
         output_hidden_states=None,
         output_router_logits=None,
         return_dict=None,
+        cache=None,
         **kwargs,
     ):
         base = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=cache_argument(past_key_values, cache),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,

@@ -9,7 +9,8 @@ Every implementation computes the same thing: rows of `x` (S, H) come sorted by 
 padded to a capacity and no row is computed twice.
 
 - `eager`: a Python loop over experts; the reference the others are tested against.
-- `grouped`: one `torch.nn.functional.grouped_mm` per projection (CPU and CUDA), the default.
+- `grouped`: one `torch.nn.functional.grouped_mm` per projection (CPU and CUDA), the default;
+  the loop where this torch has no working `grouped_mm` (compat.py).
 - `megablocks`: MegaBlocks' grouped GEMM (CUDA only; `pip install megablocks`, see README).
 """
 
@@ -17,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
+
+from .compat import grouped_mm_available
 
 try:  # optional GPU kernels; the modeling code must load without them
     from megablocks import grouped_gemm_util as _megablocks_gg
@@ -133,11 +136,12 @@ def _grouped_mm_aligned(experts: Experts, x: torch.Tensor) -> bool:
 def grouped_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Two grouped matrix multiplies over all experts at once (no per-expert Python loop).
 
-    Widths that break `grouped_mm`'s 16-byte alignment (toy sizes such as 5) use the reference loop.
+    Widths that break `grouped_mm`'s 16-byte alignment (toy sizes such as 5), and torch builds
+    without a working `grouped_mm` for this device and dtype (compat.py), use the reference loop.
     """
     if x.shape[0] == 0:
         return x.new_zeros(0, experts.hidden_size)
-    if not _grouped_mm_aligned(experts, x):
+    if not _grouped_mm_aligned(experts, x) or not grouped_mm_available(x.device, x.dtype):
         return eager_experts_forward(experts, x, counts)
     offsets = counts.cumsum(0).to(torch.int32)  # (E,)
     h = _GroupedLinear.apply(x, experts.up_weight, experts.up_bias, offsets, counts)  # (S, I or 2I)

@@ -1,0 +1,209 @@
+"""Compatibility matrix: saved models of every family and variant, loaded on several transformers releases.
+
+A model saved by this package carries its code, which then runs on whatever transformers the
+person who downloads it has. This script saves one tiny model per family (BERT, GPT-2, Llama) and
+variant (MoE token choice, MoE expert choice, Mixture-of-Depths, compute gates, MoE + MoD) with
+the outputs it gives here, builds one virtual environment per transformers release with only
+that release (torch is shared with the running interpreter through a path file, hf_condcomp is
+not installed), and runs `compat_check.py` there: logits and the training loss within 1e-4,
+identical greedy tokens with and without the KV cache, and a cache accepted as `cache=` and as
+`past_key_values=`. It prints a table of versions x models and exits 1 if any cell failed.
+
+    python benchmarks/compat.py                         # the oldest supported release and 5.24.0
+    python benchmarks/compat.py --versions 5.17.0 5.20.0 5.24.0 latest
+    python benchmarks/compat.py --out benchmarks/results/compat.json
+
+`latest` is the newest release on the package index today (`pip index versions transformers`).
+Environments are kept in `--venvs` (default `.compat/`) and reused by later runs.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import machine_info  # noqa: E402
+
+from hf_condcomp.modeling.compat import TESTED_TRANSFORMERS  # noqa: E402
+
+# The oldest supported release and the newest tested (5.24.0 renamed the cache in every output).
+OLDEST_SUPPORTED = TESTED_TRANSFORMERS[0]
+DEFAULT_VERSIONS = TESTED_TRANSFORMERS
+VARIANTS = {
+    "moe_tc": dict(variant="moe", num_experts=4, top_k=2, init="noise", noise_std=0.3, layers="all"),
+    "moe_ec": dict(variant="moe", num_experts=4, top_k=2, routing="expert_choice", init="noise", noise_std=0.3,
+                   layers="all"),
+    "mod": dict(variant="mod", capacity=0.5, layers="all"),
+    "gate": dict(variant="gate", layers="all", threshold=0.5),
+    "moe_mod": dict(variant="moe", num_experts=4, top_k=2, init="noise", noise_std=0.3, layers="every_other",
+                    mod_layers="every_other", capacity=0.5),
+}
+FAMILIES = ("bert", "gpt2", "llama")
+VOCAB = 99
+
+
+def tiny_dense(family: str, seed: int = 0):
+    """A small random dense transformers model, dropout off so that the training forward repeats."""
+    from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
+
+    torch.manual_seed(seed)
+    if family == "bert":
+        config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=40, num_labels=3, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+        return BertForSequenceClassification(config)
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_inner=40, bos_token_id=0,
+                            eos_token_id=0, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2LMHeadModel(config)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=40, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(config)
+
+
+def randomize_decisions(model, std: float = 0.5, seed: int = 0):
+    """Routed-block routers, predictors and gates start neutral (all tokens alike, gates open);
+    random weights make their decisions mixed, so the matrix checks real skipping."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("mod_router", "mod_predictor", "compute_gate")):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def save_cases(models_dir: Path) -> list[str]:
+    """Save every family x variant with the reference outputs it gives in this interpreter."""
+    import hf_condcomp
+
+    names = []
+    for family in FAMILIES:
+        for variant, kwargs in VARIANTS.items():
+            model = hf_condcomp.upcycle(tiny_dense(family), **kwargs)
+            randomize_decisions(model)
+            model.eval()
+            g = torch.Generator().manual_seed(1)
+            ids = torch.randint(1, VOCAB, (2, 7), generator=g)
+            mask = torch.ones_like(ids)
+            if family == "bert":
+                mask[1, 5:] = 0  # right padding
+                labels = torch.tensor([0, 2])
+            else:
+                mask[1, :2] = 0  # left padding, as generation batches are
+                labels = ids.masked_fill(mask == 0, -100)
+            ref = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                   "auto": "AutoModelForSequenceClassification" if family == "bert" else "AutoModelForCausalLM"}
+            with torch.no_grad():
+                ref["logits"] = model(input_ids=ids, attention_mask=mask).logits
+            model.train()
+            ref["train_loss"] = float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+            model.eval()
+            if family != "bert":
+                ref["prompt"], ref["prompt_mask"] = ids[:, :5], mask[:, :5]
+                ref["greedy"] = model.generate(ids[:, :5], attention_mask=mask[:, :5], max_new_tokens=6,
+                                               do_sample=False, pad_token_id=0)
+            name = f"{family}_{variant}"
+            model.save_pretrained(models_dir / name)
+            torch.save(ref, models_dir / name / "reference.pt")
+            names.append(name)
+    return names
+
+
+def latest_release() -> str:
+    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "transformers"], capture_output=True,
+                         text=True, check=True).stdout
+    return re.search(r"transformers \(([^)]+)\)", out).group(1)
+
+
+def ensure_venv(venvs: Path, version: str) -> Path:
+    """A venv whose only own package is transformers==version (and what it needs that the running
+    interpreter lacks); torch and the rest come from this interpreter's site-packages via a .pth
+    path line, which adds the folder without running its .pth files, so the editable
+    hf_condcomp install there stays invisible."""
+    venv = venvs / f"transformers-{version}"
+    python = venv / "bin" / "python"
+    marker = venv / ".ready"
+    if marker.exists():
+        return python
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    torch_site = Path(torch.__file__).resolve().parents[1]
+    (Path(site) / "_compat_base.pth").write_text(f"{torch_site}\n")
+    # pip sees the shared packages; one it must replace is installed here, shadowing the shared one.
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                    f"transformers=={version}"], check=True)
+    marker.touch()
+    return python
+
+
+def check_in_venv(python: Path, models_dir: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=tempfile.mkdtemp(prefix="compat_hf_home_"), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([str(python), "-I", str(HERE / "compat_check.py"), str(models_dir)], capture_output=True,
+                          text=True, env=env, cwd=tempfile.gettempdir())
+    if proc.returncode != 0:
+        raise RuntimeError(f"compat_check.py failed under {python}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict, names: list[str]) -> str:
+    versions = list(results)
+    width = max(len(n) for n in names)
+    lines = [" " * width + " | " + " | ".join(f"{v:>8}" for v in versions)]
+    lines.append("-" * len(lines[0]))
+    for name in names:
+        cells = []
+        for v in versions:
+            case = results[v]["cases"].get(name, {"ok": False})
+            cells.append(f"{'ok' if case['ok'] else 'FAIL':>8}")
+        lines.append(f"{name:<{width}} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--versions", nargs="+", default=list(DEFAULT_VERSIONS),
+                   help=f"transformers releases to test, 'latest' for the newest on the index (default: {DEFAULT_VERSIONS})")
+    p.add_argument("--venvs", type=Path, default=HERE.parent / ".compat", help="where the environments are kept")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+
+    versions = list(dict.fromkeys(latest_release() if v == "latest" else v for v in args.versions))
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="compat_models_") as tmp:
+        models_dir = Path(tmp)
+        names = save_cases(models_dir)
+        results = {}
+        for version in versions:
+            results[version] = check_in_venv(ensure_venv(args.venvs, version), models_dir)
+            got = results[version]["transformers"]
+            if got != version:
+                raise RuntimeError(f"the venv for transformers {version} imported transformers {got}")
+    import transformers
+
+    report = {"saved_with": {"transformers": transformers.__version__, "torch": torch.__version__},
+              "machine": machine_info(), "seconds": round(time.time() - started, 1), "results": results}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    failures = [(v, n, c.get("error", c)) for v, r in results.items() for n, c in r["cases"].items() if not c["ok"]]
+    for version, name, detail in failures:
+        print(f"FAIL transformers {version} {name}: {detail}")
+    print(f"saved with transformers {transformers.__version__}, torch {torch.__version__}; "
+          f"checked in {report['seconds']} s")
+    print(table(results, names))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
