@@ -122,6 +122,12 @@ def cmd_upcycle(args):
     print(json.dumps({"output_dir": str(args.output_dir), "architecture": type(model).__name__, "upcycling": model.config.upcycling}, indent=2))
 
 
+def cmd_export(args):
+    from .export import export_native
+
+    print(json.dumps(export_native(args.model_dir, args.output_dir, args.format, args.overwrite), indent=2))
+
+
 def cmd_demo(args):
     """The main job on the embedded default: upcycle the real all-MiniLM-L6-v2 into an MoE, check
     it reproduces its dense parent, save it, reload it through the Auto classes, show routing."""
@@ -174,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     add_upcycle_arguments(p)
     p.set_defaults(func=cmd_upcycle)
+    from .export import FORMATS
+
+    p = sub.add_parser("export", help="write an upcycled Llama-family MoE in a native transformers MoE architecture")
+    p.add_argument("model_dir", help="a folder saved by hf-condcomp upcycle or a recipe")
+    p.add_argument("output_dir")
+    p.add_argument("--format", default="auto", choices=FORMATS,
+                   help="auto: mixtral when every layer is MoE, else qwen2_moe (dense layers as mlp_only_layers)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("demo", help="upcycle the embedded all-MiniLM-L6-v2 and check it against its parent")
     p.add_argument("--output-dir", default="outputs/all-MiniLM-L6-v2-moe")
     p.add_argument("--num-experts", type=int, default=8)

@@ -1,0 +1,219 @@
+"""Export an upcycled Llama-family model to a native transformers MoE architecture.
+
+Serving engines (vLLM, SGLang, TGI, llama.cpp's converters) load native architectures, not remote
+code. Where one expresses an upcycled model exactly, this writes the model in it, so that it loads
+with no `trust_remote_code` and gives the same logits:
+
+- `mixtral`: MoE in every layer (`MixtralForCausalLM`); attention without biases, top-k weights
+  renormalised (Mixtral always renormalises).
+- `qwen2_moe`: dense and MoE layers mixed, our default of every other layer: the dense layers go
+  to `mlp_only_layers`, q/k/v biases follow the source (`qkv_bias`), the shared expert has width
+  0 and contributes nothing, `norm_topk_prob` as ours.
+- `qwen3_moe`: needs a Qwen3 source (per-head query/key norms), which `upcycle` does not take yet.
+
+What no native architecture expresses is refused before anything is read or written, with the
+feature named: expert-choice routing, capacity drops, Mixture-of-Depths and gated layers, MLP
+biases, unit expert weights (split upcycling with top-k > 1), the GPT-2 and BERT families.
+Token-level differences that vanish at inference (Mixtral's router jitter scales the experts'
+input as well as the router's) are noted in the README, not refused.
+
+Key map (ours -> native), per layer i: `mlp.router.weight` -> `mlp.gate.weight`;
+`mlp.experts.{gate_up_proj,down_proj}` keep their names and (E, 2I, H) / (E, H, I) layout; dense
+layers' `mlp.{gate,up,down}_proj.weight` and everything outside the MLPs keep theirs.
+"""
+
+from pathlib import Path
+
+import torch
+
+FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
+SOURCES = ("llama", "mistral", "qwen2")  # source model types of the Llama family
+
+
+class ExportError(ValueError):
+    """The model cannot be written in the requested native architecture (nothing was written)."""
+
+
+def _refuse(feature, fix):
+    return ExportError(f"cannot export natively: {feature}. {fix}")
+
+
+def _qkv_bias(config) -> bool:
+    return bool(config.attention_bias if config.qkv_bias is None else config.qkv_bias)
+
+
+def choose_format(config, requested: str = "auto") -> str:
+    """The native architecture that expresses `config` exactly, or an `ExportError` naming what blocks it."""
+    if requested not in FORMATS:
+        raise ExportError(f"`--format` must be one of {FORMATS}, got {requested!r}.")
+    model_type = getattr(config, "model_type", None)
+    if model_type != "condcomp_llama":
+        raise _refuse(
+            f"the model type is {model_type!r}; native MoE architectures exist for Llama-family decoders only "
+            f"(sources {SOURCES}), not for GPT-2 (Conv1D attention, learned positions) or BERT encoders",
+            "Share it with its remote code instead (`save_pretrained`, loaded with trust_remote_code=True).",
+        )
+    source = (config.upcycling or {}).get("source_model_type", "llama")
+    if requested == "qwen3_moe" or source == "qwen3":
+        raise _refuse(
+            "`qwen3_moe` needs a Qwen3 source, whose attention normalises queries and keys per head; "
+            f"this model was upcycled from {source!r}, and hf_condcomp does not upcycle Qwen3 yet",
+            "Use --format auto (mixtral or qwen2_moe).",
+        )
+    blockers = [
+        (config.moe_routing != "token_choice",
+         f"`moe_routing`={config.moe_routing!r}: native MoE models route by token choice"),
+        (config.moe_capacity_factor is not None,
+         f"`moe_capacity_factor`={config.moe_capacity_factor!r}: native MoE models are dropless"),
+        (bool(config.mod_layers), f"`mod_layers`={config.mod_layers}: Mixture-of-Depths routed blocks"),
+        (bool(config.gate_layers), f"`gate_layers`={config.gate_layers}: compute-allocation gates"),
+        (bool(config.mlp_bias), "`mlp_bias`=True: native experts have no biases"),
+        (config.router_unit_weights and config.num_experts_per_tok > 1,
+         "`router_unit_weights`=True with top-k > 1 (split upcycling): native models weight experts by "
+         "router probabilities"),
+    ]
+    for blocked, feature in blockers:
+        if blocked:
+            raise _refuse(feature, "Keep this model as remote code (trust_remote_code=True).")
+    if not config.moe_layers:
+        raise _refuse("the model has no MoE layer", "Export applies to upcycled MoE models; a dense model is its source.")
+    mixtral_blocker, qwen2_blocker = _mixtral_blocker(config), _qwen2_moe_blocker(config)
+    if requested == "auto":
+        requested = "mixtral" if mixtral_blocker is None else "qwen2_moe"
+    blocker = mixtral_blocker if requested == "mixtral" else qwen2_blocker
+    if blocker:
+        other = "qwen2_moe" if requested == "mixtral" and qwen2_blocker is None else None
+        raise _refuse(f"`{requested}` cannot express {blocker}",
+                      f"Use --format {other}." if other else "Keep this model as remote code (trust_remote_code=True).")
+    return requested
+
+
+def _dense_layers(config) -> list[int]:
+    return sorted(set(range(config.num_hidden_layers)) - set(config.moe_layers))
+
+
+def _mixtral_blocker(config) -> str | None:
+    if config.attention_bias or _qkv_bias(config):
+        return "attention biases (Mixtral's attention has none)"
+    if _dense_layers(config):
+        return f"dense layers {_dense_layers(config)} (Mixtral is MoE in every layer)"
+    if not (config.norm_topk_prob or config.num_experts_per_tok == 1):
+        return "`norm_topk_prob`=False (Mixtral renormalises the top-k weights)"
+    return None
+
+
+def _qwen2_moe_blocker(config) -> str | None:
+    if config.attention_bias:
+        return "`attention_bias`=True on the output projection (Qwen2-MoE's has none)"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        return f"`head_dim`={head_dim} apart from hidden_size / num_attention_heads (Qwen2-MoE derives it)"
+    return None
+
+
+def _common_fields(config) -> dict:
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+        hidden_act=config.hidden_act, max_position_embeddings=config.max_position_embeddings,
+        initializer_range=config.initializer_range, rms_norm_eps=config.rms_norm_eps, use_cache=config.use_cache,
+        pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        tie_word_embeddings=config.tie_word_embeddings, attention_dropout=config.attention_dropout,
+        rope_parameters=config.rope_parameters, num_experts_per_tok=config.num_experts_per_tok,
+        router_aux_loss_coef=config.router_aux_loss_coef, output_router_logits=False,
+    )
+
+
+def native_config(config, fmt: str):
+    """The native config of format `fmt` (from `choose_format`) for our `config`."""
+    from transformers import MixtralConfig, Qwen2MoeConfig
+
+    expert_size = config.moe_expert_intermediate_size or config.intermediate_size
+    fields = _common_fields(config)
+    if fmt == "mixtral":
+        native = MixtralConfig(**fields, head_dim=getattr(config, "head_dim", None), intermediate_size=expert_size,
+                               num_local_experts=config.num_local_experts, sliding_window=None,
+                               router_jitter_noise=config.router_jitter_noise)
+    else:
+        native = Qwen2MoeConfig(**fields, intermediate_size=config.intermediate_size, moe_intermediate_size=expert_size,
+                                num_experts=config.num_local_experts, shared_expert_intermediate_size=0,
+                                decoder_sparse_step=1, mlp_only_layers=_dense_layers(config),
+                                norm_topk_prob=config.norm_topk_prob, qkv_bias=_qkv_bias(config),
+                                use_sliding_window=False)
+    return native
+
+
+def native_state_dict(state: dict, config, native_model) -> dict:
+    """Our state dict under the native model's keys; asserts that every key is matched once, with its shape."""
+    out = {}
+    for key, value in state.items():
+        out[key.replace(".mlp.router.weight", ".mlp.gate.weight")] = value
+    expected = native_model.state_dict()
+    for key, param in expected.items():
+        if key not in out and ".shared_expert" in key:
+            # Qwen2-MoE's shared expert, width 0 (its gate is zero as well): it adds nothing.
+            out[key] = torch.zeros_like(param)
+    missing = sorted(set(expected) - set(out))
+    unexpected = sorted(set(out) - set(expected))
+    if missing or unexpected:
+        raise AssertionError(f"native key map is incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, param in expected.items():
+        if tuple(out[key].shape) != tuple(param.shape):
+            raise AssertionError(f"{key}: shape {tuple(out[key].shape)} does not fit the native {tuple(param.shape)}")
+    return out
+
+
+def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool = False, verify: bool = True) -> dict:
+    """Write the upcycled model in `model_dir` to `output_dir` in a native architecture (see module docstring).
+
+    The tokenizer and generation config come along. With `verify`, the native model's logits are
+    compared with ours on a random batch before anything is written (<= 1e-4 in float32).
+    Returns {"format": ..., "architecture": ..., "max_abs_diff": ...}.
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, MixtralForCausalLM, Qwen2MoeForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from . import CondCompLlamaForCausalLM
+    from .cli import save_atomically
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"MODEL_DIR {str(model_dir)!r} has no config.json: pass a folder saved by hf_condcomp.")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise ValueError(f"OUTPUT_DIR {str(output_dir)!r} exists and is not empty: choose a new folder or pass --overwrite.")
+    config = AutoConfig.from_pretrained(model_dir)
+    fmt = choose_format(config, format)  # refuses before any weight is read
+
+    ours = CondCompLlamaForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    native_cls = MixtralForCausalLM if fmt == "mixtral" else Qwen2MoeForCausalLM
+    with no_init_weights():
+        native = native_cls(native_config(ours.config, fmt))
+    native.load_state_dict(native_state_dict(ours.state_dict(), ours.config, native), strict=True)
+    if native.config.tie_word_embeddings:
+        native.tie_weights()
+    native.to(ours.dtype).eval()
+    try:
+        native.generation_config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        pass  # no generation_config.json: the native model's default, built from its config
+
+    diff = None
+    if verify:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, config.vocab_size, (2, 16), generator=g)
+        with torch.no_grad():
+            diff = float((native(ids).logits.float() - ours(ids).logits.float()).abs().max())
+        tolerance = 1e-4 if ours.dtype == torch.float32 else 5e-2
+        if not diff <= tolerance:
+            raise AssertionError(f"the {fmt} export differs from the model by {diff:.3g} (> {tolerance}); nothing written")
+
+    def write(folder):
+        native.save_pretrained(folder)
+        try:
+            AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+        except (OSError, ValueError, TypeError):
+            pass  # a model saved without a tokenizer exports without one
+
+    save_atomically(output_dir, write, overwrite)
+    return {"output_dir": str(output_dir), "format": fmt, "architecture": native_cls.__name__, "max_abs_diff": diff}
