@@ -11,21 +11,35 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
 import yaml
 
 from . import assets
+from .modeling.compat import MINIMUM_TORCH, TESTED_TORCH, TESTED_TRANSFORMERS
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "training_state.json"
 # Folders in the output that are not part of the shared model.
-HUB_IGNORE = [f"{CHECKPOINT_DIR}/*", "runs/*"]
+NATIVE_DIR = "native"
+HUB_IGNORE = [f"{CHECKPOINT_DIR}/*", "runs/*", f"{NATIVE_DIR}/*"]
 
 
 class RecipeError(ValueError):
     """A user mistake found before training: the message names the flag or file and the fix."""
+
+
+def run_recipe(main, argv=None) -> int:
+    """A recipe's command-line entry: a user mistake is one line on stderr and exit status 2, not a
+    traceback (as argparse does for unknown flags); anything else still raises with its traceback."""
+    try:
+        main(argv)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +98,9 @@ def add_common_arguments(parser: argparse.ArgumentParser):
     a("--lora_targets", default="attention,experts", help="comma list of: attention, experts")
     a("--lora_trainable", default="router,classifier,score,gate", help="name parts kept fully trainable")
     a("--trust_remote_code", action="store_true")
+    a("--export_format", default="remote_code", choices=["remote_code", "native"],
+      help="native: also write output_dir/native in a native transformers MoE architecture (Mixtral or "
+           "Qwen2-MoE, Llama-family MoE models only; checked before training) and push that folder")
 
 
 def yaml_value(text):
@@ -378,6 +395,13 @@ def load_model(args, auto_class, task, **head_kwargs):
     for key in ("id2label", "label2id"):
         if key in head_kwargs:
             setattr(model.config, key, head_kwargs[key])
+    if args.export_format == "native":  # refuse now, not after hours of training
+        from .export import ExportError, choose_format
+
+        try:
+            choose_format(model.config)
+        except ExportError as err:
+            raise RecipeError(f"`--export_format native`: {err}") from None
     model.train()
     return model
 
@@ -761,7 +785,17 @@ def save_model(accelerator, model, tokenizer, args):
     )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(args.output_dir)
+        if args.export_format == "native":
+            from .export import export_native
+
+            export_native(args.output_dir, native_dir(args), overwrite=True)
+    accelerator.wait_for_everyone()
     return net
+
+
+def native_dir(args) -> Path:
+    """Where `--export_format native` writes the native model (and what is pushed then)."""
+    return Path(args.output_dir) / NATIVE_DIR
 
 
 def write_results(args, results, accelerator):
@@ -808,9 +842,7 @@ def write_model_card(args, config, results, *, task_type, task_name, dataset_nam
         )
     }
     training["num_processes"] = results.get("num_processes")
-    card = ModelCard.from_template(
-        card_data,
-        template_path=str(template_path),
+    card_kwargs = dict(
         model_id=name,
         source=up.get("source") or args.model_name_or_path,
         upcycling=settings,
@@ -820,11 +852,19 @@ def write_model_card(args, config, results, *, task_type, task_name, dataset_nam
         results={k: results[k] for k in metrics if results.get(k) is not None},
         extra_results={k: v for k, v in results.items() if isinstance(v, (int, float)) and k not in metrics},
         routing_rows=_routing_rows(results.get("routing")),
+        transformers_range=" to ".join(TESTED_TRANSFORMERS),
+        torch_tested=TESTED_TORCH,
+        torch_minimum=MINIMUM_TORCH,
         compute_fraction=(results.get("routing") or {}).get("compute_fraction", results.get("eval_compute_fraction")),
         auto_class=config.auto_map.get(_auto_class_for(task_type), "AutoModel").split(".")[-1] if getattr(config, "auto_map", None) else "",
         auto_name=_auto_class_for(task_type),
     )
+    card = ModelCard.from_template(card_data, template_path=str(template_path), native=False, **card_kwargs)
     card.save(Path(args.output_dir) / "README.md")
+    if args.export_format == "native":  # the folder that is pushed then gets a card of its own
+        architecture = json.loads((native_dir(args) / "config.json").read_text())["architectures"][0]
+        ModelCard.from_template(card_data, template_path=str(template_path), native=True,
+                                native_architecture=architecture, **card_kwargs).save(native_dir(args) / "README.md")
     return card
 
 
@@ -840,8 +880,9 @@ def push_to_hub(args, accelerator):
 
     api = HfApi(token=args.hub_token)
     repo_id = api.create_repo(args.hub_model_id, exist_ok=True).repo_id
+    folder = native_dir(args) if args.export_format == "native" else args.output_dir
     return api.upload_folder(
-        repo_id=repo_id, folder_path=args.output_dir, commit_message="Upload upcycled model (hf_condcomp recipes)",
+        repo_id=repo_id, folder_path=str(folder), commit_message="Upload upcycled model (hf_condcomp recipes)",
         ignore_patterns=HUB_IGNORE,
     )
 

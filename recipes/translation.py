@@ -139,4 +139,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(training.run_recipe(main))

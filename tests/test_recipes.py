@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hf_condcomp.modeling.compat import TESTED_TORCH, TESTED_TRANSFORMERS
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 GPT2_TOKENIZER = ROOT.parent / "shared" / "assets" / "gpt2-tokenizer"
@@ -152,6 +154,8 @@ print("RESULT " + json.dumps({{"shape": list(logits.shape), "module": type(model
     assert card.data.base_model == "all-MiniLM-L6-v2"
     assert "trust_remote_code=True" in card.text and "| num_experts | 4 |" in card.text
     assert "| 1 | [" in card.text  # routing statistics table
+    oldest, newest = TESTED_TRANSFORMERS
+    assert f"tested with transformers {oldest} to {newest}\nand torch {TESTED_TORCH}" in card.text
 
 
 # --- translation: metrics, LoRA, push --------------------------------------------------------------
@@ -326,3 +330,68 @@ def test_generate_folds_lora_in_while_decoding_and_restores_the_adapters():
     assert not any(getattr(m, "merged", False) for m in model.modules())
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), before[name], rtol=0, atol=1e-5, msg=name)
+
+
+# --- native export from a recipe ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    merges = [tuple(line.split()) for line in (GPT2_TOKENIZER / "merges.txt").read_text().splitlines()[1:] if line.strip()]
+    tokenizer = GPT2TokenizerFast(vocab=json.loads((GPT2_TOKENIZER / "vocab.json").read_text()), merges=merges)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_translation_exports_natively_and_pushes_the_native_folder(tiny_llama, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: type("R", (), {"repo_id": repo_id})())
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        files = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+        calls["upload"] = (Path(folder_path), sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns)))
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    out = tmp_path / "out"
+    run("translation", *translation_args(tiny_llama, out, "--max_train_steps", 2, "--lora_r", 4, "--export_format",
+                                         "native", "--push_to_hub", "--hub_model_id", "someone/tiny-mixtral"))
+    native = out / "native"
+    folder, files = calls["upload"]
+    assert folder == native
+    assert "config.json" in files and "model.safetensors" in files and "tokenizer.json" in files
+    assert "README.md" in files and not [f for f in files if f.endswith(".py")]
+    assert json.loads((native / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    card = (native / "README.md").read_text()
+    assert "native `MixtralForCausalLM`" in card and "trust_remote_code" not in card
+    assert "trust_remote_code=True" in (out / "README.md").read_text()  # the remote-code folder keeps its card
+
+    from hf_condcomp import CondCompLlamaForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        ours = CondCompLlamaForCausalLM.from_pretrained(out).eval()(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(native).eval()(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_native_export_of_an_inexpressible_model_is_refused_before_training(tiny_gpt2, tmp_path, capsys):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "translation.py"),
+                           *map(str, translation_args(tiny_gpt2, out, "--max_train_steps", 2, "--export_format", "native"))],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "`--export_format native`" in error[0] and "'condcomp_gpt2'" in error[0]
+    assert not (out / "model.safetensors").exists()
