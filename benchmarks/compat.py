@@ -105,7 +105,7 @@ def save_cases(models_dir: Path) -> list[str]:
             with torch.no_grad():
                 ref["logits"] = model(input_ids=ids, attention_mask=mask).logits
             model.train()
-            ref["train_loss"] = float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+            ref["train_loss"] = float(model(input_ids=ids, attention_mask=mask, labels=labels).loss.detach())
             model.eval()
             if family != "bert":
                 ref["prompt"], ref["prompt_mask"] = ids[:, :5], mask[:, :5]
@@ -139,9 +139,12 @@ def ensure_venv(venvs: Path, version: str) -> Path:
                           capture_output=True, text=True, check=True).stdout.strip()
     torch_site = Path(torch.__file__).resolve().parents[1]
     (Path(site) / "_compat_base.pth").write_text(f"{torch_site}\n")
-    # pip sees the shared packages; one it must replace is installed here, shadowing the shared one.
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    f"transformers=={version}"], check=True)
+    # transformers itself always lands in this venv, even when the shared site-packages hold the
+    # same release (they may be upgraded later); then pip sees the shared packages, and one it must
+    # replace for this release's requirements is installed here, shadowing the shared one.
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--ignore-installed", "--no-deps", f"transformers=={version}"], check=True)
+    subprocess.run([*pip, f"transformers=={version}"], check=True)
     marker.touch()
     return python
 
