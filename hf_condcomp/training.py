@@ -96,7 +96,9 @@ def add_common_arguments(parser: argparse.ArgumentParser):
     a("--lora_alpha", type=int, default=16)
     a("--lora_dropout", type=float, default=0.0, help="only on attention modules; expert LoRA has none")
     a("--lora_targets", default="attention,experts", help="comma list of: attention, experts")
-    a("--lora_trainable", default="router,classifier,score,gate", help="name parts kept fully trainable")
+    a("--lora_trainable", default="classifier,score",
+      help="module names kept fully trainable beside the LoRA adapters (the heads); every routing parameter "
+           "(MoE routers, MoD routers and predictors, compute gates) always is")
     a("--trust_remote_code", action="store_true")
     a("--export_format", default="remote_code", choices=["remote_code", "native"],
       help="native: also write output_dir/native in a native transformers MoE architecture (Mixtral or "
@@ -154,7 +156,12 @@ def parse_args(parser: argparse.ArgumentParser, argv=None):
     return args
 
 
+NULL_WORDS = ("null", "none", "~", "")
+
+
 def _cast(parser, key, value):
+    if value.strip().lower() in NULL_WORDS:  # `checkpointing_steps=null` resets an optional setting
+        return None
     for action in parser._actions:
         if action.dest == key:
             if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
@@ -226,11 +233,21 @@ def load_table(path, flag):
 
 
 def load_splits(args, loader=load_table):
-    """{"train", "validation", "test"} from `--*_file` flags, or from `--dataset_name` on the Hub."""
+    """{"train", "validation", "test"} from `--*_file` flags, or else from `--dataset_name` on the Hub.
+
+    Local files win: the shipped configs name the Hub dataset they were made for, and passing
+    `--train_file` (offline, or for other data) replaces it."""
     import datasets
 
-    if args.dataset_name is not None:
-        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+    if args.train_file is None and args.dataset_name is not None:
+        try:
+            raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        except Exception as err:  # offline, unknown name, no access: one line that says what to do
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RecipeError(
+                f"`--dataset_name` {args.dataset_name!r} could not be loaded from the Hub ({type(err).__name__}: "
+                f"{reason[:200]}). Offline, pass local files instead: `--train_file` (and `--validation_file`)."
+            ) from None
         splits = {"train": raw["train"]}
         for name in ("validation", "test"):
             if name in raw:
@@ -389,7 +406,10 @@ def load_model(args, auto_class, task, **head_kwargs):
         overrides = {k: settings.pop(k) for k in list(settings) if k.startswith("router_")}
         if isinstance(settings.get("layers"), int):  # `upcycling.layers=29` parses as a number
             settings["layers"] = [settings["layers"]]
-        model = upcycle(path, task=task, num_labels=head_kwargs.get("num_labels"), **settings, **overrides)
+        try:
+            model = upcycle(path, task=task, num_labels=head_kwargs.get("num_labels"), **settings, **overrides)
+        except ValueError as err:  # upcycle names the setting; here it is an `upcycling.` key
+            raise RecipeError(f"`upcycling`: {err}") from None
         if isinstance(getattr(model.config, "upcycling", None), dict):
             model.config.upcycling["source"] = name
     for key in ("id2label", "label2id"):
@@ -453,8 +473,11 @@ def apply_lora(model, args):
     )
     model = get_peft_model(model, config)
     keep = [k for k in args.lora_trainable.split(",") if k]
+    routing = routing_parameter_names(model)
     for name, param in model.named_parameters():
-        if "lora_" not in name and any(re.search(rf"(^|\.){k}(\.|$)", name) for k in keep):
+        if "lora_" in name:
+            continue
+        if name in routing or any(re.search(rf"(^|\.){k}(\.|$)", name) for k in keep):
             param.requires_grad_(True)
     return model
 
@@ -534,27 +557,48 @@ def schedule(args, accelerator, train_dataloader, optimizer):
     )
 
 
-ROUTING_PARAMETER_PARTS = (".router.", "mod_router", "mod_predictor", "compute_gate")
+def routing_parameter_names(model) -> set[str]:
+    """The parameters that decide where compute goes: MoE routers, MoD routers and their causal
+    predictors, compute-allocation gates. One definition for the optimizer's groups,
+    `--router_learning_rate` and the LoRA keep-list. Found by module type, so that any wrapper's
+    prefix (PEFT's `base_model.model.`, DDP's `module.`) is part of the names it returns."""
+    from .modeling.gating import ComputeGate, MoDPredictor, MoDRouter
+    from .modeling.moe import MoEFeedForward
+
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, MoEFeedForward):
+            owned = module.router.named_parameters(prefix=f"{prefix}.router")
+        elif isinstance(module, (MoDRouter, MoDPredictor, ComputeGate)):
+            owned = module.named_parameters(prefix=prefix)
+        else:
+            continue
+        names.update(name for name, _ in owned)
+    return names
 
 
-def is_routing_parameter(name):
-    """MoE routers, MoD routers and predictors, compute gates (the parts `router_learning_rate` sets)."""
-    return any(part in name for part in ROUTING_PARAMETER_PARTS)
+def decays(name, param) -> bool:
+    """Weight decay on weights only: not on biases (the dense model's `bias`, the experts'
+    `*_proj_bias` of shape (E, out), the predictors' `b_*`) nor on norms, wherever they sit."""
+    leaf = name.rsplit(".", 1)[-1]
+    is_bias = leaf.endswith("bias") or leaf.startswith("b_")
+    return param.ndim >= 2 and not is_bias and "norm" not in name.lower()
 
 
 def make_optimizer(model, args, accelerator=None):
-    """AdamW without weight decay on biases and norms; routers and gates at `router_learning_rate`.
+    """AdamW without weight decay on biases and norms (`decays`); routing parameters at `router_learning_rate`.
 
     The fused AdamW kernel is used on one process or plain DDP on CPU or CUDA: an MoE has several
     times its parent's parameters, and the default per-tensor AdamW loop is several times slower
     on the CPU. FSDP and DeepSpeed keep the default."""
     router_lr = args.learning_rate if args.router_learning_rate is None else args.router_learning_rate
+    routing = routing_parameter_names(model)
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        no_decay = param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower()
-        lr = router_lr if is_routing_parameter(name) else args.learning_rate
+        no_decay = not decays(name, param)
+        lr = router_lr if name in routing else args.learning_rate
         group = groups.setdefault((lr, no_decay), {"params": [], "lr": lr,
                                                    "weight_decay": 0.0 if no_decay else args.weight_decay})
         group["params"].append(param)

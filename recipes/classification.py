@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import datasets
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
@@ -42,6 +43,11 @@ def main(argv=None):
         flag = f"--{name}_file" if args.train_file else "--dataset_name"
         training.require_columns(ds, columns, f"`{flag}` {getattr(args, name + '_file', None) or args.dataset_name}",
                                  ["--text_column", "--label_column"])
+    names = getattr(splits["train"].features.get(args.label_column), "names", None)
+    if names:  # a Hub `ClassLabel` column (PolyAI/banking77, stanfordnlp/sst2): label by name, not number
+        splits = {k: ds.cast_column(args.label_column, datasets.Value("int64")).map(
+            lambda batch: {args.label_column: [names[i] if i >= 0 else None for i in batch[args.label_column]]},
+            batched=True) for k, ds in splits.items()}
     label_list = sorted({str(label) for label in splits["train"][args.label_column]})
     if len(label_list) < 2:
         raise training.RecipeError(

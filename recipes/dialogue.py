@@ -40,7 +40,7 @@ def build_parser():
 
 
 def load_conversations(args):
-    if args.dataset_name == "chitchat":
+    if args.train_file is None and args.dataset_name == "chitchat":
         rows = training.chitchat_conversations()
         ds = datasets.Dataset.from_list(rows)
         parts = ds.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)

@@ -49,6 +49,11 @@ def main(argv=None):
     loader = partial(training.load_translation_file, source_lang=src, target_lang=tgt)
     splits = training.load_splits(args, loader=loader)
     for name, ds in splits.items():
+        if "translation" not in ds.column_names and {src, tgt} <= set(ds.column_names):
+            # Hub datasets that keep one column per language (bentrevett/multi30k: `en`, `de`).
+            ds = splits[name] = ds.map(
+                lambda batch: {"translation": [{src: a, tgt: b} for a, b in zip(batch[src], batch[tgt])]},
+                batched=True, remove_columns=ds.column_names)
         training.require_columns(ds, ["translation"], f"{name} split", ["--train_file"])
         keys = set(ds[0]["translation"])
         if not {src, tgt} <= keys:

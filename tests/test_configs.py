@@ -53,13 +53,54 @@ def test_recipe_config_is_valid(path, tmp_path):
     assert up.get("init", "copy") in INITS
     assert up.get("routing", "token_choice") in ROUTING_TYPES
     assert 1 <= up.get("top_k", 2) <= up.get("num_experts", 8)
-    for flag in ("train_file", "validation_file", "test_file"):
-        value = getattr(args, flag)
-        if value:  # line-aligned text pairs are given by their stem
-            candidates = [ROOT / value] + [ROOT / f"{value}.{lang}" for lang in ("en", "de")]
-            assert any(c.is_file() for c in candidates), f"{path.name}: `{flag}` {value} does not exist"
+    # A config runs from a clone of this repository alone: its data is a Hub dataset (or the
+    # chitchat PyPI package), never a path outside the repository.
+    assert args.dataset_name and not any(getattr(args, f) for f in ("train_file", "validation_file", "test_file"))
     if recipe == "dialogue":
-        assert args.dataset_name == "chitchat" or args.train_file
+        assert args.dataset_name == "chitchat"
+
+
+def _values(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _values(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _values(value)
+    else:
+        yield node
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_no_config_refers_to_a_path_outside_the_repository(path):
+    for value in _values(yaml.safe_load(path.read_text())):
+        if isinstance(value, str) and ("../" in value or value.startswith(("/", "~"))):
+            raise AssertionError(f"{path.name}: {value!r} points outside the repository")
+
+
+def test_offline_hub_dataset_without_local_files_exits_2_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    config = ROOT / "recipes" / "configs" / "classification_banking77.yaml"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "classification.py"), "--config", str(config),
+                           "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "'PolyAI/banking77'" in lines[0] and "`--train_file`" in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_null_override_resets_an_optional_setting(tmp_path):
+    path = ROOT / "recipes" / "configs" / "classification_banking77.yaml"
+    parser = load_recipe("classification").build_parser()
+    for word in ("null", "none", "None"):
+        args = training.parse_args(parser, ["--config", str(path), f"checkpointing_steps={word}",
+                                            "max_train_steps=5", "--output_dir", str(tmp_path)])
+        assert args.checkpointing_steps is None and args.max_train_steps == 5
 
 
 def test_overrides_beat_config(tmp_path):

@@ -572,3 +572,34 @@ def test_bad_gating_arguments_raise_value_errors_naming_them(kwargs, field, valu
     with pytest.raises(ValueError, match=f"`{config_field}`") as err:
         hf_condcomp.CondCompGPT2Config(**{config_field: float(value)})
     assert value in str(err.value) and allowed in str(err.value)
+
+
+# --- Beam search ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("variant", ["mod", "gate"])
+def test_beam_search_over_the_cache_is_refused_before_generating(family, variant):
+    dense = dense_source(family)
+    kwargs = dict(variant="mod", capacity=0.5) if variant == "mod" else dict(variant="gate", gate_init_bias=0.0)
+    model = hf_condcomp.upcycle(dense, layers="all", **kwargs).eval()
+    ids, mask = batch(family, B=2, T=6)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    for extra in ({}, {"use_cache": True}):
+        with pytest.raises(ValueError, match=r"`num_beams`=3: beam search with the KV cache.*use_cache=False"):
+            model.generate(ids, attention_mask=mask, num_beams=3, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                           **extra)
+    assert not calls, "refused before any forward"
+    hook.remove()
+    # Without the cache every step recomputes the prefix: beam search is exact, and at capacity 1 /
+    # open gates it is the dense parent's beam search (with the parent's cache).
+    open_kwargs = dict(variant="mod", capacity=1.0) if variant == "mod" else dict(variant="gate", gate_init_bias=20.0)
+    model = hf_condcomp.upcycle(dense, layers="all", **open_kwargs).eval()
+    beams = dict(num_beams=3, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    ids = ids[:, 3:]  # no padding: the dense parent counts positions over padding
+    ours = model.generate(ids, use_cache=False, **beams)
+    reference = dense.generate(ids, **beams)
+    assert torch.equal(ours, reference)
+    # Greedy search with the cache stays available.
+    assert model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 6)

@@ -304,7 +304,7 @@ def test_generate_folds_lora_in_while_decoding_and_restores_the_adapters():
 
     model = hf_condcomp.upcycle(tiny_source("llama"), num_experts=4, top_k=2, layers="all")
     args = types.SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets="attention,experts",
-                                 lora_trainable="router")
+                                 lora_trainable="")
     model = training.apply_lora(model, args)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -69,6 +69,23 @@ class CondCompCausalLMMixin:
     def get_output_embeddings(self):
         return self.lm_head
 
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, refusing beam search over a KV cache in models with routed
+        blocks or gates: their cache carries a per-layer validity mask (gating.py) that beam search
+        would not reorder with the beams. Without the cache every step recomputes the prefix, and
+        decisions are per token and causal, so `use_cache=False` beam search is exact."""
+        if self.config.mod_layers or self.config.gate_layers:
+            generation_config = kwargs.get("generation_config") or self.generation_config
+            num_beams = kwargs.get("num_beams", generation_config.num_beams) or 1
+            use_cache = kwargs.get("use_cache", generation_config.use_cache)
+            if num_beams > 1 and use_cache is not False:
+                raise ValueError(
+                    f"`num_beams`={num_beams}: beam search with the KV cache is not supported for models with "
+                    "Mixture-of-Depths or gated layers (the cache's validity mask is not reordered with the "
+                    "beams). Pass `use_cache=False` (exact, slower) or use greedy search or sampling."
+                )
+        return super().generate(*args, **kwargs)
+
     def set_output_embeddings(self, value):
         self.lm_head = value
 
