@@ -126,9 +126,9 @@ class MoEFeedForward(nn.Module):
             out = combine_dropless(y, dispatch.weights, dispatch.inverse)  # (Nv, H)
         else:  # tokens own 0..E rows each (capacity, expert choice): scatter-add them
             y = y * dispatch.weights.unsqueeze(-1).to(y.dtype)
-            out = x.new_zeros(x_routed.shape).index_add_(0, dispatch.token_index, y)  # (Nv, H)
-        if rows is not None:
-            out = x.new_zeros(x.shape).index_copy_(0, rows, out)  # (N, H)
+            out = y.new_zeros(x_routed.shape).index_add_(0, dispatch.token_index, y)  # (Nv, H)
+        if rows is not None:  # in the experts' dtype, which mixed precision may set apart from x's
+            out = out.new_zeros(x.shape).index_copy_(0, rows, out)  # (N, H)
 
         if self.record_routing:
             token_rows = dispatch.token_index if rows is None else rows[dispatch.token_index]
