@@ -18,7 +18,7 @@ from .modeling.modeling_condcomp_bert import (
 )
 from .modeling.modeling_condcomp_gpt2 import CondCompGPT2ForCausalLM, CondCompGPT2Model
 from .modeling.modeling_condcomp_llama import CondCompLlamaForCausalLM, CondCompLlamaModel
-from .inspect import compare, inspect, routing_summary
+from .insight import compare, inspect, routing_summary
 from .upcycle import upcycle
 
 __version__ = "0.1.0"

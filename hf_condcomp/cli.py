@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.set_defaults(func=cmd_demo)
-    from .inspect import add_inspect_parsers
+    from .insight import add_inspect_parsers
 
     add_inspect_parsers(sub)
     return parser

@@ -20,13 +20,57 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from hf_condcomp import training  # noqa: E402
+from hf_condcomp import assets, training  # noqa: E402
 
 # For tokenizers without a chat template (GPT-2): ChatML, as SmolLM2 and many others use.
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+# Dialogue: JSON lines with `messages: [{"role", "content"}, ...]`; chitchat from PyPI.
+
+ROLES = ("system", "user", "assistant")
+
+
+def check_conversations(ds, where):
+    training.require_columns(ds, ["messages"], where, ["--train_file"])
+    for i, messages in enumerate(ds["messages"]):
+        if not messages or not isinstance(messages, list):
+            raise training.RecipeError(f"{where}: row {i} has an empty `messages` list; every row needs a conversation.")
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise training.RecipeError(
+                    f"{where}: row {i} has a message {m!r}; messages are {{\"role\": one of {ROLES}, \"content\": str}}."
+                )
+        if not any(m["role"] == "assistant" for m in messages):
+            raise training.RecipeError(f"{where}: row {i} has no `assistant` message, so nothing to learn from.")
+
+
+def chitchat_conversations(limit=None):
+    """The PyPI `chitchat_dataset` (dataset.json) as `messages` lists: the first speaker of each
+    conversation is the user, the other the assistant; consecutive messages of one speaker are
+    joined into one turn."""
+    folder = assets._package_folder("chitchat_dataset")
+    if folder is None:
+        raise training.RecipeError("`--dataset_name chitchat` needs the package: pip install --no-deps chitchat-dataset==0.9.0")
+    with open(folder / "dataset.json") as f:
+        raw = json.load(f)
+    conversations = []
+    for key in sorted(raw):  # sorted: the same order on every machine
+        turns = [t for t in raw[key]["messages"] if t]
+        if len(turns) < 2:
+            continue
+        first = turns[0][0]["sender"]
+        messages = [
+            {"role": "user" if t[0]["sender"] == first else "assistant", "content": " ".join(m["text"].strip() for m in t)}
+            for t in turns
+        ]
+        conversations.append({"messages": messages})
+        if limit and len(conversations) >= limit:
+            break
+    return conversations
 
 
 def build_parser():
@@ -41,7 +85,7 @@ def build_parser():
 
 def load_conversations(args):
     if args.train_file is None and args.dataset_name == "chitchat":
-        rows = training.chitchat_conversations()
+        rows = chitchat_conversations()
         ds = datasets.Dataset.from_list(rows)
         parts = ds.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
         splits = {"train": parts["train"], "validation": parts["test"]}
@@ -59,7 +103,7 @@ def main(argv=None):
     # 1. Data: conversations, checked before anything expensive.
     splits = load_conversations(args)
     for name, ds in splits.items():
-        training.check_conversations(ds, f"{name} split ({getattr(args, name + '_file', None) or args.dataset_name})")
+        check_conversations(ds, f"{name} split ({getattr(args, name + '_file', None) or args.dataset_name})")
 
     # 2. Accelerator, tokenizer (with a chat template), model.
     accelerator = training.make_accelerator(args)

@@ -26,6 +26,51 @@ from hf_condcomp import training  # noqa: E402
 DEFAULT_PROMPT = "Translate {source_lang} to {target_lang}.\n{source_lang}: {source}\n{target_lang}:"
 
 
+# Data: JSON lines `{"translation": {"en": ..., "de": ...}}` or line-aligned plain text.
+
+def load_translation_file(path, flag, source_lang, target_lang):
+    """Returns a `datasets.Dataset` with a `translation` column of {source_lang, target_lang}."""
+    import datasets
+
+    path = Path(path)
+    ext = path.suffix.lstrip(".").lower()
+    if ext in ("json", "jsonl"):
+        ds = training.load_table(path, flag)
+        training.require_columns(ds, ["translation"], f"`{flag}` {path}", ["--train_file"])
+        keys = set(ds[0]["translation"] or {})
+        for lang, lang_flag in ((source_lang, "--source_lang"), (target_lang, "--target_lang")):
+            if lang not in keys:
+                raise training.RecipeError(
+                    f"`{lang_flag}` {lang!r} is not a key of the `translation` records in `{flag}` {path}: they have "
+                    f"{sorted(keys)}. Set `{lang_flag}` to one of them."
+                )
+        return ds
+    # Plain text: `train.en` + `train.de`, passed as `train`, `train.en` or `train.de`.
+    stem = str(path)
+    for lang in (source_lang, target_lang):
+        if stem.endswith("." + lang):
+            stem = stem[: -len(lang) - 1]
+    files = {lang: Path(f"{stem}.{lang}") for lang in (source_lang, target_lang)}
+    for lang, file in files.items():
+        if not file.is_file():
+            others = sorted(p.name for p in Path(stem).parent.glob(Path(stem).name + ".*"))
+            raise training.RecipeError(
+                f"`{flag}` {path}: line-aligned text needs {file} for language {lang!r} (found {others or 'none'}). "
+                "Check `--source_lang` / `--target_lang`, or pass JSON lines with a `translation` column."
+            )
+        training.check_file(file, flag)
+    lines = {lang: file.read_text(encoding="utf-8").splitlines() for lang, file in files.items()}
+    if len(lines[source_lang]) != len(lines[target_lang]):
+        raise training.RecipeError(
+            f"`{flag}`: {files[source_lang]} has {len(lines[source_lang])} lines but {files[target_lang]} has "
+            f"{len(lines[target_lang])}; line-aligned files must match line for line."
+        )
+    pairs = [{source_lang: s, target_lang: t} for s, t in zip(lines[source_lang], lines[target_lang]) if s.strip() and t.strip()]
+    if not pairs:
+        raise training.RecipeError(f"`{flag}` {path}: no non-empty line pairs.")
+    return datasets.Dataset.from_dict({"translation": pairs})
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_common_arguments(parser)
@@ -46,7 +91,7 @@ def main(argv=None):
     src, tgt = args.source_lang, args.target_lang
 
     # 1. Data: translation pairs, checked for the language keys before anything expensive.
-    loader = partial(training.load_translation_file, source_lang=src, target_lang=tgt)
+    loader = partial(load_translation_file, source_lang=src, target_lang=tgt)
     splits = training.load_splits(args, loader=loader)
     for name, ds in splits.items():
         if "translation" not in ds.column_names and {src, tgt} <= set(ds.column_names):

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
 
 import hf_condcomp  # noqa: E402
 from hf_condcomp import assets, cli  # noqa: E402
-from hf_condcomp.inspect import compare, inspect, load_stats, routing_summary, save_plots  # noqa: E402
+from hf_condcomp.insight import compare, inspect, load_stats, routing_summary, save_plots  # noqa: E402
 from hf_condcomp.modeling.common import CondCompOutput  # noqa: E402
 
 TEXTS = [
@@ -314,7 +314,7 @@ def test_trust_remote_code_model_is_inspected_by_duck_typing(folders):
 import json, torch, transformers
 model = transformers.AutoModel.from_pretrained({str(folders / 'moe')!r}, trust_remote_code=True)
 moe = [m for m in model.modules() if hasattr(m, "record_routing")]
-from hf_condcomp.inspect import routing_summary
+from hf_condcomp.insight import routing_summary
 ids = torch.arange(1, 13).reshape(2, 6) * 7
 print(json.dumps({{"module": type(moe[0]).__module__, "summary": routing_summary(model, [{{"input_ids": ids, "attention_mask": torch.ones_like(ids)}}])}}))
 """

@@ -1,0 +1,107 @@
+"""Data files every recipe reads (csv, tsv, json, jsonl; a Hub dataset instead), their splits,
+column checks, and the padding collator. Task-specific formats (translation pairs, chat
+conversations) live in their recipes."""
+
+from pathlib import Path
+
+import torch
+
+from .arguments import RecipeError
+
+
+def check_file(path, flag):
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"`{flag}` {path}: no such file. Check the path (relative paths start at the current folder).")
+    if path.stat().st_size == 0:
+        raise RecipeError(f"`{flag}` {path}: the file is empty. Point `{flag}` at a file with data rows.")
+    return path
+
+
+def load_table(path, flag):
+    """A local csv, tsv, json or jsonl file as a `datasets.Dataset`."""
+    import datasets
+
+    path = check_file(path, flag)
+    ext = path.suffix.lstrip(".").lower()
+    if ext == "tsv":
+        ds = datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=3, split="train")
+    elif ext == "csv":
+        ds = datasets.load_dataset("csv", data_files=str(path), split="train")
+    elif ext in ("json", "jsonl"):
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    else:
+        raise RecipeError(f"`{flag}` {path}: unsupported extension `.{ext}`; use csv, tsv, json or jsonl.")
+    if len(ds) == 0:
+        raise RecipeError(f"`{flag}` {path}: no data rows (only a header?). Point `{flag}` at a file with rows.")
+    return ds
+
+
+def load_splits(args, loader=load_table):
+    """{"train", "validation", "test"} from `--*_file` flags, or else from `--dataset_name` on the Hub.
+
+    Local files win: the shipped configs name the Hub dataset they were made for, and passing
+    `--train_file` (offline, or for other data) replaces it."""
+    import datasets
+
+    if args.train_file is None and args.dataset_name is not None:
+        try:
+            raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        except Exception as err:  # offline, unknown name, no access: one line that says what to do
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RecipeError(
+                f"`--dataset_name` {args.dataset_name!r} could not be loaded from the Hub ({type(err).__name__}: "
+                f"{reason[:200]}). Offline, pass local files instead: `--train_file` (and `--validation_file`)."
+            ) from None
+        splits = {"train": raw["train"]}
+        for name in ("validation", "test"):
+            if name in raw:
+                splits[name] = raw[name]
+    else:
+        splits = {}
+        for split, flag in (("train", "--train_file"), ("validation", "--validation_file"), ("test", "--test_file")):
+            path = getattr(args, flag[2:])
+            if path:
+                splits[split] = loader(path, flag)
+    if "validation" not in splits:
+        if "test" in splits:
+            splits["validation"] = splits["test"]
+        else:  # hold out 10% of train, deterministically
+            parts = splits["train"].train_test_split(test_size=0.1, seed=args.seed)
+            splits["train"], splits["validation"] = parts["train"], parts["test"]
+    # Subsets are drawn at random (seeded): files sorted by label, like Banking77's, would
+    # otherwise give a few classes only.
+    limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_eval_samples}
+    for name, limit in limits.items():
+        if limit and name in splits and limit < len(splits[name]):
+            splits[name] = splits[name].shuffle(seed=args.seed).select(range(limit))
+    return splits
+
+
+def require_columns(ds, columns, where, flags):
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        hint = ", ".join(f"`{f}`" for f in flags)
+        raise RecipeError(
+            f"{where}: column(s) {missing} not found; the file has {ds.column_names}. Set {hint} to the right column."
+        )
+
+
+def split_source(split_ds):
+    """A readable name of where a split came from (for errors and the model card)."""
+    files = getattr(split_ds, "cache_files", None) or []
+    return files[0]["filename"] if files else "the dataset"
+
+
+def pad_collate(pad_token_id, keys=("input_ids", "labels")):
+    """Right-pads `input_ids` (pad id), `labels` (-100) and builds `attention_mask`, for decoders."""
+    def collate(features):
+        length = max(len(f["input_ids"]) for f in features)
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            n = len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [pad_token_id] * (length - n))
+            batch["attention_mask"].append([1] * n + [0] * (length - n))
+            batch["labels"].append(list(f["labels"]) + [-100] * (length - n))
+        return {k: torch.tensor(v) for k, v in batch.items()}
+    return collate

@@ -1,0 +1,184 @@
+"""The training loop of the transformers no-trainer examples with exact resume: the accelerator,
+the learning-rate schedule, `save_state` checkpoints and finding them again, logged losses."""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .arguments import RecipeError
+from .models import count_parameters
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "training_state.json"
+
+
+def find_checkpoint(value, output_dir):
+    """`--resume_from_checkpoint`: a folder written by `save_state`, or `latest` in output_dir."""
+    if value == "latest":
+        folder = Path(output_dir or ".") / CHECKPOINT_DIR
+        found = sorted(folder.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if folder.is_dir() else []
+        if not found:
+            raise RecipeError(f"`--resume_from_checkpoint latest`: no checkpoint in {folder}; pass a checkpoint folder.")
+        value = found[-1]
+    path = Path(value)
+    state = path / STATE_FILE
+    if not path.is_dir() or not state.is_file():
+        raise RecipeError(
+            f"`--resume_from_checkpoint` {path}: not a checkpoint of these recipes (needs a folder with {STATE_FILE} "
+            f"and accelerate's state, e.g. {Path(output_dir or 'OUTPUT_DIR') / CHECKPOINT_DIR / 'step_100'})."
+        )
+    try:
+        json.loads(state.read_text())["completed_steps"]
+    except (ValueError, KeyError) as err:
+        raise RecipeError(f"`--resume_from_checkpoint` {path}: {STATE_FILE} is unreadable ({err}); pick another checkpoint.") from err
+    if not any(path.glob("model*.safetensors")) and not any(path.glob("pytorch_model*")) and not any(path.glob("*.bin")):
+        raise RecipeError(f"`--resume_from_checkpoint` {path}: no model weights in it; pick another checkpoint.")
+    return path
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+
+    kwargs = {}
+    if args.with_tracking:
+        kwargs.update(log_with=args.report_to, project_dir=str(Path(args.output_dir) / "runs"))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        # The sampler is re-seeded per epoch (seed + epoch), so a resumed run sees the same order.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        **kwargs,
+    )
+    set_seed(args.seed)
+    return accelerator
+
+
+def schedule(args, accelerator, train_dataloader, optimizer):
+    """Sets args.max_train_steps / num_train_epochs and returns the LR scheduler."""
+    from transformers import get_scheduler
+
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    # The prepared scheduler steps once per process per update (accelerate's convention), hence the product.
+    return get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+
+
+def router_loss_parts(outputs, config):
+    """The weighted router/gate part of `outputs.loss` (task loss = loss - this)."""
+    total = outputs.loss.new_zeros(())
+    if getattr(outputs, "aux_loss", None) is not None:
+        total = total + config.router_aux_loss_coef * outputs.aux_loss
+    if getattr(outputs, "z_loss", None) is not None:
+        total = total + config.router_z_loss_coef * outputs.z_loss
+    if getattr(outputs, "compute_loss", None) is not None:
+        total = total + outputs.compute_loss
+    return total
+
+
+def start_run(accelerator, args, model, name, what):
+    """TensorBoard trackers (with the run's scalar settings) and one line saying what is trained."""
+    if args.with_tracking:
+        accelerator.init_trackers(name, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    total, trainable = count_parameters(model)
+    accelerator.print(f"{what}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.1f}M trainable), "
+                      f"{args.max_train_steps} steps on {accelerator.num_processes} process(es)")
+
+
+def train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, config):
+    """The loop of the transformers no-trainer examples: `accumulate`, periodic `save_state`,
+    resume at the exact optimizer step (`skip_first_batches`), TensorBoard scalars.
+
+    Dropout is seeded per micro-batch from (seed, batch index, process), so a resumed run draws
+    the same masks as an uninterrupted one. Returns a dict of training results."""
+    from tqdm.auto import tqdm
+
+    batches_per_epoch = len(train_dataloader)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    completed_steps, starting_epoch, skip = 0, 0, 0
+    if args.resume_from_checkpoint:
+        accelerator.print(f"Resuming from {args.resume_from_checkpoint}")
+        accelerator.load_state(args.resume_from_checkpoint)
+        completed_steps = json.loads((Path(args.resume_from_checkpoint) / STATE_FILE).read_text())["completed_steps"]
+        starting_epoch = completed_steps // steps_per_epoch
+        skip = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+    progress = tqdm(range(args.max_train_steps), disable=not accelerator.is_local_main_process, desc="train")
+    progress.update(completed_steps)
+    sums = torch.zeros(4, device=accelerator.device)  # loss, task loss, aux loss, z loss since last log
+    epoch_loss, epoch_batches, examples_seen = 0.0, 0, 0
+    history = []
+    for epoch in range(starting_epoch, args.num_train_epochs):
+        model.train()
+        train_dataloader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if epoch == starting_epoch and skip else train_dataloader
+        first = skip if epoch == starting_epoch else 0
+        for index, batch in enumerate(batches, start=first):
+            torch.manual_seed((args.seed * 1_000_003 + epoch * batches_per_epoch + index) * 64 + accelerator.process_index)
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                loss = outputs.loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            router = router_loss_parts(outputs, config).detach()
+            aux = outputs.aux_loss.detach() if outputs.aux_loss is not None else router.new_zeros(())
+            z = outputs.z_loss.detach() if outputs.z_loss is not None else router.new_zeros(())
+            sums += torch.stack([loss.detach().float(), (loss.detach() - router).float(), aux.float(), z.float()])
+            epoch_loss += loss.item()
+            epoch_batches += 1
+            examples_seen += batch["input_ids"].shape[0]
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            progress.update(1)
+            if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
+                means = accelerator.reduce(sums, reduction="mean") / max(1, args.gradient_accumulation_steps * _since(completed_steps, args.logging_steps))
+                logs = {
+                    "train/loss": means[0].item(), "train/task_loss": means[1].item(),
+                    "train/aux_loss": means[2].item(), "train/z_loss": means[3].item(),
+                    "train/lr": lr_scheduler.get_last_lr()[0], "train/epoch": epoch,
+                }
+                history.append({"step": completed_steps, **logs})
+                progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
+                if args.with_tracking:
+                    accelerator.log(logs, step=completed_steps)
+                sums.zero_()
+            if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, completed_steps)
+            if completed_steps >= args.max_train_steps:
+                break
+        if completed_steps >= args.max_train_steps:
+            break
+    progress.close()
+    seen = accelerator.gather(torch.tensor([examples_seen], device=accelerator.device)).tolist()
+    loss_sum = accelerator.reduce(torch.tensor([epoch_loss, float(epoch_batches)], device=accelerator.device), reduction="sum")
+    return {
+        "train_loss": (loss_sum[0] / loss_sum[1].clamp(min=1)).item(),  # over every process's batches
+        "train_steps": completed_steps,
+        "train_examples_per_process": seen,
+        "log_history": history,
+    }
+
+
+def _since(step, every):
+    return step % every or every
+
+
+def save_checkpoint(accelerator, args, completed_steps):
+    folder = Path(args.output_dir) / CHECKPOINT_DIR / f"step_{completed_steps}"
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        (folder / STATE_FILE).write_text(json.dumps({"completed_steps": completed_steps}))
+    accelerator.wait_for_everyone()

@@ -1,0 +1,172 @@
+"""The model a recipe trains: upcycled on the fly from a dense checkpoint or loaded as upcycled,
+its tokenizer, LoRA, which parameters are routing parameters, and the optimizer's groups."""
+
+import re
+
+import torch
+
+from .. import assets
+from .arguments import RecipeError
+
+
+def load_model(args, auto_class, task, **head_kwargs):
+    """Returns (model, source description). `head_kwargs`: num_labels, id2label, label2id."""
+    from transformers import AutoConfig
+
+    from ..upcycle import upcycle
+
+    name = args.model_name_or_path
+    path = assets.resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise RecipeError(
+            f"`--model_name_or_path` {name!r} could not be read ({err}). Pass a Hub id, a folder with config.json, "
+            f"or one of {list(assets.EMBEDDED)}."
+        ) from err
+    if config.model_type.startswith("condcomp_"):
+        kwargs = dict(head_kwargs)
+        if "num_labels" in kwargs and kwargs["num_labels"] != config.num_labels:
+            kwargs["ignore_mismatched_sizes"] = True  # a new label set: fresh head, everything else kept
+        model = auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
+    else:
+        settings = dict(args.upcycling)
+        overrides = {k: settings.pop(k) for k in list(settings) if k.startswith("router_")}
+        if isinstance(settings.get("layers"), int):  # `upcycling.layers=29` parses as a number
+            settings["layers"] = [settings["layers"]]
+        try:
+            model = upcycle(path, task=task, num_labels=head_kwargs.get("num_labels"), **settings, **overrides)
+        except ValueError as err:  # upcycle names the setting; here it is an `upcycling.` key
+            raise RecipeError(f"`upcycling`: {err}") from None
+        if isinstance(getattr(model.config, "upcycling", None), dict):
+            model.config.upcycling["source"] = name
+    for key in ("id2label", "label2id"):
+        if key in head_kwargs:
+            setattr(model.config, key, head_kwargs[key])
+    if args.export_format == "native":  # refuse now, not after hours of training
+        from ..export import ExportError, choose_format
+
+        try:
+            choose_format(model.config)
+        except ExportError as err:
+            raise RecipeError(f"`--export_format native`: {err}") from None
+    model.train()
+    return model
+
+
+def load_tokenizer(args):
+    from transformers import AutoTokenizer
+
+    path = args.tokenizer_name or assets.resolve(args.model_name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"no tokenizer at {path!r} ({err}): pass `--tokenizer_name`.") from err
+
+
+def lora_targets(model, targets):
+    """(target_modules, target_parameters) for attention and experts of the model's family."""
+    family = model.config.model_type.removeprefix("condcomp_")
+    attention = {
+        "bert": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"],
+        "gpt2": ["attn.c_attn", "attn.c_proj"],
+        "llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    }[family]
+    up = "gate_up_proj" if family == "llama" else "up_proj"
+    experts = [f"mlp.experts.{up}", "mlp.experts.down_proj"] if model.config.moe_layers else []
+    return (attention if "attention" in targets else []), (experts if "experts" in targets else [])
+
+
+def apply_lora(model, args):
+    """LoRA on attention (modules) and experts (3-D parameters, PEFT `target_parameters`); routers,
+    gates and classification heads stay fully trainable, so the router keeps learning."""
+    if not args.lora_r:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = set(filter(None, args.lora_targets.split(",")))
+    modules, parameters = lora_targets(model, targets)
+    family = model.config.model_type
+    if family == "condcomp_gpt2" and parameters and modules:
+        # PEFT's parameter wrapper refuses fan_in_fan_out, which GPT-2's Conv1D attention needs.
+        raise RecipeError("GPT-2: LoRA on attention (Conv1D) and experts together is not supported by PEFT; "
+                          "set `--lora_targets attention` or `--lora_targets experts`.")
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout if not parameters else 0.0,
+        target_modules=modules,
+        target_parameters=parameters or None,
+        fan_in_fan_out=family == "condcomp_gpt2" and bool(modules),
+    )
+    model = get_peft_model(model, config)
+    keep = [k for k in args.lora_trainable.split(",") if k]
+    routing = routing_parameter_names(model)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            continue
+        if name in routing or any(re.search(rf"(^|\.){k}(\.|$)", name) for k in keep):
+            param.requires_grad_(True)
+    return model
+
+
+def unwrap(accelerator, model):
+    """The transformers model under DDP/FSDP wrappers and a PEFT model (LoRA layers stay injected)."""
+    model = accelerator.unwrap_model(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def count_parameters(model):
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def routing_parameter_names(model) -> set[str]:
+    """The parameters that decide where compute goes: MoE routers, MoD routers and their causal
+    predictors, compute-allocation gates. One definition for the optimizer's groups,
+    `--router_learning_rate` and the LoRA keep-list. Found by module type, so that any wrapper's
+    prefix (PEFT's `base_model.model.`, DDP's `module.`) is part of the names it returns."""
+    from ..modeling.gating import ComputeGate, MoDPredictor, MoDRouter
+    from ..modeling.moe import MoEFeedForward
+
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, MoEFeedForward):
+            owned = module.router.named_parameters(prefix=f"{prefix}.router")
+        elif isinstance(module, (MoDRouter, MoDPredictor, ComputeGate)):
+            owned = module.named_parameters(prefix=prefix)
+        else:
+            continue
+        names.update(name for name, _ in owned)
+    return names
+
+
+def decays(name, param) -> bool:
+    """Weight decay on weights only: not on biases (the dense model's `bias`, the experts'
+    `*_proj_bias` of shape (E, out), the predictors' `b_*`) nor on norms, wherever they sit."""
+    leaf = name.rsplit(".", 1)[-1]
+    is_bias = leaf.endswith("bias") or leaf.startswith("b_")
+    return param.ndim >= 2 and not is_bias and "norm" not in name.lower()
+
+
+def make_optimizer(model, args, accelerator=None):
+    """AdamW without weight decay on biases and norms (`decays`); routing parameters at `router_learning_rate`.
+
+    The fused AdamW kernel is used on one process or plain DDP on CPU or CUDA: an MoE has several
+    times its parent's parameters, and the default per-tensor AdamW loop is several times slower
+    on the CPU. FSDP and DeepSpeed keep the default."""
+    router_lr = args.learning_rate if args.router_learning_rate is None else args.router_learning_rate
+    routing = routing_parameter_names(model)
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = not decays(name, param)
+        lr = router_lr if name in routing else args.learning_rate
+        group = groups.setdefault((lr, no_decay), {"params": [], "lr": lr,
+                                                   "weight_decay": 0.0 if no_decay else args.weight_decay})
+        group["params"].append(param)
+    fused = accelerator is None or (accelerator.device.type in ("cpu", "cuda")
+                                    and accelerator.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU"))
+    return torch.optim.AdamW(list(groups.values()), lr=args.learning_rate, fused=fused or None)
