@@ -15,12 +15,11 @@ from pathlib import Path
 
 import datasets
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from hf_condcomp import training  # noqa: E402
+from hf_condcomp import metrics, training  # noqa: E402
 
 
 def build_parser():
@@ -108,8 +107,8 @@ def main(argv=None):
         references += refs.tolist()
         fractions.append(outputs.compute_fraction)
     results.update(
-        eval_accuracy=accuracy_score(references, predictions),
-        eval_macro_f1=f1_score(references, predictions, average="macro"),
+        eval_accuracy=metrics.load("accuracy").compute(predictions=predictions, references=references)["accuracy"],
+        eval_macro_f1=metrics.load("f1").compute(predictions=predictions, references=references, average="macro")["f1"],
         eval_samples=len(references),
         eval_compute_fraction=sum(fractions) / len(fractions),
         num_labels=len(label_list),
@@ -124,6 +123,8 @@ def main(argv=None):
     # 6. Save a complete Hub repository: weights (LoRA merged), config, code, tokenizer, card.
     saved = training.save_model(accelerator, model, tokenizer, args)
     training.write_results(args, results, accelerator)
+    training.write_predictions(args, [{"label": label_list[r], "prediction": label_list[p]}
+                                      for p, r in zip(predictions, references)], accelerator)
     if accelerator.is_main_process:
         data = args.dataset_name or ", ".join(str(getattr(args, f"{s}_file")) for s in ("train", "validation") if getattr(args, f"{s}_file"))
         training.write_model_card(

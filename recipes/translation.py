@@ -16,12 +16,11 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import sacrebleu
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from hf_condcomp import training  # noqa: E402
+from hf_condcomp import metrics, training  # noqa: E402
 
 DEFAULT_PROMPT = "Translate {source_lang} to {target_lang}.\n{source_lang}: {source}\n{target_lang}:"
 
@@ -155,11 +154,12 @@ def main(argv=None):
                                    stop_strings=["\n"])
     hypotheses = [h.split("\n")[0].strip() for h in hypotheses]  # the answer ends at the line break
     references = [p[tgt] for p in pairs]
+    scores = metrics.load("sacrebleu_scores").compute(predictions=hypotheses, references=references)
     results.update(
         eval_loss=teacher_forced["loss"],
         eval_perplexity=teacher_forced["perplexity"],
-        eval_bleu=sacrebleu.corpus_bleu(hypotheses, [references]).score,
-        eval_chrf=sacrebleu.corpus_chrf(hypotheses, [references]).score,
+        eval_bleu=scores["bleu"],
+        eval_chrf=scores["chrf"],
         eval_samples=len(references),
         eval_bleu_split=bleu_split,
         eval_compute_fraction=teacher_forced["compute_fraction"],
@@ -174,6 +174,8 @@ def main(argv=None):
     # 6. Save a complete Hub repository and its model card.
     saved = training.save_model(accelerator, model, tokenizer, args)
     training.write_results(args, results, accelerator)
+    training.write_predictions(args, [{"source": p[src], "reference": r, "translation": h}
+                                      for p, r, h in zip(pairs, references, hypotheses)], accelerator)
     if accelerator.is_main_process:
         data = args.dataset_name or ", ".join(str(getattr(args, f"{s}_file")) for s in ("train", "validation") if getattr(args, f"{s}_file"))
         training.write_model_card(

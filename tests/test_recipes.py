@@ -124,6 +124,18 @@ def test_classification_banking77_reaches_floor(banking77_run):
     assert list((out / "runs").rglob("events.out.tfevents*")), "TensorBoard logs"
 
 
+def test_classification_metrics_equal_scikit_learn_on_the_same_predictions(banking77_run):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    out, _ = banking77_run
+    results = json.loads((out / "all_results.json").read_text())
+    rows = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == results["eval_samples"] == 400
+    labels, predictions = [r["label"] for r in rows], [r["prediction"] for r in rows]
+    assert results["eval_accuracy"] == pytest.approx(accuracy_score(labels, predictions), abs=1e-12)
+    assert results["eval_macro_f1"] == pytest.approx(f1_score(labels, predictions, average="macro"), abs=1e-12)
+
+
 def test_saved_classifier_loads_without_hf_condcomp(banking77_run):
     out, results = banking77_run
     code = f"""
@@ -183,6 +195,14 @@ def test_translation_reports_bleu_chrf_and_pushes(tiny_gpt2, tmp_path, monkeypat
     ))
     saved = json.loads((out / "all_results.json").read_text())
     assert saved["eval_bleu"] >= 0 and saved["eval_chrf"] > 0 and saved["eval_samples"] == 8
+    # The metrics (evaluate, through the packaged module) equal sacrebleu's on the same translations.
+    import sacrebleu
+
+    rows = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    hyps, refs = [r["translation"] for r in rows], [r["reference"] for r in rows]
+    assert len(rows) == 8
+    assert saved["eval_bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-12)
+    assert saved["eval_chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=1e-12)
     assert results["routing"]["moe_layers"]
     # LoRA merged on save: a plain upcycled checkpoint with no adapter keys.
     keys = load_file(out / "model.safetensors").keys()

@@ -238,6 +238,9 @@ class CondCompInitMixin:
     `AutoModelForSequenceClassification` (and so on) through `trust_remote_code`."""
 
     _auto_heads: dict = {}
+    # `forward` takes **kwargs but does not normalise its loss by Trainer's `num_items_in_batch`:
+    # without this, Trainer would skip its own division by the accumulation steps.
+    accepts_loss_kwargs = False
 
     def save_pretrained(self, *args, **kwargs):
         module = type(self).__module__.rsplit(".", 1)[-1]

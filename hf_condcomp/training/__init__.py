@@ -47,7 +47,17 @@ from .models import (
     routing_parameter_names,
     unwrap,
 )
-from .publish import HUB_IGNORE, NATIVE_DIR, end_training, native_dir, push_to_hub, save_model, write_model_card, write_results
+from .publish import (
+    HUB_IGNORE,
+    NATIVE_DIR,
+    end_training,
+    native_dir,
+    push_to_hub,
+    save_model,
+    write_model_card,
+    write_predictions,
+    write_results,
+)
 
 __all__ = [
     "NULL_WORDS", "UPCYCLING_KEYS", "RecipeError", "add_common_arguments", "load_config", "parse_args", "run_recipe",
@@ -56,5 +66,5 @@ __all__ = [
     "make_accelerator", "router_loss_parts", "save_checkpoint", "schedule", "start_run", "train", "apply_lora",
     "count_parameters", "decays", "load_model", "load_tokenizer", "lora_targets", "make_optimizer",
     "routing_parameter_names", "unwrap", "HUB_IGNORE", "NATIVE_DIR", "end_training", "native_dir", "push_to_hub",
-    "save_model", "write_model_card", "write_results",
+    "save_model", "write_model_card", "write_predictions", "write_results",
 ]

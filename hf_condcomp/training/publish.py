@@ -48,6 +48,14 @@ def write_results(args, results, accelerator):
             json.dump(results, f, indent=2, default=float)
 
 
+def write_predictions(args, rows, accelerator):
+    """`eval_predictions.jsonl`: one JSON object per evaluated example, what the metrics were computed on."""
+    if accelerator.is_main_process:
+        with open(Path(args.output_dir) / "eval_predictions.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def _routing_rows(routing):
     rows = []
     for layer, s in sorted((routing or {}).get("moe_layers", {}).items(), key=lambda kv: int(kv[0])):
