@@ -16,25 +16,25 @@ DEMO_TEXTS = [
 ]
 
 
+def _spec_value(text):
+    """A flag's value read as the recipes read `key=value` (YAML: 2, 0.5, true, null, [1, 3])."""
+    from .training import yaml_value
+
+    return yaml_value(text)
+
+
 def add_upcycle_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--variant", default="moe", choices=["moe", "mod", "gate"], help="moe (default), mod (Mixture-of-Depths) or gate")
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--routing", default="token_choice", help="token_choice or expert_choice")
-    p.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
-    p.add_argument("--init", default="copy", help="copy, noise, drop, split-random or split-kmeans")
-    p.add_argument("--layers", default="every_other", help="every_other, all, or indices like 0,2,4")
-    p.add_argument("--task", default=None, help="base, sequence-classification, token-classification, masked-lm, causal-lm")
-    p.add_argument("--num-labels", type=int, default=None)
-    p.add_argument("--capacity", type=float, default=0.5, help="mod: fraction of tokens a routed block processes")
-    p.add_argument("--compute-penalty", type=float, default=0.01, help="gate: lambda of the allocation penalty")
-    p.add_argument("--threshold", type=float, default=0.5, help="gate: allocations below it skip the layer at inference")
-    p.add_argument("--noise-std", type=float, default=0.01)
-    p.add_argument("--drop-ratio", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--moe-implementation", default="grouped", help="grouped (default), eager or megablocks")
+    """One flag per field of `UpcycleSpec`, with its default and help: `--num-experts`, ..."""
+    from .spec import SPEC_FIELDS
+
+    for name, f in SPEC_FIELDS.items():
+        meta = f.metadata
+        kind = f.type if f.type in (int, float) else _spec_value
+        help_text = meta["help"] + (f" (one of {', '.join(meta['choices'])})" if meta["choices"] else "")
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=f.default,
+                       help=f"{help_text}; default: {f.default}")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
-                   help="any other config field, repeatable: --set skipped_tokens_as_keys=true --set gate_init_bias=2")
+                   help="any other config field, repeatable: --set mod_aux_loss_coef=0.1")
 
 
 def parse_overrides(items) -> dict:
@@ -45,30 +45,15 @@ def parse_overrides(items) -> dict:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
-            raise ValueError(f"`--set` takes FIELD=VALUE, got {item!r}: e.g. --set skipped_tokens_as_keys=true.")
+            raise ValueError(f"`--set` takes FIELD=VALUE, got {item!r}: e.g. --set mod_aux_loss_coef=0.1.")
         out[name.strip()] = yaml_value(value)
     return out
 
 
 def upcycle_kwargs(args) -> dict:
-    kwargs = dict(
-        variant=args.variant,
-        num_experts=args.num_experts,
-        top_k=args.top_k,
-        routing=args.routing,
-        capacity_factor=args.capacity_factor,
-        init=args.init,
-        layers=args.layers,
-        task=args.task,
-        num_labels=args.num_labels,
-        capacity=args.capacity,
-        compute_penalty=args.compute_penalty,
-        threshold=args.threshold,
-        noise_std=args.noise_std,
-        drop_ratio=args.drop_ratio,
-        seed=args.seed,
-        moe_implementation=args.moe_implementation,
-    )
+    from .spec import SPEC_FIELDS
+
+    kwargs = {name: getattr(args, name) for name in SPEC_FIELDS}
     for name, value in parse_overrides(args.overrides).items():
         if name in kwargs:
             raise ValueError(f"`--set {name}={value}`: `{name}` has its own flag, use --{name.replace('_', '-')}.")

@@ -19,6 +19,7 @@ except the FFNs of the chosen layers, which become E experts and a router:
 
 import dataclasses
 import difflib
+import inspect
 import re
 import typing
 
@@ -39,7 +40,6 @@ from .modeling.configuration_condcomp import (
     CondCompBertConfig,
     CondCompGPT2Config,
     CondCompLlamaConfig,
-    ROUTING_TYPES,
     intermediate_size_of,
 )
 from .modeling.modeling_condcomp_bert import (
@@ -50,10 +50,8 @@ from .modeling.modeling_condcomp_bert import (
 )
 from .modeling.modeling_condcomp_gpt2 import CondCompGPT2ForCausalLM, CondCompGPT2Model
 from .modeling.modeling_condcomp_llama import CondCompLlamaForCausalLM, CondCompLlamaModel
+from .spec import SPEC_FIELDS, UpcycleSpec, split_kwargs
 
-INITS = ("copy", "noise", "drop", "split-random", "split-kmeans")
-TASKS = ("base", "sequence-classification", "token-classification", "masked-lm", "causal-lm")
-VARIANTS = ("moe", "mod", "gate")
 
 _AUTO_SOURCE = {
     "base": AutoModel,
@@ -120,7 +118,9 @@ def _error(argument, value, allowed):
 
 
 def parse_layers(layers, num_layers: int, argument: str = "layers") -> list[int]:
-    """`every_other` (layers 1, 3, 5, ... as in Switch/ST-MoE), `all`, '0,2,4' or a list of ints."""
+    """`every_other` (layers 1, 3, 5, ... as in Switch/ST-MoE), `all`, '0,2,4', one int or a list of ints."""
+    if isinstance(layers, int) and not isinstance(layers, bool):  # `layers=29` as YAML and flags read it
+        layers = [layers]
     if layers == "every_other":
         return list(range(1, num_layers, 2))
     if layers == "all":
@@ -348,68 +348,28 @@ def _experts_from_dense(ffn, num_experts, top_k, init, gen, noise_std, drop_rati
     return tensors, router
 
 
-def upcycle(
-    source,
-    num_experts: int = 8,
-    top_k: int = 2,
-    routing: str = "token_choice",
-    capacity_factor: float | None = None,
-    init: str = "copy",
-    layers="every_other",
-    task: str | None = None,
-    num_labels: int | None = None,
-    variant: str = "moe",
-    capacity: float = 0.5,
-    compute_penalty: float = 0.01,
-    threshold: float = 0.5,
-    mod_layers=None,
-    noise_std: float = 0.01,
-    drop_ratio: float = 0.5,
-    seed: int = 0,
-    moe_implementation: str = "grouped",
-    **config_overrides,
-):
+def upcycle(source, **settings):
     """Upcycle a dense checkpoint into a conditional-computation model (see module docstring).
 
     Args:
         source: Hub id, local folder, embedded name (`all-MiniLM-L6-v2`, `SmolLM2-135M-Instruct`)
             or a loaded `PreTrainedModel` (BERT, GPT-2 or Llama family).
-        num_experts, top_k, routing, capacity_factor, init: the MoE layers (`variant="moe"`).
-        layers: `every_other`, `all`, '0,2,4' or a list: which layers get the variant.
-        task: `base`, `sequence-classification`, `token-classification`, `masked-lm`, `causal-lm`;
-            default the source architecture's own.
-        num_labels: size of a new classification head.
-        variant: `moe` (FFNs become experts), `mod` (Mixture-of-Depths routed blocks at
-            `capacity`) or `gate` (compute-allocation gates with `compute_penalty`, `threshold`).
-        mod_layers: with `variant="moe"`, also make these blocks Mixture-of-Depths routed blocks at
-            `capacity` (MoE FFNs and routed depth in one model).
-        noise_std, drop_ratio: for `init="noise"` / `init="drop"`.
-        seed: seeds router, noise, drop and split initialisation.
-        **config_overrides: any other config field (`router_aux_loss_coef=...`, ...).
+        **settings: the fields of `hf_condcomp.spec.UpcycleSpec`, with its defaults and help
+            (`variant`, `num_experts`, `top_k`, `routing`, `capacity_factor`, `init`, `layers`,
+            `task`, `num_labels`, `capacity`, `compute_penalty`, `threshold`, `mod_layers`,
+            `noise_std`, `drop_ratio`, `seed`, `moe_implementation`, and the config fields
+            `router_aux_loss_coef`, ...), plus any other field of the target config.
     Returns:
         The upcycled model (in eval mode), whose `config.upcycling` records how it was made.
     """
-    if variant not in VARIANTS:
-        raise _error("variant", variant, f"one of {VARIANTS}")
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise _error("num_experts", num_experts, "a positive integer")
-    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(
-            f"`top_k` (num_experts_per_tok) must be between 1 and `num_experts`={num_experts}, got {top_k!r}: "
-            "lower top_k or raise num_experts."
-        )
-    if routing not in ROUTING_TYPES:
-        raise _error("routing", routing, f"one of {ROUTING_TYPES}")
-    if init not in INITS:
-        raise _error("init", init, f"one of {INITS}")
-    if capacity_factor is not None and not capacity_factor > 0:
-        raise _error("capacity_factor", capacity_factor, "> 0, or None for dropless routing")
-    if task is not None and task not in TASKS:
-        raise _error("task", task, f"one of {TASKS}")
-    if not 0 <= drop_ratio <= 1:
-        raise _error("drop_ratio", drop_ratio, "in [0, 1]")
-    if noise_std < 0:
-        raise _error("noise_std", noise_std, ">= 0")
+    spec_settings, config_overrides = split_kwargs(settings)
+    spec = UpcycleSpec(**spec_settings)  # checks every setting, naming it
+    config_overrides = {**spec.config_overrides(), **config_overrides}
+    (variant, num_experts, top_k, routing, capacity_factor, init, layers, task, num_labels, capacity, compute_penalty,
+     threshold, mod_layers, noise_std, drop_ratio, seed, moe_implementation) = (getattr(spec, name) for name in (
+        "variant", "num_experts", "top_k", "routing", "capacity_factor", "init", "layers", "task", "num_labels",
+        "capacity", "compute_penalty", "threshold", "mod_layers", "noise_std", "drop_ratio", "seed",
+        "moe_implementation"))
 
     dense, family, task, source_name = _load_source(source, task, num_labels)
     _check_task(task, family)
@@ -533,3 +493,12 @@ def _fresh_parameter(target, key, param, config, gen):
     if fresh is not None:
         return fresh(name, config, gen)
     return None
+
+
+# `help(upcycle)` and `inspect.signature(upcycle)` show the spec's fields with its defaults.
+upcycle.__signature__ = inspect.Signature(
+    [inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+       for name, f in SPEC_FIELDS.items()]
+    + [inspect.Parameter("config_overrides", inspect.Parameter.VAR_KEYWORD)]
+)

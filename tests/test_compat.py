@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass, fields
 from pathlib import Path
 

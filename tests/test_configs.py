@@ -11,7 +11,7 @@ import yaml
 
 from hf_condcomp import training
 from hf_condcomp.modeling.configuration_condcomp import ROUTING_TYPES
-from hf_condcomp.upcycle import INITS, VARIANTS
+from hf_condcomp.spec import INITS, VARIANTS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))

@@ -271,12 +271,12 @@ def test_cli_upcycle_sets_other_config_fields(tmp_path):
     src = tmp_path / "dense"
     tiny_source("bert").save_pretrained(src)
     out = tmp_path / "mod"
-    argv = ["upcycle", str(src), str(out), "--variant", "mod", "--layers", "all", "--set", "skipped_tokens_as_keys=true",
-            "--set", "keep_pooled_token=false", "--set", "router_z_loss_coef=0.01"]
+    argv = ["upcycle", str(src), str(out), "--variant", "mod", "--layers", "all", "--skipped-tokens-as-keys", "true",
+            "--keep-pooled-token", "false", "--router-z-loss-coef", "0.01", "--set", "mod_aux_loss_coef=0.1"]
     assert cli_main(argv) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["skipped_tokens_as_keys"] is True and config["keep_pooled_token"] is False
-    assert config["router_z_loss_coef"] == 0.01
+    assert config["router_z_loss_coef"] == 0.01 and config["mod_aux_loss_coef"] == 0.1
 
 
 @pytest.mark.parametrize(
@@ -290,6 +290,8 @@ def test_cli_upcycle_sets_other_config_fields(tmp_path):
         (["--set", "keep_pooled_tokn=false"], "`keep_pooled_tokn`=False is not"),
         (["--set", "no-equals-sign"], "`--set` takes FIELD=VALUE"),
         (["--set", "top_k=1"], "`top_k` has its own flag, use --top-k"),
+        (["--set", "skipped_tokens_as_keys=true"], "use --skipped-tokens-as-keys"),
+        (["--variant", "moed"], "`variant` must be one of"),
     ],
 )
 def test_failed_cli_upcycle_leaves_nothing_in_output_dir(tmp_path, args, message):

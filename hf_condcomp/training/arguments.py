@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from ..spec import RECIPE_KEYS
+
 
 class RecipeError(ValueError):
     """A user mistake found before training: the message names the flag or file and the fix."""
@@ -26,12 +28,9 @@ def run_recipe(main, argv=None) -> int:
     return 0
 
 
-UPCYCLING_KEYS = (
-    "variant", "num_experts", "top_k", "routing", "capacity_factor", "init", "layers", "capacity",
-    "compute_penalty", "threshold", "mod_layers", "noise_std", "drop_ratio", "seed", "moe_implementation",
-    "router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "gate_init_bias", "gate_straight_through",
-    "keep_pooled_token", "skipped_tokens_as_keys",
-)
+# The keys an `upcycling:` section accepts: the fields of `hf_condcomp.spec.UpcycleSpec` but the
+# two the recipe sets itself (task, num_labels).
+UPCYCLING_KEYS = RECIPE_KEYS
 
 
 def add_common_arguments(parser: argparse.ArgumentParser):

@@ -30,12 +30,8 @@ def load_model(args, auto_class, task, **head_kwargs):
             kwargs["ignore_mismatched_sizes"] = True  # a new label set: fresh head, everything else kept
         model = auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
     else:
-        settings = dict(args.upcycling)
-        overrides = {k: settings.pop(k) for k in list(settings) if k.startswith("router_")}
-        if isinstance(settings.get("layers"), int):  # `upcycling.layers=29` parses as a number
-            settings["layers"] = [settings["layers"]]
-        try:
-            model = upcycle(path, task=task, num_labels=head_kwargs.get("num_labels"), **settings, **overrides)
+        try:  # `args.upcycling` holds fields of UpcycleSpec only (parse_args checks the keys)
+            model = upcycle(path, task=task, num_labels=head_kwargs.get("num_labels"), **args.upcycling)
         except ValueError as err:  # upcycle names the setting; here it is an `upcycling.` key
             raise RecipeError(f"`upcycling`: {err}") from None
         if isinstance(getattr(model.config, "upcycling", None), dict):

@@ -1,0 +1,118 @@
+"""The upcycling settings, defined once (as PEFT defines a method's config): `UpcycleSpec`.
+
+Every surface reads this one dataclass: `hf_condcomp.upcycle(...)` takes its fields as keyword
+arguments with its defaults (and checks them in `__post_init__`), `hf-condcomp upcycle` builds
+one flag per field with the help text below, and the recipes accept exactly these names under
+`upcycling:`. The fields marked `config_field` are config fields of the upcycled model whose
+defaults come from the config itself (`CondCompFields`), so those defaults live in one place too.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .modeling.configuration_condcomp import MOE_IMPLEMENTATIONS, ROUTING_TYPES, CondCompFields
+
+INITS = ("copy", "noise", "drop", "split-random", "split-kmeans")
+TASKS = ("base", "sequence-classification", "token-classification", "masked-lm", "causal-lm")
+VARIANTS = ("moe", "mod", "gate")
+
+_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CondCompFields)}
+
+
+def _knob(help, choices=None, recipe=True, **extra):
+    return {"help": help, "choices": choices, "recipe": recipe, **extra}
+
+
+def _config_field(name, help):
+    """A field of the upcycled model's config, with the config's own default."""
+    return field(default=_CONFIG_DEFAULTS[name], metadata=_knob(help, config_field=True))
+
+
+def _error(argument, value, allowed):
+    return ValueError(f"`{argument}` must be {allowed}, got {value!r}.")
+
+
+@dataclass
+class UpcycleSpec:
+    """How a dense checkpoint becomes a conditional-computation model (see `hf_condcomp.upcycle`)."""
+
+    variant: str = field(default="moe", metadata=_knob(
+        "moe: FFNs become experts; mod: Mixture-of-Depths routed blocks; gate: compute-allocation gates",
+        VARIANTS))
+    num_experts: int = field(default=8, metadata=_knob("experts per MoE layer (E)"))
+    top_k: int = field(default=2, metadata=_knob("experts each token picks under token choice (k)"))
+    routing: str = field(default="token_choice", metadata=_knob(
+        "token_choice (each token picks k experts) or expert_choice (each expert picks its tokens)", ROUTING_TYPES))
+    capacity_factor: float | None = field(default=None, metadata=_knob(
+        "expert capacity factor; None: dropless token choice (expert choice: tokens * factor / E each)"))
+    init: str = field(default="copy", metadata=_knob(
+        "experts from the dense FFN: copy, noise, drop (Drop-Upcycling), split-random or split-kmeans (MoEfication)",
+        INITS))
+    layers: str | list | None = field(default="every_other", metadata=_knob(
+        "which layers get the variant: every_other, all, or indices like 0,2,4"))
+    task: str | None = field(default=None, metadata=_knob(
+        "head of the upcycled model; default: the source architecture's own", TASKS, recipe=False))
+    num_labels: int | None = field(default=None, metadata=_knob(
+        "size of a new classification head", recipe=False))
+    capacity: float = field(default=0.5, metadata=_knob(
+        "mod: fraction of each sequence's tokens a routed block processes"))
+    compute_penalty: float = field(default=0.01, metadata=_knob(
+        "gate: lambda in loss = task loss + lambda * mean allocation"))
+    threshold: float = field(default=0.5, metadata=_knob(
+        "gate: tokens whose allocation is below it skip the layer at inference"))
+    mod_layers: str | list | None = field(default=None, metadata=_knob(
+        "with variant moe: also make these blocks Mixture-of-Depths routed blocks at `capacity`"))
+    noise_std: float = field(default=0.01, metadata=_knob("init noise: noise std relative to each matrix's std"))
+    drop_ratio: float = field(default=0.5, metadata=_knob("init drop: share of neurons re-initialised per expert"))
+    seed: int = field(default=0, metadata=_knob("seeds the router, noise, drop and split initialisation"))
+    moe_implementation: str = field(default="grouped", metadata=_knob(
+        "experts' compute: grouped (default, CPU and CUDA), eager (reference loop) or megablocks (CUDA)",
+        MOE_IMPLEMENTATIONS))
+    router_aux_loss_coef: float = _config_field("router_aux_loss_coef", "weight of the Switch load-balancing loss")
+    router_z_loss_coef: float = _config_field("router_z_loss_coef", "weight of the ST-MoE router z-loss")
+    router_jitter_noise: float = _config_field("router_jitter_noise", "multiplicative jitter on router inputs (training)")
+    gate_init_bias: float = _config_field("gate_init_bias", "gate: initial bias; sigmoid(bias) is the first allocation")
+    gate_straight_through: bool = _config_field(
+        "gate_straight_through", "gate: train on the inference decision (False: soft gates only)")
+    keep_pooled_token: bool = _config_field(
+        "keep_pooled_token", "routed and gated layers always compute the token a pooling head reads ([CLS])")
+    skipped_tokens_as_keys: bool = _config_field(
+        "skipped_tokens_as_keys", "encoders: skipped tokens still serve as attention keys and values")
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise _error("variant", self.variant, f"one of {VARIANTS}")
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise _error("num_experts", self.num_experts, "a positive integer")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"`top_k` (num_experts_per_tok) must be between 1 and `num_experts`={self.num_experts}, got "
+                f"{self.top_k!r}: lower top_k or raise num_experts."
+            )
+        if self.routing not in ROUTING_TYPES:
+            raise _error("routing", self.routing, f"one of {ROUTING_TYPES}")
+        if self.init not in INITS:
+            raise _error("init", self.init, f"one of {INITS}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise _error("capacity_factor", self.capacity_factor, "> 0, or None for dropless routing")
+        if self.task is not None and self.task not in TASKS:
+            raise _error("task", self.task, f"one of {TASKS}")
+        if not 0 <= self.drop_ratio <= 1:
+            raise _error("drop_ratio", self.drop_ratio, "in [0, 1]")
+        if self.noise_std < 0:
+            raise _error("noise_std", self.noise_std, ">= 0")
+
+    def config_overrides(self) -> dict:
+        """The fields that are config fields of the upcycled model, as `upcycle` passes them on."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("config_field")}
+
+
+SPEC_FIELDS = {f.name: f for f in dataclasses.fields(UpcycleSpec)}
+# The keys a recipe's `upcycling:` section accepts (task and num_labels come from the recipe).
+RECIPE_KEYS = tuple(name for name, f in SPEC_FIELDS.items() if f.metadata["recipe"])
+
+
+def split_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    """(spec fields, other config overrides) of `upcycle`'s keyword arguments."""
+    spec = {k: v for k, v in kwargs.items() if k in SPEC_FIELDS}
+    return spec, {k: v for k, v in kwargs.items() if k not in SPEC_FIELDS}

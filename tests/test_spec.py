@@ -1,0 +1,68 @@
+"""One spec for the upcycling knobs: `upcycle()`'s defaults, `hf-condcomp upcycle --help` and the
+recipes' accepted `upcycling:` keys all come from `hf_condcomp.spec.UpcycleSpec`."""
+
+import argparse
+import dataclasses
+import inspect
+
+import pytest
+
+import hf_condcomp
+from hf_condcomp import training
+from hf_condcomp.cli import build_parser
+from hf_condcomp.modeling.configuration_condcomp import CondCompFields
+from hf_condcomp.spec import SPEC_FIELDS, UpcycleSpec
+
+
+def spec_defaults():
+    return {f.name: f.default for f in dataclasses.fields(UpcycleSpec)}
+
+
+def upcycle_subparser():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["upcycle"]
+
+
+def test_upcycle_signature_is_the_spec():
+    params = inspect.signature(hf_condcomp.upcycle).parameters
+    given = {n: p.default for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert given == spec_defaults()
+    assert list(params)[0] == "source" and list(params)[-1] == "config_overrides"
+
+
+def test_cli_flags_and_defaults_are_the_spec():
+    actions = {a.dest: a for a in upcycle_subparser()._actions}
+    flags = {dest: a.default for dest, a in actions.items() if dest not in ("help", "overwrite", "overrides",
+                                                                            "source", "output_dir")}
+    assert flags == spec_defaults()
+    for name, f in SPEC_FIELDS.items():
+        assert f.metadata["help"] in actions[name].help
+        assert actions[name].option_strings == [f"--{name.replace('_', '-')}"]
+
+
+def test_recipe_keys_are_the_spec_less_what_the_recipe_sets():
+    assert set(training.UPCYCLING_KEYS) == set(SPEC_FIELDS) - {"task", "num_labels"}
+
+
+def test_config_field_knobs_default_to_the_config_defaults():
+    config_defaults = {f.name: f.default for f in dataclasses.fields(CondCompFields)}
+    knobs = [f for f in dataclasses.fields(UpcycleSpec) if f.metadata.get("config_field")]
+    assert knobs
+    for f in knobs:
+        assert f.default == config_defaults[f.name], f.name
+
+
+def test_cli_reads_values_as_the_recipes_do(tmp_path):
+    args = upcycle_subparser().parse_args(["src", str(tmp_path), "--layers", "0,2", "--capacity-factor", "1.5",
+                                           "--gate-straight-through", "false", "--mod-layers", "all"])
+    assert args.layers == "0,2" and args.capacity_factor == 1.5 and args.gate_straight_through is False
+    assert args.mod_layers == "all"
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(variant="moed"), "`variant`"), (dict(top_k=9), "`top_k`"), (dict(init="clone"), "`init`"),
+    (dict(routing="random"), "`routing`"), (dict(capacity_factor=0), "`capacity_factor`"),
+])
+def test_the_spec_refuses_bad_values_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        UpcycleSpec(**kwargs)
