@@ -66,8 +66,8 @@ def train_step_fn(model, optimizer, ids, mask):
         out = model(input_ids=ids, attention_mask=mask)
         # A stand-in task loss on the sentence embeddings, plus the model's gate/router losses.
         loss = out.last_hidden_state.float().pow(2).mean()
-        if getattr(out, "loss", None) is not None:
-            loss = loss + out.loss
+        if getattr(out, "routing_loss", None) is not None:  # base models: the weighted router/gate losses
+            loss = loss + out.routing_loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

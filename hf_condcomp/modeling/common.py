@@ -14,24 +14,47 @@ from .routing import load_balancing_loss, router_z_loss
 
 
 @dataclass
-class CondCompOutput(ModelOutput):
-    """Output of every model of this package (base models and heads).
+class CondCompModelOutput(ModelOutput):
+    """Output of the base models (`CondCompBertModel`, ...), in transformers' order:
+    `last_hidden_state` first, so `outputs[0]` is it in every mode, as for any base model.
 
     Beside the usual fields it carries:
         router_logits: one (batch * seq, E) tensor per MoE layer (with `output_router_logits`).
         aux_loss: Switch load-balancing loss over all MoE layers (unweighted).
         z_loss: router z-loss (unweighted).
         compute_loss: the gated layers' losses (allocation penalty, causal predictor), weighted.
+        routing_loss: the weighted sum of the three, which every head adds to its task loss.
         compute_fraction: executed share of token-layer compute in this forward (1.0 = dense).
         layer_compute_fractions: {layer index: executed share} for the gated layers.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     # The KV cache, under the name the installed transformers gives it (compat.py): a dataclass
     # field must carry that exact name for `generate()` and `output["..."]` to find it.
+    if CACHE_KEY == "cache":
+        cache: object | None = None
+    else:
+        past_key_values: object | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    router_logits: tuple | None = None
+    aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    compute_loss: torch.FloatTensor | None = None
+    routing_loss: torch.FloatTensor | None = None
+    compute_fraction: float | None = None
+    layer_compute_fractions: dict | None = None
+
+
+@dataclass
+class CondCompOutput(ModelOutput):
+    """Output of every head (sequence / token classification, masked and causal LM), in
+    transformers' order: `loss` (task loss + routing loss; with labels), `logits`, the cache,
+    `hidden_states`, `attentions`, then the router and gate fields of `CondCompModelOutput`."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
     if CACHE_KEY == "cache":
         cache: object | None = None
     else:
@@ -195,13 +218,15 @@ def compute_fraction(config, ctx: ForwardContext):
     return (n - len(per_layer) + sum(per_layer.values())) / n, per_layer
 
 
-def base_output(config, ctx: ForwardContext, hidden, compute_losses, output_router_logits, **fields):
+def base_output(config, ctx: ForwardContext, hidden, compute_losses, output_router_logits, return_dict=None,
+                **fields):
     """A base model's output: its hidden states plus the router and gate losses and the executed
-    compute of this forward (`loss` carries the weighted sum the heads add to their task loss)."""
+    compute of this forward (`routing_loss` is the weighted sum the heads add to their task loss);
+    a tuple in that order with `return_dict=False` (or `config.return_dict=False`)."""
     total, aux, z, extra = condcomp_losses(config, ctx, compute_losses)
     fraction, per_layer = compute_fraction(config, ctx)
-    return CondCompOutput(
-        loss=total,
+    out = CondCompModelOutput(
+        routing_loss=total,
         last_hidden_state=hidden,
         router_logits=tuple(ctx.router_logits) if output_router_logits else None,
         aux_loss=aux,
@@ -211,17 +236,37 @@ def base_output(config, ctx: ForwardContext, hidden, compute_losses, output_rout
         layer_compute_fractions=per_layer,
         **fields,
     )
+    return out if use_return_dict(config, return_dict) else out.to_tuple()
 
 
-def head_output(base, loss, logits, return_dict):
+def check_unsupported(kwargs):
+    """Refuse what would otherwise be silently ignored."""
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "`output_attentions=True` is not supported yet: attention runs in PyTorch's fused "
+            "scaled_dot_product_attention, which does not return the weights. Leave it False."
+        )
+
+
+def use_return_dict(config, return_dict) -> bool:
+    return getattr(config, "return_dict", True) if return_dict is None else bool(return_dict)
+
+
+def output_hidden_states_of(config, output_hidden_states) -> bool:
+    """The call's `output_hidden_states`, else the config's (`from_pretrained(..., output_hidden_states=True)`)."""
+    return bool(getattr(config, "output_hidden_states", False) if output_hidden_states is None else output_hidden_states)
+
+
+def head_output(config, base, loss, logits, return_dict):
     """A head's output: its task loss plus the base model's router and gate losses."""
-    if loss is not None and base.loss is not None:
-        loss = loss + base.loss
+    if loss is not None and base.routing_loss is not None:
+        loss = loss + base.routing_loss
     out = CondCompOutput(
         loss=loss,
         logits=logits,
         **cache_field(output_cache(base)),
         hidden_states=base.hidden_states,
+        attentions=base.attentions,
         router_logits=base.router_logits,
         aux_loss=base.aux_loss,
         z_loss=base.z_loss,
@@ -229,7 +274,16 @@ def head_output(base, loss, logits, return_dict):
         compute_fraction=base.compute_fraction,
         layer_compute_fractions=base.layer_compute_fractions,
     )
-    return out if return_dict is not False else out.to_tuple()
+    return out if use_return_dict(config, return_dict) else out.to_tuple()
+
+
+def _refuse_reentrant(kwargs):
+    if (kwargs or {}).get("use_reentrant"):
+        raise ValueError(
+            "`use_reentrant=True` gradient checkpointing is not supported: the router and gate losses are "
+            "collected from inside the layers, and the reentrant variant runs them without autograd, so those "
+            "losses would train nothing. Use the default `use_reentrant=False`."
+        )
 
 
 class CondCompInitMixin:
@@ -238,9 +292,16 @@ class CondCompInitMixin:
     `AutoModelForSequenceClassification` (and so on) through `trust_remote_code`."""
 
     _auto_heads: dict = {}
+    supports_gradient_checkpointing = True
     # `forward` takes **kwargs but does not normalise its loss by Trainer's `num_items_in_batch`:
     # without this, Trainer would skip its own division by the accumulation steps.
     accepts_loss_kwargs = False
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        # transformers >= 5.24 routes `activation_checkpointing_enable` through an overridden
+        # `gradient_checkpointing_enable`, so this one check covers both names.
+        _refuse_reentrant(gradient_checkpointing_kwargs)
+        return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def save_pretrained(self, *args, **kwargs):
         module = type(self).__module__.rsplit(".", 1)[-1]

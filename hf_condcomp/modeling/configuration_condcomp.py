@@ -195,6 +195,10 @@ class CondCompLlamaConfig(LlamaConfig, CondCompFields):
     """Llama-family decoder (SwiGLU FFN, RoPE, RMSNorm) with conditional computation."""
 
     model_type = "condcomp_llama"
+    # Llama's plan names `mlp.gate_proj` / `up_proj` / `down_proj` in every layer, which MoE layers
+    # do not have: no tensor-parallel plan rather than a wrong one.
+    base_model_tp_plan = None
+    base_model_pp_plan = None
     # Biases on q/k/v only (Qwen2); None follows `attention_bias`.
     qkv_bias: bool | None = None
 

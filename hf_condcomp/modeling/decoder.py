@@ -4,7 +4,7 @@ causal-LM head and its loss. `generate()` comes from `GenerationMixin`."""
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from .common import base_output, head_output, make_context, positions_from_mask
+from .common import base_output, check_unsupported, head_output, make_context, output_hidden_states_of, positions_from_mask
 from .compat import cache_argument, cache_field
 from .gating import run_layers
 
@@ -28,6 +28,8 @@ class CondCompDecoderMixin:
         **kwargs,
     ):
         past_key_values = cache_argument(past_key_values, cache)
+        check_unsupported(kwargs)
+        output_hidden_states = output_hidden_states_of(self.config, output_hidden_states)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
@@ -54,6 +56,7 @@ class CondCompDecoderMixin:
             x,
             self.training or output_router_logits,
             output_router_logits,
+            return_dict,
             hidden_states=all_hidden,
             **cache_field(past_key_values if use_cache else None),
         )
@@ -114,6 +117,8 @@ class CondCompCausalLMMixin:
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits,
+            return_dict=True,
+            **kwargs,
         )
         hidden = base.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -124,4 +129,4 @@ class CondCompCausalLMMixin:
             shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
             shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
             loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-        return head_output(base, loss, logits, return_dict)
+        return head_output(self.config, base, loss, logits, return_dict)

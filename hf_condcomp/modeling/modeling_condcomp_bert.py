@@ -10,14 +10,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .common import (
     CondCompInitMixin,
     ForwardContext,
     attention,
     base_output,
+    check_unsupported,
     head_output,
     make_context,
+    output_hidden_states_of,
 )
 from .configuration_condcomp import CondCompBertConfig
 from .gating import run_layers, wrap_gated_layers
@@ -109,7 +112,7 @@ class CondCompBertOutput(nn.Module):
         return self.LayerNorm(self.dropout(hidden) + residual)
 
 
-class CondCompBertLayer(nn.Module):
+class CondCompBertLayer(GradientCheckpointingLayer):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
@@ -151,8 +154,8 @@ class CondCompBertPooler(nn.Module):
 class CondCompBertPreTrainedModel(CondCompInitMixin, PreTrainedModel):
     config_class = CondCompBertConfig
     base_model_prefix = "bert"
-    supports_gradient_checkpointing = False
     _supports_sdpa = True
+    _no_split_modules = ["CondCompBertLayer"]
     _auto_heads = {
         "AutoModel": "CondCompBertModel",
         "AutoModelForSequenceClassification": "CondCompBertForSequenceClassification",
@@ -189,6 +192,8 @@ class CondCompBertModel(CondCompBertPreTrainedModel):
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        check_unsupported(kwargs)
+        output_hidden_states = output_hidden_states_of(self.config, output_hidden_states)
         output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, H)
         B, T = x.shape[:2]
@@ -204,6 +209,7 @@ class CondCompBertModel(CondCompBertPreTrainedModel):
             x,
             self.training or output_router_logits,
             output_router_logits,
+            return_dict,
             pooler_output=self.pooler(x) if self.pooler is not None else None,
             hidden_states=all_hidden,
         )
@@ -220,7 +226,7 @@ class CondCompBertForSequenceClassification(CondCompBertPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, labels=None, return_dict=None, **kwargs):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
+        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs)
         logits = self.classifier(self.dropout(base.pooler_output))  # (B, num_labels)
         loss = None
         if labels is not None:
@@ -235,7 +241,7 @@ class CondCompBertForSequenceClassification(CondCompBertPreTrainedModel):
                 loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
             else:
                 loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-        return head_output(base, loss, logits, return_dict)
+        return head_output(self.config, base, loss, logits, return_dict)
 
 
 class CondCompBertForTokenClassification(CondCompBertPreTrainedModel):
@@ -249,12 +255,12 @@ class CondCompBertForTokenClassification(CondCompBertPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, labels=None, return_dict=None, **kwargs):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
+        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs)
         logits = self.classifier(self.dropout(base.last_hidden_state))  # (B, T, num_labels)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
-        return head_output(base, loss, logits, return_dict)
+        return head_output(self.config, base, loss, logits, return_dict)
 
 
 class CondCompBertPredictionHeadTransform(nn.Module):
@@ -308,12 +314,12 @@ class CondCompBertForMaskedLM(CondCompBertPreTrainedModel):
         self.cls.predictions.bias = value.bias
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, labels=None, return_dict=None, **kwargs):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
+        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs)
         logits = self.cls(base.last_hidden_state)  # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.config.vocab_size), labels.view(-1), ignore_index=-100)
-        return head_output(base, loss, logits, return_dict)
+        return head_output(self.config, base, loss, logits, return_dict)
 
 
 CondCompBertConfig.register_for_auto_class()

@@ -9,6 +9,7 @@ import torch.nn as nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.pytorch_utils import Conv1D
 
 from .common import CondCompInitMixin, ForwardContext, attention
@@ -55,7 +56,7 @@ class CondCompGPT2MLP(nn.Module):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
-class CondCompGPT2Block(nn.Module):
+class CondCompGPT2Block(GradientCheckpointingLayer):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
@@ -85,6 +86,7 @@ class CondCompGPT2PreTrainedModel(CondCompInitMixin, PreTrainedModel):
     config_class = CondCompGPT2Config
     base_model_prefix = "transformer"
     _supports_sdpa = True
+    _no_split_modules = ["CondCompGPT2Block"]
     _auto_heads = {"AutoModel": "CondCompGPT2Model", "AutoModelForCausalLM": "CondCompGPT2ForCausalLM"}
 
     def _init_weights(self, module):

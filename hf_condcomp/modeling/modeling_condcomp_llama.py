@@ -6,6 +6,7 @@ an MoE layer holds `mlp.router` and `mlp.experts.gate_up_proj` ([gate; up] stack
 import torch.nn as nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from .common import CondCompInitMixin, ForwardContext, attention
@@ -53,7 +54,7 @@ class CondCompLlamaMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class CondCompLlamaDecoderLayer(nn.Module):
+class CondCompLlamaDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
@@ -82,6 +83,7 @@ class CondCompLlamaPreTrainedModel(CondCompInitMixin, PreTrainedModel):
     config_class = CondCompLlamaConfig
     base_model_prefix = "model"
     _supports_sdpa = True
+    _no_split_modules = ["CondCompLlamaDecoderLayer"]
     _auto_heads = {"AutoModel": "CondCompLlamaModel", "AutoModelForCausalLM": "CondCompLlamaForCausalLM"}
 
 

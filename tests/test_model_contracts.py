@@ -1,0 +1,153 @@
+"""Contracts that transformers' common model tests (`ModelTesterMixin`) check, for the MoE, MoD and
+gate classes of the three families: `return_dict=False` in transformers' tuple order (in train mode
+too), hidden states from the call and from the config, gradient checkpointing equal to none, a
+correct (here: no) tensor-parallel plan, `_no_split_modules` that name real layer classes.
+
+Not covered yet (issue "Native Transformers models"): `output_attentions` (refused with a clear
+error: attention runs in fused SDPA), `attn_implementation` other than sdpa, static caches,
+`torch.compile(fullgraph=True)`."""
+
+import pytest
+import torch
+from conftest import LAYERS, VOCAB, tiny_source
+
+import hf_condcomp
+
+FAMILIES = {"bert": "sequence-classification", "gpt2": None, "llama": None}
+VARIANTS = {
+    "moe": dict(num_experts=4, top_k=2, init="noise", noise_std=0.3, layers="all"),
+    "mod": dict(variant="mod", capacity=0.5, layers="all"),
+    "gate": dict(variant="gate", layers="all", gate_init_bias=0.0),
+}
+
+
+def build(family, variant, **overrides):
+    dense = tiny_source(family, FAMILIES[family], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) \
+        if family == "bert" else tiny_source(family, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) \
+        if family == "gpt2" else tiny_source(family)
+    model = hf_condcomp.upcycle(dense, **VARIANTS[variant], **overrides)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # mixed routing decisions, so that skipping really happens
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("mod_router", "mod_predictor", "compute_gate.weight")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def batch(family):
+    ids = torch.randint(1, VOCAB, (3, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    labels = torch.tensor([0, 2, 1]) if family == "bert" else ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+CASES = [(f, v) for f in FAMILIES for v in VARIANTS]
+
+
+@pytest.mark.parametrize("family,variant", CASES)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_return_dict_false_gives_transformers_tuple_order(family, variant, mode):
+    model = build(family, variant)
+    getattr(model, mode)()
+    ids, mask, labels = batch(family)
+    torch.manual_seed(0)
+    as_dict = model(ids, attention_mask=mask, labels=labels)
+    torch.manual_seed(0)
+    as_tuple = model(ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.loss)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits)
+    # The base model: last_hidden_state first in every mode (the routing loss rides further back).
+    base = model.base_model
+    torch.manual_seed(0)
+    base_dict = base(ids, attention_mask=mask)
+    torch.manual_seed(0)
+    base_tuple = base(ids, attention_mask=mask, return_dict=False)
+    assert base_tuple[0].shape == (3, 8, model.config.hidden_size)
+    torch.testing.assert_close(base_tuple[0], base_dict.last_hidden_state)
+    if mode == "train" and (variant != "mod" or family != "bert"):  # BERT's MoD has no auxiliary loss
+        assert base_dict.routing_loss is not None and base_dict.routing_loss.dim() == 0
+    # config.return_dict=False works the same, and the heads still read their base model.
+    model.config.return_dict = False
+    assert isinstance(model(ids, attention_mask=mask), tuple)
+
+
+@pytest.mark.parametrize("family,variant", CASES)
+def test_hidden_states_from_the_call_and_from_the_config(family, variant, tmp_path):
+    model = build(family, variant).eval()
+    ids, mask, _ = batch(family)
+    with torch.no_grad():
+        called = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        assert model(ids, attention_mask=mask).hidden_states is None
+    assert len(called) == LAYERS + 1
+    assert all(h.shape == (3, 8, model.config.hidden_size) for h in called)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path, output_hidden_states=True).eval()
+    with torch.no_grad():
+        from_config = reloaded(ids, attention_mask=mask).hidden_states
+    assert len(from_config) == LAYERS + 1
+    for a, b in zip(called, from_config):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("family,variant", [("bert", "moe"), ("bert", "mod"), ("llama", "moe"), ("llama", "gate"),
+                                            ("gpt2", "mod")])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family, variant):
+    ids, mask, labels = batch(family)
+    results = []
+    for checkpointing in (False, True):
+        model = build(family, variant).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert all(layer.gradient_checkpointing for layer in _layers(model))
+        out = model(ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    routing = [n for n in grads_a if any(k in n for k in ("router", "mod_predictor", "compute_gate"))]
+    assert routing, "routing parameters get gradients in both runs"
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_reentrant_checkpointing_is_refused():
+    model = build("llama", "moe")
+    with pytest.raises(ValueError, match="use_reentrant=True"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.24 on
+        with pytest.raises(ValueError, match="use_reentrant=True"):
+            model.activation_checkpointing_enable({"use_reentrant": True})
+        model.activation_checkpointing_enable()
+        assert all(layer.gradient_checkpointing for layer in _layers(model))
+
+
+def _layers(model):
+    base = model.base_model
+    return base.encoder.layer if hasattr(base, "encoder") else base.decoder_layers()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_no_split_modules_and_no_wrong_tensor_parallel_plan(family):
+    model = build(family, "moe")
+    classes = {type(m).__name__ for m in model.modules()}
+    assert model._no_split_modules and set(model._no_split_modules) <= classes
+    assert type(_layers(model)[0]).__name__ in model._no_split_modules
+    plan = model.config.base_model_tp_plan or {}
+    names = [n for n, _ in model.base_model.named_modules()]
+    import re
+
+    for pattern in plan:  # every planned module must exist (Llama's plan named dense MLP weights)
+        regex = re.compile("^" + re.escape(pattern).replace(r"\*", r"\d+") + "$")
+        assert any(regex.match(n) for n in names), pattern
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_output_attentions_is_refused_rather_than_ignored(family):
+    model = build(family, "moe").eval()
+    ids, mask, _ = batch(family)
+    with pytest.raises(ValueError, match="`output_attentions=True` is not supported"):
+        model(ids, attention_mask=mask, output_attentions=True)
