@@ -56,10 +56,8 @@ def batch(family, B=3, T=9, seed=1):
 
 
 def dense_output(family, dense, ids, mask, **kwargs):
-    """The dense parent's output; decoders get the positions our models derive from left padding
-    (transformers' GPT-2 would count padding positions)."""
-    if family != "bert":
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    """The dense parent's output on the same call (positions 0..T-1 in both, as transformers' decoders
+    count them unless `position_ids` are passed)."""
     out = dense(ids, attention_mask=mask, **kwargs)
     return out if kwargs.get("output_hidden_states") else main_output(family, out)
 
@@ -485,8 +483,10 @@ def test_generate_is_causal_and_cache_consistent(family, variant):
     # A teacher-forced eval forward over the generated text makes the same decisions and logits.
     seq = cached.sequences
     full_mask = torch.cat([mask, torch.ones(2, seq.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
+    # Positions over the real tokens, as generate() derives them from the attention mask.
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        logits = model(seq, attention_mask=full_mask, use_cache=False).logits
+        logits = model(seq, attention_mask=full_mask, position_ids=positions, use_cache=False).logits
     forced_routing = [r.routing_log.pop() for r in routers]
     P = ids.shape[1]
     for step, step_logits in enumerate(cached.logits):
@@ -501,7 +501,7 @@ def test_generate_is_causal_and_cache_consistent(family, variant):
     changed = seq.clone()
     changed[:, cut:] = (changed[:, cut:] + 7) % (VOCAB - 1) + 1
     with torch.no_grad():
-        changed_logits = model(changed, attention_mask=full_mask, use_cache=False).logits
+        changed_logits = model(changed, attention_mask=full_mask, position_ids=positions, use_cache=False).logits
     changed_routing = [r.routing_log.pop() for r in routers]
     torch.testing.assert_close(changed_logits[:, :cut], logits[:, :cut], atol=1e-5, rtol=1e-5)
     for a, b in zip(changed_routing, forced_routing):

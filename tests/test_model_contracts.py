@@ -151,3 +151,34 @@ def test_output_attentions_is_refused_rather_than_ignored(family):
     ids, mask, _ = batch(family)
     with pytest.raises(ValueError, match="`output_attentions=True` is not supported"):
         model(ids, attention_mask=mask, output_attentions=True)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_left_padded_batch_equals_the_dense_parent_without_position_ids(family):
+    # transformers' decoders count positions 0..T-1 unless `position_ids` are passed; so do ours.
+    dense = tiny_source(family).eval()
+    model = hf_condcomp.upcycle(dense, num_experts=4, top_k=2, layers="all").eval()
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        ours, theirs = model(ids, attention_mask=mask).logits, dense(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=0)
+    greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **greedy), dense.generate(ids, attention_mask=mask, **greedy))
+
+
+def test_gpt2_token_type_ids_are_embedded_as_in_the_dense_parent():
+    dense = tiny_source("gpt2").eval()
+    model = hf_condcomp.upcycle(dense, num_experts=4, top_k=2).eval()
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    types = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 1, 0, 1, 0, 1]])
+    with torch.no_grad():
+        ours, theirs = model(ids, token_type_ids=types).logits, dense(ids, token_type_ids=types).logits
+        plain = model(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert (ours - plain).abs().max() > 1e-3  # the types change the output: they are not dropped
+    greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, token_type_ids=types, **greedy),
+                       dense.generate(ids, token_type_ids=types, **greedy))

@@ -172,15 +172,6 @@ def make_context(attention_mask, num_queries, past_length, causal, device, batch
     )
 
 
-def positions_from_mask(attention_mask, num_queries, past_length, device):
-    """Position ids (B, T): arange after the cache, or counted over real tokens when left-padded."""
-    if attention_mask is None or bool(attention_mask.all()):
-        return torch.arange(past_length, past_length + num_queries, device=device).unsqueeze(0)
-    mask = attention_mask.to(device=device, dtype=torch.long)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return positions[:, -num_queries:]
-
-
 def condcomp_losses(config, ctx: ForwardContext, compute: bool):
     """Returns (weighted total or None, aux_loss, z_loss, compute_loss); padding is `ctx.token_mask`."""
     if not compute:

@@ -1,10 +1,11 @@
 """Forward logic shared by the decoder families (GPT-2, Llama): KV cache, positions, the
 causal-LM head and its loss. `generate()` comes from `GenerationMixin`."""
 
+import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from .common import base_output, check_unsupported, head_output, make_context, output_hidden_states_of, positions_from_mask
+from .common import base_output, check_unsupported, head_output, make_context, output_hidden_states_of
 from .compat import cache_argument, cache_field
 from .gating import run_layers
 
@@ -25,6 +26,7 @@ class CondCompDecoderMixin:
         output_router_logits=None,
         return_dict=None,
         cache=None,
+        token_type_ids=None,
         **kwargs,
     ):
         past_key_values = cache_argument(past_key_values, cache)
@@ -40,9 +42,9 @@ class CondCompDecoderMixin:
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         device = (input_ids if input_ids is not None else inputs_embeds).device
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, T, past, device)  # (B or 1, T)
-        x = self.embed(input_ids, inputs_embeds, position_ids)  # (B, T, H)
+        if position_ids is None:  # as transformers' decoders: 0..T-1 after the cache, padding or not
+            position_ids = torch.arange(past, past + T, device=device).unsqueeze(0)  # (1, T)
+        x = self.embed(input_ids, inputs_embeds, position_ids, token_type_ids)  # (B, T, H)
         ctx = make_context(attention_mask, T, past, causal=True, device=device, batch_size=B)
         ctx.cache = past_key_values if use_cache else None
         ctx.position_embeddings = self.position_embeddings(x, position_ids)
@@ -106,6 +108,7 @@ class CondCompCausalLMMixin:
         output_router_logits=None,
         return_dict=None,
         cache=None,
+        token_type_ids=None,
         **kwargs,
     ):
         base = self.base_model(
@@ -118,6 +121,7 @@ class CondCompCausalLMMixin:
             output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits,
             return_dict=True,
+            token_type_ids=token_type_ids,
             **kwargs,
         )
         hidden = base.last_hidden_state

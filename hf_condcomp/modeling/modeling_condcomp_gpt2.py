@@ -113,10 +113,13 @@ class CondCompGPT2Model(CondCompDecoderMixin, CondCompGPT2PreTrainedModel):
     def set_input_embeddings(self, value):
         self.wte = value
 
-    def embed(self, input_ids, inputs_embeds, position_ids):
+    def embed(self, input_ids, inputs_embeds, position_ids, token_type_ids=None):
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
-        return self.drop(inputs_embeds + self.wpe(position_ids))
+        x = inputs_embeds + self.wpe(position_ids)
+        if token_type_ids is not None:  # GPT-2 embeds token types with the token embedding matrix
+            x = x + self.wte(token_type_ids)
+        return self.drop(x)
 
     def decoder_layers(self):
         return self.h

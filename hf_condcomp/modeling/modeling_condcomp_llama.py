@@ -103,7 +103,8 @@ class CondCompLlamaModel(CondCompDecoderMixin, CondCompLlamaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def embed(self, input_ids, inputs_embeds, position_ids):
+    def embed(self, input_ids, inputs_embeds, position_ids, token_type_ids=None):
+        # token_type_ids: ignored, as transformers' Llama ignores them
         return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
 
     def position_embeddings(self, x, position_ids):
