@@ -46,8 +46,8 @@ them under a sub-context (their original positions as `query_index`, so causal o
 and RoPE stay right), and the results are scattered back. With a KV cache a gated layer keeps its
 cache rectangular: skipped tokens get zero placeholder keys/values, and a per-layer validity mask
 (B, L) stored on the cache object (`cache.condcomp_kv_valid[layer_idx]`) hides them from later
-queries. Greedy search and sampling are supported; beam search reorders the cache but not that
-mask and is not supported with gated layers.
+queries. Greedy search and sampling are supported; beam search would reorder the cache but not
+that mask, so `generate()` refuses it over the cache (decoder.py); without the cache it is exact.
 """
 
 import dataclasses
