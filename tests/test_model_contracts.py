@@ -3,8 +3,9 @@ gate classes of the three families: `return_dict=False` in transformers' tuple o
 too), hidden states from the call and from the config, gradient checkpointing equal to none, a
 correct (here: no) tensor-parallel plan, `_no_split_modules` that name real layer classes.
 
-Not covered yet (issue "Native Transformers models"): `output_attentions` (refused with a clear
-error: attention runs in fused SDPA), `attn_implementation` other than sdpa, static caches,
+`attn_implementation` "eager" and `output_attentions` are checked against the dense parent's eager
+attention weights; MoD/gated models refuse `output_attentions` and every model refuses FlashAttention.
+Not covered yet (issue "Native Transformers models"): flex attention, static caches,
 `torch.compile(fullgraph=True)`."""
 
 import pytest
@@ -145,13 +146,67 @@ def test_no_split_modules_and_no_wrong_tensor_parallel_plan(family):
         assert any(regex.match(n) for n in names), pattern
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_output_attentions_is_refused_rather_than_ignored(family):
-    model = build(family, "moe").eval()
-    ids, mask, _ = batch(family)
-    with pytest.raises(ValueError, match="`output_attentions=True` is not supported"):
-        model(ids, attention_mask=mask, output_attentions=True)
+def dense_parent(family):
+    if family == "bert":
+        return tiny_source(family, FAMILIES[family], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return tiny_source(family)
 
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_eager_attention_and_output_attentions_match_the_dense_parent(family, tmp_path):
+    dense = dense_parent(family)
+    model = hf_condcomp.upcycle(dense, num_experts=4, top_k=2, layers="all")  # copy: the parent at step 0
+    model.save_pretrained(tmp_path / "sdpa")
+    ids, mask, _ = batch(family)
+    sdpa = type(model).from_pretrained(tmp_path / "sdpa").eval()
+    eager = type(model).from_pretrained(tmp_path / "sdpa", attn_implementation="eager").eval()
+    assert eager.config._attn_implementation == "eager"
+    dense.save_pretrained(tmp_path / "dense")
+    dense_eager = type(dense).from_pretrained(tmp_path / "dense", attn_implementation="eager").eval()
+    real = mask.bool()
+    with torch.no_grad():
+        a, b = sdpa(ids, attention_mask=mask), eager(ids, attention_mask=mask, output_attentions=True)
+        reference = dense_eager(ids, attention_mask=mask, output_attentions=True)
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-5)
+    assert len(b.attentions) == LAYERS == len(reference.attentions)
+    heads = model.config.num_attention_heads
+    for ours, theirs in zip(b.attentions, reference.attentions):
+        assert ours.shape == (3, heads, 8, 8)
+        torch.testing.assert_close(ours.sum(-1)[:, 0][real], torch.ones_like(ours.sum(-1)[:, 0][real]))
+        # Rows of real query tokens: the parent's weights (padding rows are unused in both).
+        torch.testing.assert_close(ours.transpose(1, 2)[real], theirs.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+    # output_attentions from the config (transformers allows it with eager attention only), and
+    # from the call on an SDPA model (that forward computes eagerly).
+    eager.config.output_attentions = True
+    with torch.no_grad():
+        from_config = eager(ids, attention_mask=mask).attentions
+        from_sdpa_call = sdpa(ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(from_config) == len(from_sdpa_call) == LAYERS
+    torch.testing.assert_close(from_config[-1], b.attentions[-1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(from_sdpa_call[-1], b.attentions[-1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_returns_attentions_and_scores(family):
+    model = hf_condcomp.upcycle(tiny_source(family), num_experts=4, top_k=2, layers="all").eval()
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                         output_scores=True, output_attentions=True)
+    assert len(out.scores) == 3 and out.scores[0].shape == (2, VOCAB)
+    assert len(out.attentions) == 3 and len(out.attentions[0]) == LAYERS
+    assert out.attentions[0][0].shape[-2:] == (5, 5) and out.attentions[1][0].shape[-2:] == (1, 6)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_output_attentions_with_gated_layers_and_flash_attention_are_refused(family, tmp_path):
+    model = build(family, "mod").eval()
+    ids, mask, _ = batch(family)
+    with pytest.raises(ValueError, match="`output_attentions=True` is not supported for models with Mixture-of-Depths"):
+        model(ids, attention_mask=mask, output_attentions=True)
+    moe = build(family, "moe")
+    moe.save_pretrained(tmp_path)
+    with pytest.raises((ValueError, ImportError), match="lash"):  # transformers' own refusal names FlashAttention
+        type(moe).from_pretrained(tmp_path, attn_implementation="flash_attention_2")
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_left_padded_batch_equals_the_dense_parent_without_position_ids(family):

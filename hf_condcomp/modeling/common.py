@@ -95,6 +95,11 @@ class ForwardContext:
     cache: object | None = None
     pinned: torch.Tensor | None = None
     kv_states: torch.Tensor | None = None
+    # `config._attn_implementation`: "sdpa" (fused) or "eager" (explicit softmax, which can return
+    # the weights); with `output_attentions` every attention appends its (B, h, T, L) weights.
+    attn_implementation: str = "sdpa"
+    output_attentions: bool = False
+    attentions: list = field(default_factory=list)
     router_logits: list = field(default_factory=list)
     extra_losses: list = field(default_factory=list)
     layer_fractions: dict = field(default_factory=dict)
@@ -128,6 +133,8 @@ def build_attention_mask(kv_valid, query_index, num_keys, causal):
 
 def attention(q, k, v, ctx: ForwardContext, dropout: float, scale: float | None = None):
     """q (B, h, T, d), k/v (B, hk, L, d) -> (B, T, h * d)."""
+    if ctx.attn_implementation == "eager" or ctx.output_attentions:
+        return _eager_attention(q, k, v, ctx, dropout, scale)
     out = F.scaled_dot_product_attention(
         q,
         k,
@@ -139,6 +146,46 @@ def attention(q, k, v, ctx: ForwardContext, dropout: float, scale: float | None 
         enable_gqa=k.shape[1] != q.shape[1],
     )  # (B, h, T, d)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def _eager_attention(q, k, v, ctx: ForwardContext, dropout: float, scale: float | None):
+    """The same attention written out (softmax(q k^T * scale + mask) v), which can return its weights."""
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key/value head serves h / hk query heads
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, h, T, L)
+    mask = ctx.attn_mask
+    if mask is None and ctx.is_causal:
+        T, L = scores.shape[-2:]
+        mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, h, T, L)
+    if ctx.output_attentions:
+        ctx.attentions.append(weights)
+    out = F.dropout(weights, p=dropout) @ v  # (B, h, T, d)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def attention_settings(model, ctx: ForwardContext, output_attentions):
+    """Fill in the attention implementation and `output_attentions` (call, else config) of a forward."""
+    config = model.config
+    name = getattr(config, "_attn_implementation", None) or "sdpa"
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"`attn_implementation`={name!r} is not supported by hf_condcomp models: use one of "
+            f"{ATTENTION_IMPLEMENTATIONS} (routed and gated layers pass arbitrary masks)."
+        )
+    if output_attentions is None:
+        output_attentions = getattr(config, "output_attentions", False)
+    if output_attentions and (config.mod_layers or config.gate_layers):
+        raise ValueError(
+            "`output_attentions=True` is not supported for models with Mixture-of-Depths or gated layers: a "
+            "routed layer attends over its own sub-batch of tokens, whose weights have no full-sequence shape."
+        )
+    ctx.attn_implementation, ctx.output_attentions = name, bool(output_attentions)
 
 
 def make_context(attention_mask, num_queries, past_length, causal, device, batch_size):
@@ -216,6 +263,8 @@ def base_output(config, ctx: ForwardContext, hidden, compute_losses, output_rout
     a tuple in that order with `return_dict=False` (or `config.return_dict=False`)."""
     total, aux, z, extra = condcomp_losses(config, ctx, compute_losses)
     fraction, per_layer = compute_fraction(config, ctx)
+    if ctx.output_attentions:
+        fields["attentions"] = tuple(ctx.attentions)
     out = CondCompModelOutput(
         routing_loss=total,
         last_hidden_state=hidden,
@@ -228,15 +277,6 @@ def base_output(config, ctx: ForwardContext, hidden, compute_losses, output_rout
         **fields,
     )
     return out if use_return_dict(config, return_dict) else out.to_tuple()
-
-
-def check_unsupported(kwargs):
-    """Refuse what would otherwise be silently ignored."""
-    if kwargs.get("output_attentions"):
-        raise ValueError(
-            "`output_attentions=True` is not supported yet: attention runs in PyTorch's fused "
-            "scaled_dot_product_attention, which does not return the weights. Leave it False."
-        )
 
 
 def use_return_dict(config, return_dict) -> bool:

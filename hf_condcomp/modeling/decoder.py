@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from .common import base_output, check_unsupported, head_output, make_context, output_hidden_states_of
+from .common import attention_settings, base_output, head_output, make_context, output_hidden_states_of
 from .compat import cache_argument, cache_field
 from .gating import run_layers
 
@@ -27,10 +27,10 @@ class CondCompDecoderMixin:
         return_dict=None,
         cache=None,
         token_type_ids=None,
+        output_attentions=None,
         **kwargs,
     ):
         past_key_values = cache_argument(past_key_values, cache)
-        check_unsupported(kwargs)
         output_hidden_states = output_hidden_states_of(self.config, output_hidden_states)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
@@ -47,6 +47,7 @@ class CondCompDecoderMixin:
         x = self.embed(input_ids, inputs_embeds, position_ids, token_type_ids)  # (B, T, H)
         ctx = make_context(attention_mask, T, past, causal=True, device=device, batch_size=B)
         ctx.cache = past_key_values if use_cache else None
+        attention_settings(self, ctx, output_attentions)
         ctx.position_embeddings = self.position_embeddings(x, position_ids)
         x, all_hidden = run_layers(self.decoder_layers(), x, ctx, output_hidden_states)
         x = self.final_norm(x)
@@ -109,6 +110,7 @@ class CondCompCausalLMMixin:
         return_dict=None,
         cache=None,
         token_type_ids=None,
+        output_attentions=None,
         **kwargs,
     ):
         base = self.base_model(
@@ -122,6 +124,7 @@ class CondCompCausalLMMixin:
             output_router_logits=output_router_logits,
             return_dict=True,
             token_type_ids=token_type_ids,
+            output_attentions=output_attentions,
             **kwargs,
         )
         hidden = base.last_hidden_state

@@ -16,8 +16,8 @@ from .common import (
     CondCompInitMixin,
     ForwardContext,
     attention,
+    attention_settings,
     base_output,
-    check_unsupported,
     head_output,
     make_context,
     output_hidden_states_of,
@@ -188,16 +188,17 @@ class CondCompBertModel(CondCompBertPreTrainedModel):
         output_hidden_states=None,
         output_router_logits=None,
         return_dict=None,
+        output_attentions=None,
         **kwargs,
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        check_unsupported(kwargs)
         output_hidden_states = output_hidden_states_of(self.config, output_hidden_states)
         output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, H)
         B, T = x.shape[:2]
         ctx = make_context(attention_mask, T, 0, causal=False, device=x.device, batch_size=B)
+        attention_settings(self, ctx, output_attentions)
         gated = self.config.mod_layers or self.config.gate_layers
         if gated and self.pooler is not None and self.config.keep_pooled_token:
             ctx.pinned = torch.zeros(B, T, dtype=torch.bool, device=x.device)
