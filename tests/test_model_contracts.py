@@ -237,3 +237,12 @@ def test_gpt2_token_type_ids_are_embedded_as_in_the_dense_parent():
     greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids, token_type_ids=types, **greedy),
                        dense.generate(ids, token_type_ids=types, **greedy))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_static_cache_is_refused_with_a_clear_error(family):
+    model = hf_condcomp.upcycle(tiny_source(family), num_experts=4, top_k=2, layers="all").eval()
+    ids = torch.randint(1, VOCAB, (1, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="is not supported yet.*dynamic cache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
+    assert model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (1, 6)

@@ -39,6 +39,12 @@ class CondCompDecoderMixin:
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
+        if getattr(past_key_values, "is_compileable", False):
+            raise ValueError(
+                f"`{type(past_key_values).__name__}` (e.g. `cache_implementation='static'`) is not supported yet: "
+                "the attention here takes keys of the cache's own length only. Use the default dynamic cache "
+                "(leave `cache_implementation` unset)."
+            )
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         device = (input_ids if input_ids is not None else inputs_embeds).device
