@@ -143,7 +143,7 @@ def native_config(config, fmt: str):
     return native
 
 
-def native_state_dict(state: dict, config, native_model) -> dict:
+def native_state_dict(state: dict, native_model) -> dict:
     """Our state dict under the native model's keys; asserts that every key is matched once, with its shape."""
     out = {}
     for key, value in state.items():
@@ -189,7 +189,7 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
     native_cls = MixtralForCausalLM if fmt == "mixtral" else Qwen2MoeForCausalLM
     with no_init_weights():
         native = native_cls(native_config(ours.config, fmt))
-    native.load_state_dict(native_state_dict(ours.state_dict(), ours.config, native), strict=True)
+    native.load_state_dict(native_state_dict(ours.state_dict(), native), strict=True)
     if native.config.tie_word_embeddings:
         native.tie_weights()
     native.to(ours.dtype).eval()
