@@ -17,6 +17,7 @@ except the FFNs of the chosen layers, which become E experts and a router:
   mean input weights (a token is sent to the groups it pre-activates most).
 """
 
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -33,11 +34,14 @@ from transformers import (
     AutoModelForTokenClassification,
     PreTrainedModel,
 )
+from transformers.activations import ACT2FN
 from transformers.initialization import no_init_weights
 
 from . import assets
+from .modeling.architectures import activation_of, detect_layout, find_layers, layout_to_dict
 from .modeling.configuration_condcomp import (
     CondCompBertConfig,
+    CondCompConfig,
     CondCompGPT2Config,
     CondCompLlamaConfig,
     intermediate_size_of,
@@ -47,6 +51,13 @@ from .modeling.modeling_condcomp_bert import (
     CondCompBertForSequenceClassification,
     CondCompBertForTokenClassification,
     CondCompBertModel,
+)
+from .modeling.modeling_condcomp import (
+    CondCompForCausalLM,
+    CondCompForMaskedLM,
+    CondCompForSequenceClassification,
+    CondCompForTokenClassification,
+    CondCompModel,
 )
 from .modeling.modeling_condcomp_gpt2 import CondCompGPT2ForCausalLM, CondCompGPT2Model
 from .modeling.modeling_condcomp_llama import CondCompLlamaForCausalLM, CondCompLlamaModel
@@ -86,8 +97,24 @@ FAMILIES = {
         "layers.{i}.",
         ("llama", "mistral", "qwen2"),
     ),
+    # Every other architecture (and Mistral / Qwen2 with sliding windows): transformers' own model
+    # with MoE blocks in its FFNs' places (modeling_condcomp.py); where the FFN is comes from
+    # architectures.py, so the layer prefix is found at upcycling time.
+    "native": (
+        CondCompConfig,
+        {
+            "base": CondCompModel,
+            "sequence-classification": CondCompForSequenceClassification,
+            "token-classification": CondCompForTokenClassification,
+            "masked-lm": CondCompForMaskedLM,
+            "causal-lm": CondCompForCausalLM,
+        },
+        None,
+        (),
+    ),
 }
 _FAMILY_OF = {model_type: family for family, spec in FAMILIES.items() for model_type in spec[3]}
+GATED_FAMILIES = ("bert", "gpt2", "llama")
 
 # The source architecture's own task, from `config.architectures[0]`'s suffix.
 _ARCH_SUFFIX_TASK = (
@@ -145,14 +172,14 @@ def _task_of_architecture(architecture: str | None, family: str) -> str:
         for suffix, task in _ARCH_SUFFIX_TASK:
             if architecture.endswith(suffix):
                 return task
-    return "base" if family == "bert" else "causal-lm"
+    return "base" if family in ("bert", "native") else "causal-lm"
 
 
-def _load_source(source, task, num_labels):
+def _load_source(source, task, num_labels, family_choice="auto"):
     """Returns (dense model, family, task, source name)."""
     if isinstance(source, PreTrainedModel):
         model, name = source, getattr(source.config, "_name_or_path", "") or type(source).__name__
-        family = _family(model.config.model_type)
+        family = _family(model.config, family_choice)
         source_task = _task_of_architecture(type(model).__name__, family)
         task = task or source_task
         _check_task(task, family)
@@ -173,10 +200,18 @@ def _load_source(source, task, num_labels):
             f"`source`={name!r} could not be read as a Transformers checkpoint ({err}). Pass a Hub id, a folder "
             "with config.json and weights, or one of the embedded names: " + ", ".join(assets.EMBEDDED)
         ) from err
-    family = _family(config.model_type)
+    family = _family(config, family_choice)
     architecture = (config.architectures or [None])[0]
     task = task or _task_of_architecture(architecture, family)
     _check_task(task, family)
+    if family == "native":  # refuse an architecture without a known FFN before reading its weights
+        with torch.device("meta"):
+            try:
+                skeleton = _AUTO_SOURCE[task].from_config(config)
+            except ValueError as err:
+                raise ValueError(f"`source`={name!r} (model type {config.model_type!r}) has no {task} model in "
+                                 f"transformers: {err}") from err
+        _native_layout(skeleton, task)
     kwargs = {}
     if num_labels is not None and task in ("sequence-classification", "token-classification"):
         kwargs["num_labels"] = num_labels
@@ -187,13 +222,17 @@ def _load_source(source, task, num_labels):
     return model, family, task, name
 
 
-def _family(model_type: str) -> str:
-    if model_type not in _FAMILY_OF:
-        raise ValueError(
-            f"unsupported source architecture `model_type`={model_type!r}: supported are {sorted(_FAMILY_OF)} "
-            "(BERT encoders, GPT-2 decoders, Llama-family decoders)."
-        )
-    return _FAMILY_OF[model_type]
+def _family(config, choice="auto") -> str:
+    """The hand-written family that expresses the source exactly, else (or when asked) `native`."""
+    family = "native" if choice == "native" else _FAMILY_OF.get(config.model_type, "native")
+    if family == "llama" and _sliding_window(config):
+        return "native"
+    return family
+
+
+def _sliding_window(config):
+    sliding = getattr(config, "sliding_window", None)
+    return bool(sliding and getattr(config, "use_sliding_window", True) and sliding < config.max_position_embeddings)
 
 
 def _check_task(task, family):
@@ -207,13 +246,6 @@ def _target_config(src_config, family, **fields):
     values = {k: v for k, v in src_config.to_dict().items() if k not in _CONFIG_KEYS_DROPPED}
     if src_config.model_type == "qwen2":
         values["qkv_bias"], values["attention_bias"] = True, False
-    sliding = getattr(src_config, "sliding_window", None)
-    if src_config.model_type in ("mistral", "qwen2") and sliding and getattr(src_config, "use_sliding_window", True):
-        if sliding < src_config.max_position_embeddings:
-            raise ValueError(
-                f"source `sliding_window`={sliding} is not supported (full attention only): use a checkpoint "
-                "without sliding-window attention."
-            )
     values.update(fields)
     return config_class(**_as_floats_where_expected(config_class, values))
 
@@ -371,16 +403,27 @@ def upcycle(source, **settings):
         "capacity", "compute_penalty", "threshold", "mod_layers", "noise_std", "drop_ratio", "seed",
         "moe_implementation"))
 
-    dense, family, task, source_name = _load_source(source, task, num_labels)
+    dense, family, task, source_name = _load_source(source, task, num_labels, spec.family)
     _check_task(task, family)
     src_config = dense.config
     num_layers = src_config.num_hidden_layers
     chosen = parse_layers(layers, num_layers)
 
+    native = None
+    if family == "native":
+        if variant != "moe" or mod_layers is not None:
+            raise ValueError(
+                f"`variant`={variant!r}{' with `mod_layers`' if variant == 'moe' else ''} is not supported for model "
+                f"type {src_config.model_type!r}: Mixture-of-Depths and gated layers need the layer loop of the "
+                f"hand-written families ({', '.join(m for f in GATED_FAMILIES for m in FAMILIES[f][3])}"
+                f"{'; without sliding-window attention' if _sliding_window(src_config) else ''}), and this model "
+                "is transformers' own. Use `variant='moe'`."
+            )
+        native = _native_layout(dense, task)
     fields = dict(moe_implementation=moe_implementation)
     if variant == "moe":
         split = init.startswith("split")
-        inter = intermediate_size_of(src_config)
+        inter = intermediate_size_of(src_config) if native is None else native[2]
         fields.update(
             num_local_experts=num_experts,
             num_experts_per_tok=top_k,
@@ -388,7 +431,7 @@ def upcycle(source, **settings):
             moe_capacity_factor=capacity_factor,
             moe_layers=chosen,
             router_unit_weights=split,
-            moe_expert_intermediate_size=inter // num_experts if split else None,
+            moe_expert_intermediate_size=inter // num_experts if split else (None if native is None else inter),
         )
     if variant == "mod":
         fields.update(mod_layers=chosen, mod_capacity=capacity)
@@ -417,15 +460,22 @@ def upcycle(source, **settings):
         "noise_std": noise_std if init == "noise" else None,
         "drop_ratio": drop_ratio if init == "drop" else None,
         "seed": seed,
+        "family": family,
     }
     target_class = FAMILIES[family][1][task]
     _check_overrides(config_overrides, target_class.config_class, src_config)
-    fields.update(config_overrides)
-    config = _target_config(src_config, family, **fields)
+    if native is not None:
+        config = _native_config(src_config, native, fields, config_overrides)
+    else:
+        fields.update(config_overrides)
+        config = _target_config(src_config, family, **fields)
 
     with no_init_weights():  # every weight is overwritten below: skip the random init
         target = target_class(config)
-    state = convert_state_dict(dense.state_dict(), target, family, config, init, seed, noise_std, drop_ratio)
+    if native is not None:
+        state = convert_native_state_dict(dense, target, config, native, init, seed, noise_std, drop_ratio)
+    else:
+        state = convert_state_dict(dense.state_dict(), target, family, config, init, seed, noise_std, drop_ratio)
     target.load_state_dict(state, strict=True)
     if getattr(config, "tie_word_embeddings", False):
         # The model was built without `post_init`'s weight init, which is also where transformers
@@ -434,6 +484,118 @@ def upcycle(source, **settings):
         target.tie_weights()
     target.to(dense.dtype)
     return target.eval()
+
+
+def _native_layout(dense, task):
+    """(layers' path in the dense model, FFN layout, dense FFN width) of a source built natively."""
+    src_config = dense.config
+    path, layers = find_layers(dense, src_config.num_hidden_layers)
+    layout = detect_layout(src_config.model_type, layers[0], causal=task == "causal-lm")
+    try:
+        first_in = layers[0].get_submodule(layout.inputs[0])
+        out = layers[0].get_submodule(layout.output)
+    except AttributeError as err:
+        raise ValueError(
+            f"source model type {src_config.model_type!r}: its layers do not have the FFN modules its layout names "
+            f"({layout.inputs + (layout.output,)}): {err}"
+        ) from None
+    layout = dataclasses.replace(layout, bias=first_in.bias is not None)
+    inter = out.weight.shape[0] if layout.conv1d else out.weight.shape[1]
+    return path, layout, inter
+
+
+def _native_config(src_config, native, fields, overrides):
+    """CondCompConfig around a copy of the source's config; overrides of the source's own fields
+    (`hidden_dropout_prob=0.0`, ...) go into that copy."""
+    _, layout, _ = native
+    own = {f.name for f in dataclasses.fields(CondCompConfig)}
+    text_config = copy.deepcopy(src_config)
+    for name, value in overrides.items():
+        if name in own:
+            fields[name] = value
+        else:
+            setattr(text_config, name, value)
+    for name in ("num_labels", "id2label", "label2id"):
+        fields.pop(name, None)  # the head's labels live in the source's config, read from there
+    return CondCompConfig(
+        **_as_floats_where_expected(CondCompConfig, fields),
+        text_config=text_config,
+        ffn_layout=layout_to_dict(layout),
+        ffn_activation=activation_of(src_config, layout),
+        id2label=src_config.id2label,
+        label2id=src_config.label2id,
+    )
+
+
+def _native_ffn(state, prefix, layout):
+    """The dense FFN of one layer (keys `prefix` + layout names) in `_dense_ffn`'s canonical form."""
+    def weight(name):
+        w = state[f"{prefix}{name}.weight"]
+        return w.t() if layout.conv1d else w
+
+    def bias(name, rows):
+        b = state.get(f"{prefix}{name}.bias")
+        return torch.zeros(rows, dtype=state[f"{prefix}{name}.weight"].dtype) if b is None else b
+
+    ins = [weight(n) for n in layout.inputs]
+    in_b = [bias(n, w.shape[0]) for n, w in zip(layout.inputs, ins)] if layout.bias else None
+    if layout.fused:  # one matrix holding [gate; up]
+        ins = list(ins[0].chunk(2, dim=0))
+        in_b = None if in_b is None else list(in_b[0].chunk(2))
+    out = weight(layout.output)
+    out_b = bias(layout.output, out.shape[0]) if layout.bias else None
+    keys = [f"{prefix}{n}.{p}" for n in (*layout.inputs, layout.output) for p in ("weight", "bias")
+            if f"{prefix}{n}.{p}" in state]
+    return ins, in_b, out, out_b, keys
+
+
+def _check_native_ffn(layer, layout, ffn, activation, model_type):
+    """The layout must reproduce the dense layer's FFN: run both on random inputs."""
+    ins, in_b, out, out_b, _ = ffn
+    x = torch.randn(2, 3, ins[0].shape[1], generator=torch.Generator().manual_seed(0)).to(ins[0].dtype)
+    modules = [layer.get_submodule(layout.module)] + [layer.get_submodule(n) for n in layout.identity]
+    was_training = layer.training
+    layer.eval()
+    with torch.no_grad():
+        expected = x
+        for module in modules:
+            expected = module(expected)
+        h = [torch.nn.functional.linear(x, w, None if in_b is None else b) for w, b in zip(ins, in_b or [None] * len(ins))]
+        act = ACT2FN[activation]
+        h = act(h[0]) * h[1] if layout.gated else act(h[0])
+        got = torch.nn.functional.linear(h, out, out_b)
+    layer.train(was_training)
+    if not torch.allclose(got.float(), expected.float(), atol=1e-4, rtol=1e-3):
+        raise ValueError(
+            f"source model type {model_type!r}: its FFN does not compute out(act(in(x))) as its layout says "
+            f"(max difference {(got - expected).abs().max().item():.3g}), so it cannot be upcycled exactly. "
+            "Add an entry for it to hf_condcomp.modeling.architectures.LAYOUTS."
+        )
+
+
+def convert_native_state_dict(dense, target, config, native, init="copy", seed=0, noise_std=0.01, drop_ratio=0.5):
+    """The dense state dict under `backbone.`, with the MoE layers' FFNs turned into experts."""
+    path, layout, _ = native
+    gen = torch.Generator().manual_seed(seed)
+    src_state = dense.state_dict()
+    _, layers = find_layers(dense, dense.config.num_hidden_layers)
+    target_keys = dict(target.state_dict(keep_vars=True))
+    out, consumed = {}, set()
+    for i in config.moe_layers:
+        src_prefix = f"{path}.{i}."
+        ffn = _native_ffn(src_state, src_prefix, layout)
+        _check_native_ffn(layers[i], layout, ffn, config.ffn_activation, dense.config.model_type)
+        tensors, router = _experts_from_dense(
+            ffn, config.num_local_experts, config.num_experts_per_tok, init, gen, noise_std, drop_ratio, layout.gated
+        )
+        prefix = f"backbone.{src_prefix}{layout.module}."
+        for name, tensor in tensors.items():
+            out[f"{prefix}experts.{name}"] = tensor.contiguous()
+        if router is None:
+            router = torch.randn(target_keys[f"{prefix}router.weight"].shape, generator=gen) * config.initializer_range
+        out[f"{prefix}router.weight"] = router.to(ffn[2].dtype).contiguous()
+        consumed.update(ffn[4])
+    return _copy_rest(src_state, target, target_keys, out, consumed, config, gen, lambda key: key[len("backbone."):])
 
 
 def convert_state_dict(src_state, target, family, config, init="copy", seed=0, noise_std=0.01, drop_ratio=0.5):
@@ -458,19 +620,26 @@ def convert_state_dict(src_state, target, family, config, init="copy", seed=0, n
             router = torch.randn(shape, generator=gen) * config.initializer_range
         out[router_key] = router.to(ffn[2].dtype).contiguous()
         consumed.update(ffn[4])
+    return _copy_rest(src_state, target, target_keys, out, consumed, config, gen, lambda key: key)
+
+
+def _copy_rest(src_state, target, target_keys, out, consumed, config, gen, source_key):
+    """Every target weight not built yet is the source's `source_key(key)`, shape asserted; a
+    source weight that nothing consumed is refused rather than dropped."""
     for key, param in target_keys.items():
         if key in out:
             continue
-        if key not in src_state:
+        src_key = source_key(key)
+        if src_key not in src_state:
             fresh = _fresh_parameter(target, key, param, config, gen)
             if fresh is None:
                 raise KeyError(f"upcycling: target weight {key!r} has no source weight and no initialiser")
             out[key] = fresh
             continue
-        if tuple(src_state[key].shape) != tuple(param.shape):
-            raise ValueError(f"upcycling: shape of {key!r} is {tuple(src_state[key].shape)} in the source, {tuple(param.shape)} in the target")
-        out[key] = src_state[key]
-        consumed.add(key)
+        if tuple(src_state[src_key].shape) != tuple(param.shape):
+            raise ValueError(f"upcycling: shape of {key!r} is {tuple(src_state[src_key].shape)} in the source, {tuple(param.shape)} in the target")
+        out[key] = src_state[src_key]
+        consumed.add(src_key)
     for key, tensor in out.items():
         if tuple(tensor.shape) != tuple(target_keys[key].shape):
             raise ValueError(f"upcycling: {key!r} built with shape {tuple(tensor.shape)}, expected {tuple(target_keys[key].shape)}")

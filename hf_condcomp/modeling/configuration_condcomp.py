@@ -10,7 +10,7 @@ This file travels to the Hub with every saved model: only sibling relative impor
 from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
-from transformers import BertConfig, GPT2Config, LlamaConfig
+from transformers import AutoConfig, BertConfig, GPT2Config, LlamaConfig, PreTrainedConfig
 
 ROUTING_TYPES = ("token_choice", "expert_choice")
 MOE_IMPLEMENTATIONS = ("grouped", "eager", "megablocks")
@@ -205,6 +205,58 @@ class CondCompLlamaConfig(LlamaConfig, CondCompFields):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         _post_init(self)
+
+
+@strict
+class CondCompConfig(PreTrainedConfig, CondCompFields):
+    """A native conditional-computation model (modeling_condcomp.py): the source's own
+    transformers config as `text_config`, which the installed transformers builds its model from,
+    and where that model's FFNs are (`ffn_layout`, architectures.py).
+
+    Only Mixture-of-Experts layers: routed blocks and gates need a layer loop of their own, which
+    the hand-written BERT, GPT-2 and Llama families have and transformers' models do not.
+    """
+
+    model_type = "condcomp"
+    sub_configs = {"text_config": AutoConfig}
+
+    text_config: dict | PreTrainedConfig | None = None
+    ffn_layout: dict | None = None
+    ffn_activation: str | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.text_config, dict):
+            values = dict(self.text_config)
+            self.text_config = AutoConfig.for_model(values.pop("model_type"), **values)
+        super().__post_init__(**kwargs)
+        if self.text_config is None:  # `CondCompConfig()`, as transformers builds for defaults; no model from it
+            return
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        for name in ("mod_layers", "gate_layers"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"`{name}`={getattr(self, name)!r}: Mixture-of-Depths and gated layers are not supported for "
+                    f"model type {self.text_config.model_type!r}: they need the layer loop of the hand-written "
+                    "BERT, GPT-2 and Llama families. Upcycle with `variant='moe'`."
+                )
+        _post_init(self)
+
+    @property
+    def num_hidden_layers(self) -> int | None:
+        return getattr(self.text_config, "num_hidden_layers", None)
+
+    @property
+    def hidden_size(self) -> int | None:
+        return getattr(self.text_config, "hidden_size", None)
+
+    @property
+    def vocab_size(self) -> int | None:
+        return getattr(self.text_config, "vocab_size", None)
+
+    @property
+    def initializer_range(self) -> float:
+        return getattr(self.text_config, "initializer_range", 0.02)
 
 
 def intermediate_size_of(config) -> int:

@@ -1,0 +1,193 @@
+"""Native conditional-computation models: the source architecture's own transformers model,
+with Mixture-of-Experts blocks in place of the FFNs of the chosen layers.
+
+`CondCompForCausalLM(config)` builds `AutoModelForCausalLM.from_config(config.text_config)`
+with the installed transformers (Qwen3, Gemma 2, Phi-3, OPT, GPT-NeoX, RoBERTa, DeBERTa-v2,
+ModernBERT, ...), then swaps each MoE layer's FFN module for `NativeMoEFeedForward` where
+`config.ffn_layout` (architectures.py) says the FFN is. Everything upcycling does not change
+(embeddings, attention with its `attn_implementation` dispatch, eager / sdpa / flash / flex,
+norms, rotary embeddings, sliding windows, caches including the static cache, heads, gradient
+checkpointing, `output_attentions` / `output_hidden_states`, generation) is transformers' own
+code; this file owns the MoE block and the router losses. The weights sit under `backbone.`
+with the source's own names (`backbone.model.layers.0.self_attn.q_proj.weight`).
+
+This file travels to the Hub with every saved model: only sibling relative imports.
+"""
+
+import torch
+import torch.nn as nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    GenerationMixin,
+    PreTrainedModel,
+)
+
+from .architectures import find_layers, layout_from_dict
+from .common import CondCompInitMixin, ForwardContext, condcomp_losses, use_return_dict
+from .configuration_condcomp import CondCompConfig
+from .moe import MoEFeedForward
+
+
+class _Recorder:
+    """What the MoE blocks of one forward share: the list their router logits go to (in layer
+    order) and the padding mask the router losses leave out."""
+
+    def __init__(self, token_mask):
+        self.token_mask = token_mask
+        self.router_logits = []
+        self.prefiltered = set()
+
+
+class NativeMoEFeedForward(MoEFeedForward):
+    """An MoE block with the call signature of the FFN module it replaces: hidden states in,
+    hidden states out. Every row is routed, padding included, as the dense FFN computes every row:
+    a causal LM's loss reads the logits of the last left-padding position (it predicts the first
+    real token), so this keeps the loss of a copy-upcycled model equal to its parent's, and a
+    layer recomputed under gradient checkpointing is the same computation. The router losses
+    leave the padding out (`CondCompPreTrainedModel.forward`)."""
+
+    def __init__(self, config, layout):
+        super().__init__(config, config.hidden_size, gated=layout.gated, bias=layout.bias,
+                         hidden_act=config.ffn_activation, causal=layout.causal)
+        p = float(getattr(config.text_config, layout.dropout, 0.0) or 0.0) if layout.dropout else 0.0
+        self.dropout = nn.Dropout(p)
+        self.recorder = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out, logits = super().forward(hidden_states)
+        recorder = self.recorder
+        if recorder is not None:
+            if recorder.token_mask is not None and logits.shape[0] != recorder.token_mask.numel():
+                recorder.prefiltered.add(len(recorder.router_logits))  # unpadded rows (ModernBERT, flash)
+            recorder.router_logits.append(logits)
+        return self.dropout(out)
+
+
+def install_moe_blocks(model: nn.Module, config) -> list:
+    """Swap the FFN of every layer in `config.moe_layers` for an MoE block; returns the blocks."""
+    layout = layout_from_dict(config.ffn_layout)
+    _, layers = find_layers(model, config.num_hidden_layers)
+    blocks = []
+    for i in config.moe_layers:
+        layer = layers[i]
+        block = NativeMoEFeedForward(config, layout)
+        _set_submodule(layer, layout.module, block)
+        for name in layout.identity:
+            _set_submodule(layer, name, nn.Identity())
+        blocks.append(block)
+    return blocks
+
+
+def _set_submodule(root, dotted, module):
+    parent, _, name = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
+    config_class = CondCompConfig
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _auto_class_of_task = AutoModel
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.text_config is None:
+            raise ValueError("`config.text_config` is None: a CondCompConfig needs the source model's config "
+                             "(hf_condcomp.upcycle writes it).")
+        self.backbone = self._auto_class_of_task.from_config(config.text_config)
+        self._moe_blocks = install_moe_blocks(self.backbone, config)
+        self._no_split_modules = list(getattr(self.backbone, "_no_split_modules", None) or [])
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.backbone.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.backbone.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.backbone.set_output_embeddings(value)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, output_router_logits=None, return_dict=None,
+                **kwargs):
+        """The source model's forward (every argument it takes), plus `output_router_logits`. The
+        output is the source model's, with `loss` = task loss + weighted router losses and the
+        fields `routing_loss`, `aux_loss`, `z_loss` (and `router_logits` when asked) after its own."""
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        token_mask = None  # a prepared 4-D or per-layer-type mask (static cache) routes every token
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and inputs is not None:
+            token_mask = attention_mask[:, -inputs.shape[1]:].to(torch.bool)
+            if bool(token_mask.all()):
+                token_mask = None
+        recorder = _Recorder(token_mask)
+        for block in self._moe_blocks:
+            block.recorder = recorder
+        if labels is not None:
+            kwargs["labels"] = labels
+        for name in ("output_hidden_states", "output_attentions"):  # set on this config, read by the backbone
+            if kwargs.get(name) is None and getattr(self.config, name, False):
+                kwargs[name] = True
+        try:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        finally:
+            for block in self._moe_blocks:
+                block.recorder = None
+        ctx = ForwardContext(token_mask=token_mask, attn_mask=None, is_causal=False, causal=False, query_index=None)
+        ctx.router_logits, ctx.prefiltered_logits = recorder.router_logits, recorder.prefiltered
+        total, aux, z, _ = condcomp_losses(
+            self.config, ctx, self.training or bool(output_router_logits) or labels is not None
+        )
+        if total is not None and getattr(out, "loss", None) is not None:
+            out["loss"] = out.loss + total
+        extra = {"routing_loss": total, "aux_loss": aux, "z_loss": z,
+                 "router_logits": tuple(recorder.router_logits) if output_router_logits else None}
+        for name, value in extra.items():
+            if value is not None:
+                out[name] = value
+            else:  # an attribute but not a key, so `to_tuple()` keeps the source's order
+                setattr(out, name, None)
+        return out if use_return_dict(self.config, return_dict) else out.to_tuple()
+
+
+class CondCompModel(CondCompPreTrainedModel):
+    _auto_class_of_task = AutoModel
+
+
+class CondCompForSequenceClassification(CondCompPreTrainedModel):
+    _auto_class_of_task = AutoModelForSequenceClassification
+
+
+class CondCompForTokenClassification(CondCompPreTrainedModel):
+    _auto_class_of_task = AutoModelForTokenClassification
+
+
+class CondCompForMaskedLM(CondCompPreTrainedModel):
+    _auto_class_of_task = AutoModelForMaskedLM
+
+
+class CondCompForCausalLM(CondCompPreTrainedModel, GenerationMixin):
+    _auto_class_of_task = AutoModelForCausalLM
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        return self.backbone.prepare_inputs_for_generation(*args, **kwargs)
+
+
+CondCompConfig.register_for_auto_class()
+for _cls in (CondCompModel, CondCompForSequenceClassification, CondCompForTokenClassification, CondCompForMaskedLM,
+             CondCompForCausalLM):
+    # each class loads the weights of its own head only, so the saved auto_map names that one
+    _cls._auto_heads = {_cls._auto_class_of_task.__name__: _cls.__name__}
+    _cls.register_for_auto_class(_cls._auto_class_of_task.__name__)
