@@ -2,8 +2,9 @@
 
 A model saved by this package carries its code, which then runs on whatever transformers the
 person who downloads it has. This script saves one tiny model per family (BERT, GPT-2, Llama) and
-variant (MoE token choice, MoE expert choice, Mixture-of-Depths, compute gates, MoE + MoD) with
-the outputs it gives here, builds one virtual environment per transformers release with only
+variant (MoE token choice, MoE expert choice, Mixture-of-Depths, compute gates, MoE + MoD), plus
+a Qwen3 MoD model and native MoE models of Qwen3, RoBERTa, sliding-window Mistral and GPT-NeoX
+(`EXTRA_CASES`), with the outputs they give here, builds one virtual environment per transformers release with only
 that release (torch is shared with the running interpreter through a path file, hf_condcomp is
 not installed), and runs `compat_check.py` there: logits and the training loss within 1e-4,
 identical greedy tokens with and without the KV cache, and a cache accepted as `cache=` and as
@@ -48,15 +49,40 @@ VARIANTS = {
                     mod_layers="every_other", capacity=0.5),
 }
 FAMILIES = ("bert", "gpt2", "llama")
+# Beyond family x variant: the Llama family on a Qwen3 source (per-head q/k norms), and native
+# models (transformers' own model with MoE blocks, modeling_condcomp.py) of an encoder, a
+# sliding-window decoder and two more decoders.
+EXTRA_CASES = {
+    "qwen3_mod": ("qwen3", VARIANTS["mod"]),
+    "qwen3_native_moe_tc": ("qwen3", {**VARIANTS["moe_tc"], "family": "native"}),
+    "qwen3_native_moe_ec": ("qwen3", {**VARIANTS["moe_ec"], "family": "native"}),
+    "roberta_native_moe_tc": ("roberta", VARIANTS["moe_tc"]),
+    "mistral_sliding_native_moe_tc": ("mistral_sliding", VARIANTS["moe_tc"]),
+    "gpt_neox_native_moe_tc": ("gpt_neox", VARIANTS["moe_tc"]),
+}
+ENCODERS = ("bert", "roberta")
 VOCAB = 99
 
 
 def tiny_dense(family: str, seed: int = 0):
     """A small random dense transformers model, dropout off so that the training forward repeats."""
+    import transformers
     from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                               LlamaForCausalLM)
 
     torch.manual_seed(seed)
+    small = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40)
+    decoder = dict(num_key_value_heads=2, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if family == "roberta":
+        return transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
+            **small, num_labels=3, pad_token_id=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    if family == "qwen3":
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**small, **decoder, head_dim=16))
+    if family == "mistral_sliding":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**small, **decoder, sliding_window=4))
+    if family == "gpt_neox":
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            **small, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_dropout=0.0, attention_dropout=0.0))
     if family == "bert":
         config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=40, num_labels=3, hidden_dropout_prob=0.0,
@@ -82,39 +108,38 @@ def randomize_decisions(model, std: float = 0.5, seed: int = 0):
 
 
 def save_cases(models_dir: Path) -> list[str]:
-    """Save every family x variant with the reference outputs it gives in this interpreter."""
+    """Save every family x variant, and the extra cases, with the reference outputs it gives here."""
     import hf_condcomp
 
     names = []
-    for family in FAMILIES:
-        for variant, kwargs in VARIANTS.items():
-            model = hf_condcomp.upcycle(tiny_dense(family), **kwargs)
-            randomize_decisions(model)
-            model.eval()
-            g = torch.Generator().manual_seed(1)
-            ids = torch.randint(1, VOCAB, (2, 7), generator=g)
-            mask = torch.ones_like(ids)
-            if family == "bert":
-                mask[1, 5:] = 0  # right padding
-                labels = torch.tensor([0, 2])
-            else:
-                mask[1, :2] = 0  # left padding, as generation batches are
-                labels = ids.masked_fill(mask == 0, -100)
-            ref = {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                   "auto": "AutoModelForSequenceClassification" if family == "bert" else "AutoModelForCausalLM"}
-            with torch.no_grad():
-                ref["logits"] = model(input_ids=ids, attention_mask=mask).logits
-            model.train()
-            ref["train_loss"] = float(model(input_ids=ids, attention_mask=mask, labels=labels).loss.detach())
-            model.eval()
-            if family != "bert":
-                ref["prompt"], ref["prompt_mask"] = ids[:, :5], mask[:, :5]
-                ref["greedy"] = model.generate(ids[:, :5], attention_mask=mask[:, :5], max_new_tokens=6,
-                                               do_sample=False, pad_token_id=0)
-            name = f"{family}_{variant}"
-            model.save_pretrained(models_dir / name)
-            torch.save(ref, models_dir / name / "reference.pt")
-            names.append(name)
+    cases = {f"{family}_{variant}": (family, kwargs) for family in FAMILIES for variant, kwargs in VARIANTS.items()}
+    for name, (family, kwargs) in {**cases, **EXTRA_CASES}.items():
+        model = hf_condcomp.upcycle(tiny_dense(family), **kwargs)
+        randomize_decisions(model)
+        model.eval()
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(1, VOCAB, (2, 7), generator=g)
+        mask = torch.ones_like(ids)
+        if family in ENCODERS:
+            mask[1, 5:] = 0  # right padding
+            labels = torch.tensor([0, 2])
+        else:
+            mask[1, :2] = 0  # left padding, as generation batches are
+            labels = ids.masked_fill(mask == 0, -100)
+        ref = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+               "auto": "AutoModelForSequenceClassification" if family in ENCODERS else "AutoModelForCausalLM"}
+        with torch.no_grad():
+            ref["logits"] = model(input_ids=ids, attention_mask=mask).logits
+        model.train()
+        ref["train_loss"] = float(model(input_ids=ids, attention_mask=mask, labels=labels).loss.detach())
+        model.eval()
+        if family not in ENCODERS:
+            ref["prompt"], ref["prompt_mask"] = ids[:, :5], mask[:, :5]
+            ref["greedy"] = model.generate(ids[:, :5], attention_mask=mask[:, :5], max_new_tokens=6,
+                                           do_sample=False, pad_token_id=0)
+        model.save_pretrained(models_dir / name)
+        torch.save(ref, models_dir / name / "reference.pt")
+        names.append(name)
     return names
 
 

@@ -83,7 +83,7 @@ FAMILIES = {
             "masked-lm": CondCompBertForMaskedLM,
         },
         "encoder.layer.{i}.",
-        ("bert",),
+        ("bert", "roberta", "xlm-roberta"),
     ),
     "gpt2": (
         CondCompGPT2Config,
@@ -95,7 +95,7 @@ FAMILIES = {
         CondCompLlamaConfig,
         {"base": CondCompLlamaModel, "causal-lm": CondCompLlamaForCausalLM},
         "layers.{i}.",
-        ("llama", "mistral", "qwen2"),
+        ("llama", "mistral", "qwen2", "qwen3"),
     ),
     # Every other architecture (and Mistral / Qwen2 with sliding windows): transformers' own model
     # with MoE blocks in its FFNs' places (modeling_condcomp.py); where the FFN is comes from
@@ -246,8 +246,38 @@ def _target_config(src_config, family, **fields):
     values = {k: v for k, v in src_config.to_dict().items() if k not in _CONFIG_KEYS_DROPPED}
     if src_config.model_type == "qwen2":
         values["qkv_bias"], values["attention_bias"] = True, False
+    if src_config.model_type == "qwen3":
+        values["qk_norm"] = True
+    if src_config.model_type in _ROBERTA_TYPES:
+        values["padding_offset_positions"] = True
     values.update(fields)
     return config_class(**_as_floats_where_expected(config_class, values))
+
+
+_ROBERTA_TYPES = ("roberta", "xlm-roberta")
+# RoBERTa's weight names -> the BERT family's (the encoder is BERT's; positions and heads differ).
+_ROBERTA_KEYS = (
+    ("roberta.", "bert."),
+    ("lm_head.dense.", "cls.predictions.transform.dense."),
+    ("lm_head.layer_norm.", "cls.predictions.transform.LayerNorm."),
+    ("lm_head.decoder.", "cls.predictions.decoder."),
+    ("lm_head.bias", "cls.predictions.bias"),
+)
+
+
+def _source_state(dense):
+    """The source's state dict under the target family's names."""
+    state = dense.state_dict()
+    if dense.config.model_type not in _ROBERTA_TYPES:
+        return state
+    renamed = {}
+    for key, value in state.items():
+        for old, new in _ROBERTA_KEYS:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        renamed[key] = value
+    return renamed
 
 
 def _check_overrides(overrides, config_class, src_config):
@@ -439,6 +469,8 @@ def upcycle(source, **settings):
         fields.update(gate_layers=chosen, gate_compute_penalty=compute_penalty, gate_threshold=threshold)
     elif mod_layers is not None:
         fields.update(mod_layers=parse_layers(mod_layers, num_layers, "mod_layers"), mod_capacity=capacity)
+    if task == "sequence-classification" and src_config.model_type in _ROBERTA_TYPES:
+        fields["classifier_head"] = "roberta"
     if task in ("sequence-classification", "token-classification"):
         fields["num_labels"] = src_config.num_labels
         fields["id2label"] = src_config.id2label
@@ -475,7 +507,7 @@ def upcycle(source, **settings):
     if native is not None:
         state = convert_native_state_dict(dense, target, config, native, init, seed, noise_std, drop_ratio)
     else:
-        state = convert_state_dict(dense.state_dict(), target, family, config, init, seed, noise_std, drop_ratio)
+        state = convert_state_dict(_source_state(dense), target, family, config, init, seed, noise_std, drop_ratio)
     target.load_state_dict(state, strict=True)
     if getattr(config, "tie_word_embeddings", False):
         # The model was built without `post_init`'s weight init, which is also where transformers

@@ -38,6 +38,8 @@ def tiny_source(family: str, task: str | None = None, seed: int = 0, **overrides
         MistralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     torch.manual_seed(seed)
@@ -52,7 +54,7 @@ def tiny_source(family: str, task: str | None = None, seed: int = 0, **overrides
         cls = GPT2LMHeadModel
     else:
         config_cls, cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-                           "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+                           "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
         config = config_cls(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                             num_key_value_heads=2, intermediate_size=INTER, bos_token_id=0, eos_token_id=0,
                             pad_token_id=0, **overrides)

@@ -22,6 +22,7 @@ from hf_condcomp.modeling.gating import routed_token_count, top_capacity  # noqa
 
 VOCAB, HIDDEN, INTER, LAYERS, HEADS = 99, 32, 40, 3, 4
 FAMILIES = ("bert", "gpt2", "llama")
+ENCODERS = ("bert", "roberta")
 
 
 def dense_source(family, seed=0):
@@ -37,6 +38,23 @@ def dense_source(family, seed=0):
         config = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTER,
                             bos_token_id=0, eos_token_id=0, pad_token_id=0)
         return GPT2LMHeadModel(config).eval()
+    if family == "roberta":  # the BERT family with RoBERTa's position ids (from the padding index on)
+        from transformers import RobertaConfig, RobertaModel
+
+        config = RobertaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                               num_attention_heads=HEADS, intermediate_size=INTER, pad_token_id=1)
+        return RobertaModel(config).eval()
+    if family == "qwen3":  # the Llama family with per-head query/key norms
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        config = Qwen3Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                             num_key_value_heads=2, intermediate_size=INTER, head_dim=16, bos_token_id=0,
+                             eos_token_id=0, pad_token_id=0)
+        model = Qwen3ForCausalLM(config).eval()
+        for layer in model.model.layers:  # norms away from 1, so that a dropped norm shows
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.data.uniform_(0.5, 1.5)
+        return model
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                          num_key_value_heads=2, intermediate_size=INTER, bos_token_id=0, eos_token_id=0,
                          pad_token_id=0)
@@ -48,7 +66,7 @@ def batch(family, B=3, T=9, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.long)
-    if family == "bert":
+    if family in ENCODERS:
         mask[1, 6:] = 0
     else:
         mask[1, :3] = 0
@@ -66,13 +84,13 @@ def pooled_tokens(family, mask):
     """(B, T) bool: the tokens a pooling head reads, which gated layers always compute
     (`keep_pooled_token`): [CLS] of the BERT models here (they keep BertModel's pooler)."""
     pinned = torch.zeros(mask.shape, dtype=torch.bool)
-    if family == "bert":
+    if family in ENCODERS:
         pinned[:, 0] = True
     return pinned
 
 
 def main_output(family, out):
-    return out.last_hidden_state if family == "bert" else out.logits
+    return out.last_hidden_state if family in ENCODERS else out.logits
 
 
 def layers_of(model):
@@ -104,7 +122,7 @@ def calibrate_predictors(model, ids, mask):
 # --- At capacity 1 and with open gates the model is its dense parent -------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ("roberta", "qwen3"))
 @pytest.mark.parametrize("setup", ["mod", "gate", "moe+mod"])
 def test_capacity_one_and_open_gates_equal_dense_parent(family, setup):
     dense = dense_source(family)

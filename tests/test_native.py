@@ -344,11 +344,48 @@ def test_flex_attention_is_transformers_own(contract_models):
         torch.testing.assert_close(flex(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
 
 
+# --- RoBERTa and Qwen3 in the hand-written families (gated variants) ------------------------
+
+@pytest.mark.parametrize("name,variant", [("roberta", "mod"), ("roberta", "gate"), ("xlm-roberta", "mod"),
+                                          ("qwen3", "mod"), ("qwen3", "gate")])
+def test_roberta_and_qwen3_gated_variants_start_at_their_dense_parent(name, variant, tmp_path):
+    """RoBERTa / XLM-R go to the BERT family (their position ids and classification head), Qwen3
+    to the Llama family (its per-head q/k norms): at capacity 1 and with open gates the upcycled
+    model is the dense one, here and after a reload in a clean process."""
+    task = ARCHS[name][1]
+    dense = dense_model(name)
+    if name == "qwen3":
+        for layer in dense.model.layers:  # norms away from 1, so that a dropped norm shows
+            layer.self_attn.q_norm.weight.data.uniform_(0.5, 1.5)
+    ids, mask = batch(task)
+    ids[1, -3:] = dense.config.pad_token_id if task != "causal-lm" else ids[1, -3:]
+    kwargs = dict(capacity=1.0) if variant == "mod" else dict(gate_init_bias=20.0)
+    model = upcycle(dense, variant=variant, layers="all", **kwargs)
+    family = "Bert" if name != "qwen3" else "Llama"
+    assert type(model).__name__.startswith(f"CondComp{family}")
+    expected = real_logits(dense, ids, mask, task)
+    torch.testing.assert_close(real_logits(model, ids, mask, task), expected, atol=1e-4, rtol=0)
+    model.save_pretrained(tmp_path / "m")
+    torch.save({"ids": ids, "mask": mask, "logits": expected}, tmp_path / "ref.pt")
+    auto = "AutoModelForCausalLM" if task == "causal-lm" else "AutoModelForSequenceClassification" if task == \
+        "sequence-classification" else "AutoModelForMaskedLM"
+    run_clean_python(f"""
+import torch, transformers as T
+model = T.{auto}.from_pretrained({str(tmp_path / "m")!r}, trust_remote_code=True).eval()
+ref = torch.load({str(tmp_path / "ref.pt")!r})
+with torch.no_grad():
+    logits = model(input_ids=ref["ids"], attention_mask=ref["mask"]).logits
+if logits.dim() == 3:
+    logits = logits[ref["mask"].bool()]
+torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
+""", cwd=tmp_path)
+
+
 # --- refusals -------------------------------------------------------------------------------
 
 def test_gated_variants_are_refused_for_native_models_naming_the_type():
-    with pytest.raises(ValueError, match=r"`variant`='mod'.*model type 'roberta'.*variant='moe'"):
-        upcycle(dense_model("roberta"), variant="mod")
+    with pytest.raises(ValueError, match=r"`variant`='mod'.*model type 'gpt_neox'.*variant='moe'"):
+        upcycle(dense_model("gpt_neox"), variant="mod")
     with pytest.raises(ValueError, match=r"`variant`='gate'.*model type 'mistral'.*without sliding-window"):
         upcycle(dense_model("mistral"), variant="gate")
 
@@ -368,3 +405,23 @@ def test_unknown_ffn_shape_is_refused_naming_the_type():
 
     with pytest.raises(ValueError, match=r"unsupported source architecture `model_type`='mamba'.*Block has mixer"):
         architectures.detect_layout("mamba", Block(), causal=True)
+
+
+@pytest.mark.parametrize("name", ["roberta", "gpt_neox", "modernbert"])
+def test_lora_targets_attention_and_experts_and_keeps_routers_trainable(name):
+    import types
+
+    from hf_condcomp import training
+
+    model = upcycle(dense_model(name), num_experts=4, top_k=2, layers="all", family="native")
+    modules, parameters = training.lora_targets(model, {"attention", "experts"})
+    assert modules and all(m.split(".")[0] in ("attention", "attn", "self_attn") for m in modules)
+    assert parameters == [f"{model.config.ffn_layout['module']}.experts.{'gate_up_proj' if name == 'modernbert' else 'up_proj'}",
+                          f"{model.config.ffn_layout['module']}.experts.down_proj"]
+    args = types.SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets="attention,experts",
+                                 lora_trainable="classifier,score")
+    peft_model = training.apply_lora(model, args)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable)
+    assert all(n in trainable for n in training.routing_parameter_names(peft_model))
+    assert any(n.endswith("router.weight") for n in trainable)

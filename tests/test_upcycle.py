@@ -40,6 +40,7 @@ def _outputs(model, ids, mask):
         ("llama", None),
         ("mistral", None),
         ("qwen2", None),
+        ("qwen3", None),
     ],
 )
 @pytest.mark.parametrize("layers", ["every_other", "all"])

@@ -138,6 +138,9 @@ def validate_condcomp_config(config) -> None:
             f"layer {overlap[0]} is in both `mod_layers` and `gate_layers`: a block is either routed "
             "(Mixture-of-Depths) or gated, not both."
         )
+    head = getattr(config, "classifier_head", "pooler")
+    if head not in ("pooler", "roberta"):
+        raise ValueError(f"`classifier_head` must be 'pooler' or 'roberta', got {head!r}.")
     if config.skipped_tokens_as_keys and config.model_type != "condcomp_bert":
         raise ValueError(
             f"`skipped_tokens_as_keys`=True is supported for BERT-family encoders only, got model type "
@@ -170,9 +173,15 @@ def _post_init(config):
 
 @strict
 class CondCompBertConfig(BertConfig, CondCompFields):
-    """BERT-family encoder with conditional computation."""
+    """BERT-family encoder with conditional computation (BERT, and RoBERTa / XLM-R with their
+    position ids and classification head)."""
 
     model_type = "condcomp_bert"
+    # RoBERTa / XLM-R: position ids count from `pad_token_id` + 1 over the real tokens.
+    padding_offset_positions: bool = False
+    # Sequence classification head: "pooler" (BERT: pooler + linear) or "roberta" (dense, tanh and
+    # a linear on the first token's state, without the pooler).
+    classifier_head: str = "pooler"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -201,6 +210,8 @@ class CondCompLlamaConfig(LlamaConfig, CondCompFields):
     base_model_pp_plan = None
     # Biases on q/k/v only (Qwen2); None follows `attention_bias`.
     qkv_bias: bool | None = None
+    # RMSNorm of each query and key head before RoPE (Qwen3).
+    qk_norm: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

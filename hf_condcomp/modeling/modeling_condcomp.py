@@ -28,6 +28,7 @@ from transformers import (
 
 from .architectures import find_layers, layout_from_dict
 from .common import CondCompInitMixin, ForwardContext, condcomp_losses, use_return_dict
+from .compat import CACHE_KEY, cache_argument
 from .configuration_condcomp import CondCompConfig
 from .moe import MoEFeedForward
 
@@ -120,10 +121,15 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         self.backbone.set_output_embeddings(value)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, output_router_logits=None, return_dict=None,
-                **kwargs):
+                past_key_values=None, cache=None, **kwargs):
         """The source model's forward (every argument it takes), plus `output_router_logits`. The
         output is the source model's, with `loss` = task loss + weighted router losses and the
-        fields `routing_loss`, `aux_loss`, `z_loss` (and `router_logits` when asked) after its own."""
+        fields `routing_loss`, `aux_loss`, `z_loss` (and `router_logits` when asked) after its own.
+        A KV cache is taken as `cache=` or `past_key_values=` and handed to the backbone under the
+        name the installed transformers uses (compat.py)."""
+        past = cache_argument(past_key_values, cache)
+        if past is not None:
+            kwargs[CACHE_KEY] = past
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")

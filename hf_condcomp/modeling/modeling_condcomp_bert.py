@@ -31,7 +31,9 @@ class CondCompBertEmbeddings(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.padding_offset = config.pad_token_id if config.padding_offset_positions else None
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size,
+                                                padding_idx=self.padding_offset)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -40,6 +42,13 @@ class CondCompBertEmbeddings(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)  # (B, T, H)
         B, T = inputs_embeds.shape[:2]
+        if position_ids is None and self.padding_offset is not None:  # RoBERTa: count real tokens after pad + 1
+            if input_ids is not None:
+                real = (input_ids != self.padding_offset).long()
+                position_ids = torch.cumsum(real, dim=1) * real + self.padding_offset
+            else:
+                position_ids = torch.arange(self.padding_offset + 1, self.padding_offset + 1 + T,
+                                            device=inputs_embeds.device).unsqueeze(0)
         if position_ids is None:
             position_ids = torch.arange(T, device=inputs_embeds.device).unsqueeze(0)
         if token_type_ids is None:
@@ -200,9 +209,10 @@ class CondCompBertModel(CondCompBertPreTrainedModel):
         ctx = make_context(attention_mask, T, 0, causal=False, device=x.device, batch_size=B)
         attention_settings(self, ctx, output_attentions)
         gated = self.config.mod_layers or self.config.gate_layers
-        if gated and self.pooler is not None and self.config.keep_pooled_token:
+        reads_first = self.pooler is not None or self.config.classifier_head == "roberta"
+        if gated and reads_first and self.config.keep_pooled_token:
             ctx.pinned = torch.zeros(B, T, dtype=torch.bool, device=x.device)
-            ctx.pinned[:, 0] = True  # the pooler reads [CLS]
+            ctx.pinned[:, 0] = True  # the pooler (or RoBERTa's classification head) reads [CLS] / <s>
         x, all_hidden = run_layers(self.encoder.layer, x, ctx, output_hidden_states)
         return base_output(
             self.config,
@@ -216,19 +226,39 @@ class CondCompBertModel(CondCompBertPreTrainedModel):
         )
 
 
+class CondCompRobertaClassificationHead(nn.Module):
+    """RoBERTa's sequence classification head: dense, tanh and a linear on the first token."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, hidden):
+        x = torch.tanh(self.dense(self.dropout(hidden[:, 0])))
+        return self.out_proj(self.dropout(x))
+
+
 class CondCompBertForSequenceClassification(CondCompBertPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = CondCompBertModel(config)
+        roberta = config.classifier_head == "roberta"
+        self.bert = CondCompBertModel(config, add_pooling_layer=not roberta)
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = CondCompRobertaClassificationHead(config) if roberta else nn.Linear(config.hidden_size,
+                                                                                             config.num_labels)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, labels=None, return_dict=None, **kwargs):
         base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs)
-        logits = self.classifier(self.dropout(base.pooler_output))  # (B, num_labels)
+        if self.config.classifier_head == "roberta":
+            logits = self.classifier(base.last_hidden_state)  # (B, num_labels)
+        else:
+            logits = self.classifier(self.dropout(base.pooler_output))  # (B, num_labels)
         loss = None
         if labels is not None:
             problem = self.config.problem_type

@@ -1,7 +1,7 @@
 """Llama-family decoders (SwiGLU FFN, RoPE, RMSNorm, grouped-query attention: Llama, SmolLM2,
-Mistral without sliding window, Qwen2 with q/k/v biases) with Mixture-of-Experts FFNs and gated
-layers. Parameter names match `transformers`' Llama (`model.layers.0.self_attn.q_proj.weight`);
-an MoE layer holds `mlp.router` and `mlp.experts.gate_up_proj` ([gate; up] stacked)."""
+Mistral without sliding window, Qwen2 with q/k/v biases, Qwen3 with per-head q/k norms) with
+Mixture-of-Experts FFNs and gated layers. Parameter names match `transformers`' Llama
+(`model.layers.0.self_attn.q_proj.weight`); an MoE layer holds `mlp.router` and `mlp.experts.gate_up_proj` ([gate; up] stacked)."""
 
 import torch.nn as nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -29,11 +29,18 @@ class CondCompLlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
         self.dropout = config.attention_dropout
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:  # Qwen3: per-head RMSNorm of queries and keys
+            self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def forward(self, x, ctx: ForwardContext):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, T, d)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, hk, T, d)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, T, d), (B, hk, T, d)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = ctx.position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)

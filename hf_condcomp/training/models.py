@@ -63,6 +63,8 @@ def load_tokenizer(args):
 def lora_targets(model, targets):
     """(target_modules, target_parameters) for attention and experts of the model's family."""
     family = model.config.model_type.removeprefix("condcomp_")
+    if family == "condcomp":
+        return _native_lora_targets(model, targets)
     attention = {
         "bert": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"],
         "gpt2": ["attn.c_attn", "attn.c_proj"],
@@ -71,6 +73,31 @@ def lora_targets(model, targets):
     up = "gate_up_proj" if family == "llama" else "up_proj"
     experts = [f"mlp.experts.{up}", "mlp.experts.down_proj"] if model.config.moe_layers else []
     return (attention if "attention" in targets else []), (experts if "experts" in targets else [])
+
+
+def _native_lora_targets(model, targets):
+    """A native model (transformers' own, modeling_condcomp.py): every linear layer of the layers'
+    attention module, by its name inside a layer, and the experts of the MoE blocks."""
+    from transformers.pytorch_utils import Conv1D
+
+    from ..modeling.architectures import find_layers, layout_from_dict
+
+    _, layers = find_layers(model.backbone, model.config.num_hidden_layers)
+    layer = layers[0]
+    attention = [
+        name for name, module in layer.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and re.match(r"(self_)?att(n|ention)\b", name)
+    ]
+    layout = layout_from_dict(model.config.ffn_layout)
+    up = "gate_up_proj" if layout.gated else "up_proj"
+    experts = [f"{layout.module}.experts.{up}", f"{layout.module}.experts.down_proj"] if model.config.moe_layers else []
+    return (attention if "attention" in targets else []), (experts if "experts" in targets else [])
+
+
+def _conv1d_targets(model, modules):
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) and any(name.endswith(t) for t in modules) for name, m in model.named_modules())
 
 
 def apply_lora(model, args):
@@ -82,8 +109,8 @@ def apply_lora(model, args):
 
     targets = set(filter(None, args.lora_targets.split(",")))
     modules, parameters = lora_targets(model, targets)
-    family = model.config.model_type
-    if family == "condcomp_gpt2" and parameters and modules:
+    conv1d = _conv1d_targets(model, modules)
+    if conv1d and parameters and modules:
         # PEFT's parameter wrapper refuses fan_in_fan_out, which GPT-2's Conv1D attention needs.
         raise RecipeError("GPT-2: LoRA on attention (Conv1D) and experts together is not supported by PEFT; "
                           "set `--lora_targets attention` or `--lora_targets experts`.")
@@ -93,7 +120,7 @@ def apply_lora(model, args):
         lora_dropout=args.lora_dropout if not parameters else 0.0,
         target_modules=modules,
         target_parameters=parameters or None,
-        fan_in_fan_out=family == "condcomp_gpt2" and bool(modules),
+        fan_in_fan_out=conv1d,
     )
     model = get_peft_model(model, config)
     keep = [k for k in args.lora_trainable.split(",") if k]
