@@ -5,7 +5,9 @@
 - SmolLM2-135M-Instruct dense vs upcycled the same way: greedy decoding tokens/s at batch 1.
 - SmolLM2 copy-upcycled into `MixtralForCausalLM` (every layer MoE, 8 experts, top-2, experts
   identical copies of the dense FFN, as mergekit-moe builds it) vs our Llama MoE with the same
-  settings: training step at batch 4 x 128 and greedy decoding.
+  settings (the hand-written Llama family, `smol-moe-all`, and the native family: transformers'
+  own LlamaForCausalLM with our MoE blocks, `smol-native-all`): training step at batch 4 x 128
+  and greedy decoding, each MoE in a group with the dense model and Mixtral.
 - Peak training memory (max RSS growth of a fresh process running the training steps) against the
   dense run plus the added expert parameters, gradients and AdamW state (4 x 4 bytes per param).
 
@@ -83,6 +85,8 @@ def build(name):
         return hf_condcomp.upcycle(str(smollm2_path()), num_experts=8, top_k=2, layers="every_other")
     if name == "smol-moe-all":
         return hf_condcomp.upcycle(str(smollm2_path()), num_experts=8, top_k=2, layers="all")
+    if name == "smol-native-all":
+        return hf_condcomp.upcycle(str(smollm2_path()), num_experts=8, top_k=2, layers="all", family="native")
     if name == "smol-mixtral":
         return mixtral_from_llama(dense)
     raise ValueError(name)
@@ -206,30 +210,29 @@ def main():
 
     # SmolLM2-135M: dense vs ours every other layer (decoding), then dense vs ours every layer vs
     # native Mixtral every layer (training step without optimizer state, and decoding)
-    med = {}
-    for names, train in ((("smol-dense", "smol-moe"), False), (("smol-dense", "smol-moe-all", "smol-mixtral"), True)):
+    vs_mixtral = {}
+    groups = ((("smol-dense", "smol-moe"), False), (("smol-dense", "smol-moe-all", "smol-mixtral"), True),
+              (("smol-dense", "smol-native-all", "smol-mixtral"), True))
+    for names, train in groups:  # every ratio is within one group: measured side by side
         models = {n: build(n) for n in names}
         fns = {f"{n}/decode": decode(m, new_tokens) for n, m in models.items()}
         if train:
             fns.update({f"{n}/train": train_step(m, lb, ls, causal=True, optimizer=False) for n, m in models.items()})
         got = interleaved_medians(fns, repeats)
-        if "smol-dense/train" in got:  # decode ratios of this group are against this group's dense run
-            for n in names[1:]:
-                got[f"{n}/decode"] *= med["smol-dense/decode"] / got["smol-dense/decode"]
-        med.update({k: v for k, v in got.items() if not (k == "smol-dense/decode" and k in med)})
+        group = " vs ".join(names[1:])
+        for n in names[1:]:
+            d, m = got["smol-dense/decode"], got[f"{n}/decode"]
+            rows.append({"bench": f"SmolLM2 decode tok/s ({n})", "shape": f"1x{new_tokens} new", "group": group,
+                         "dense_s": new_tokens / d, "moe_s": new_tokens / m, "moe/dense": d / m,
+                         "target": ">= 0.70" if n == "smol-moe" else ">= 0.625, match Mixtral"})
+            if train:
+                d, m = got["smol-dense/train"], got[f"{n}/train"]
+                rows.append({"bench": f"SmolLM2 train step ({n})", "shape": f"{lb}x{ls}", "group": group,
+                             "dense_s": d, "moe_s": m, "moe/dense": m / d, "target": "<= 1.69, match Mixtral"})
+        if "smol-mixtral" in names:  # ours / Mixtral time ratios (< 1: ours faster)
+            vs_mixtral[names[1]] = {w: got[f"{names[1]}/{w}"] / got[f"smol-mixtral/{w}"] for w in ("train", "decode")}
         counts = {n: param_count(m) for n, m in models.items()}
         del models, fns
-    names = ("smol-dense", "smol-moe", "smol-moe-all", "smol-mixtral")
-    dense_dec = med["smol-dense/decode"]
-    for n in names[1:]:
-        rows.append({"bench": f"SmolLM2 decode tok/s ({n})", "shape": f"1x{new_tokens} new",
-                     "dense_s": new_tokens / dense_dec, "moe_s": new_tokens / med[f"{n}/decode"],
-                     "moe/dense": dense_dec / med[f"{n}/decode"],
-                     "target": ">= 0.70" if n == "smol-moe" else ">= 0.625, match Mixtral"})
-    for n in ("smol-moe-all", "smol-mixtral"):
-        d, m = med["smol-dense/train"], med[f"{n}/train"]
-        rows.append({"bench": f"SmolLM2 train step ({n})", "shape": f"{lb}x{ls}", "dense_s": d, "moe_s": m,
-                     "moe/dense": m / d, "target": "<= 1.69, match Mixtral"})
 
     memory = []
     if not args.no_memory:
@@ -249,10 +252,11 @@ def main():
                                "budget_MiB": budget / 2**20, "within": moe["peak_growth_bytes"] <= budget})
 
     print(f"\nWhole models, CPU fp32, repeats={repeats}; machine: {info}")
-    table = print_table(rows, ["bench", "shape", "dense_s", "moe_s", "moe/dense", "target"])
+    table = print_table(rows, ["bench", "shape", "group", "dense_s", "moe_s", "moe/dense", "target"])
     print("(decode rows: dense_s / moe_s columns hold tokens/s)")
     mem_table = print_table(memory, ["model", "shape", "dense_MiB", "moe_MiB", "budget_MiB", "within"]) if memory else ""
-    write_json(args.out, {"machine": info, "repeats": repeats, "rows": rows, "memory": memory,
+    print("ours / Mixtral, side by side (time ratios, < 1: ours faster):", json.dumps(vs_mixtral))
+    write_json(args.out, {"machine": info, "repeats": repeats, "rows": rows, "memory": memory, "vs_mixtral": vs_mixtral,
                           "param_counts": counts, "table": table, "memory_table": mem_table})
 
 

@@ -3,8 +3,8 @@
 A model saved by this package carries its code, which then runs on whatever transformers the
 person who downloads it has. This script saves one tiny model per family (BERT, GPT-2, Llama) and
 variant (MoE token choice, MoE expert choice, Mixture-of-Depths, compute gates, MoE + MoD), plus
-a Qwen3 MoD model and native MoE models of Qwen3, RoBERTa, sliding-window Mistral and GPT-NeoX
-(`EXTRA_CASES`), with the outputs they give here, builds one virtual environment per transformers release with only
+RoBERTa (MoE, MoD) and Qwen3 (MoD) models of the hand-written families and native MoE models of
+Qwen3, RoBERTa, sliding-window Mistral and GPT-NeoX (`EXTRA_CASES`), with the outputs they give here, builds one virtual environment per transformers release with only
 that release (torch is shared with the running interpreter through a path file, hf_condcomp is
 not installed), and runs `compat_check.py` there: logits and the training loss within 1e-4,
 identical greedy tokens with and without the KV cache, and a cache accepted as `cache=` and as
@@ -49,14 +49,16 @@ VARIANTS = {
                     mod_layers="every_other", capacity=0.5),
 }
 FAMILIES = ("bert", "gpt2", "llama")
-# Beyond family x variant: the Llama family on a Qwen3 source (per-head q/k norms), and native
-# models (transformers' own model with MoE blocks, modeling_condcomp.py) of an encoder, a
-# sliding-window decoder and two more decoders.
+# Beyond family x variant: the BERT family on a RoBERTa source (its positions and head) and the
+# Llama family on a Qwen3 source (per-head q/k norms), and native models (transformers' own model
+# with MoE blocks, modeling_condcomp.py) of two encoders and four decoders, one with sliding windows.
 EXTRA_CASES = {
+    "roberta_moe_tc": ("roberta", VARIANTS["moe_tc"]),
+    "roberta_mod": ("roberta", VARIANTS["mod"]),
     "qwen3_mod": ("qwen3", VARIANTS["mod"]),
     "qwen3_native_moe_tc": ("qwen3", {**VARIANTS["moe_tc"], "family": "native"}),
     "qwen3_native_moe_ec": ("qwen3", {**VARIANTS["moe_ec"], "family": "native"}),
-    "roberta_native_moe_tc": ("roberta", VARIANTS["moe_tc"]),
+    "roberta_native_moe_tc": ("roberta", {**VARIANTS["moe_tc"], "family": "native"}),
     "mistral_sliding_native_moe_tc": ("mistral_sliding", VARIANTS["moe_tc"]),
     "gpt_neox_native_moe_tc": ("gpt_neox", VARIANTS["moe_tc"]),
 }

@@ -9,7 +9,9 @@ with no `trust_remote_code` and gives the same logits:
 - `qwen2_moe`: dense and MoE layers mixed, our default of every other layer: the dense layers go
   to `mlp_only_layers`, q/k/v biases follow the source (`qkv_bias`), the shared expert has width
   0 and contributes nothing, `norm_topk_prob` as ours.
-- `qwen3_moe`: needs a Qwen3 source (per-head query/key norms), which `upcycle` does not take yet.
+- `qwen3_moe`: a Qwen3 source (per-head query/key norms, `qk_norm`), every layer or mixed
+  (`mlp_only_layers`), `norm_topk_prob` as ours; the only format for such a model, since neither
+  Mixtral nor Qwen2-MoE normalises queries and keys.
 
 What no native architecture expresses is refused before anything is read or written, with the
 feature named: expert-choice routing, capacity drops, Mixture-of-Depths and gated layers, MLP
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
-SOURCES = ("llama", "mistral", "qwen2")  # source model types of the Llama family
+SOURCES = ("llama", "mistral", "qwen2", "qwen3")  # source model types of the Llama family
 
 
 class ExportError(ValueError):
@@ -54,11 +56,17 @@ def choose_format(config, requested: str = "auto") -> str:
             "Share it with its remote code instead (`save_pretrained`, loaded with trust_remote_code=True).",
         )
     source = (config.upcycling or {}).get("source_model_type", "llama")
-    if requested == "qwen3_moe" or source == "qwen3":
+    qk_norm = bool(getattr(config, "qk_norm", False))
+    if requested == "qwen3_moe" and not qk_norm:
         raise _refuse(
             "`qwen3_moe` needs a Qwen3 source, whose attention normalises queries and keys per head; "
-            f"this model was upcycled from {source!r}, and hf_condcomp does not upcycle Qwen3 yet",
+            f"this model was upcycled from {source!r}, which does not",
             "Use --format auto (mixtral or qwen2_moe).",
+        )
+    if qk_norm and requested in ("mixtral", "qwen2_moe"):
+        raise _refuse(
+            f"`{requested}` has no per-head query/key norms, which this model (upcycled from {source!r}) has",
+            "Use --format qwen3_moe (or auto).",
         )
     blockers = [
         (config.moe_routing != "token_choice",
@@ -77,6 +85,11 @@ def choose_format(config, requested: str = "auto") -> str:
             raise _refuse(feature, "Keep this model as remote code (trust_remote_code=True).")
     if not config.moe_layers:
         raise _refuse("the model has no MoE layer", "Export applies to upcycled MoE models; a dense model is its source.")
+    if qk_norm:
+        if _qkv_bias(config) != bool(config.attention_bias):
+            raise _refuse("q/k/v biases apart from the output projection's (Qwen3-MoE has one `attention_bias`)",
+                          "Keep this model as remote code (trust_remote_code=True).")
+        return "qwen3_moe"
     mixtral_blocker, qwen2_blocker = _mixtral_blocker(config), _qwen2_moe_blocker(config)
     if requested == "auto":
         requested = "mixtral" if mixtral_blocker is None else "qwen2_moe"
@@ -126,10 +139,16 @@ def _common_fields(config) -> dict:
 
 def native_config(config, fmt: str):
     """The native config of format `fmt` (from `choose_format`) for our `config`."""
-    from transformers import MixtralConfig, Qwen2MoeConfig
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     expert_size = config.moe_expert_intermediate_size or config.intermediate_size
     fields = _common_fields(config)
+    if fmt == "qwen3_moe":
+        return Qwen3MoeConfig(**fields, head_dim=getattr(config, "head_dim", None),
+                              intermediate_size=config.intermediate_size, moe_intermediate_size=expert_size,
+                              num_experts=config.num_local_experts, decoder_sparse_step=1,
+                              mlp_only_layers=_dense_layers(config), norm_topk_prob=config.norm_topk_prob,
+                              attention_bias=config.attention_bias, use_sliding_window=False)
     if fmt == "mixtral":
         native = MixtralConfig(**fields, head_dim=getattr(config, "head_dim", None), intermediate_size=expert_size,
                                num_local_experts=config.num_local_experts, sliding_window=None,
@@ -170,7 +189,8 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
     compared with ours on a random batch before anything is written (<= 1e-4 in float32).
     Returns {"format": ..., "architecture": ..., "max_abs_diff": ...}.
     """
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, MixtralForCausalLM, Qwen2MoeForCausalLM
+    from transformers import (AutoConfig, AutoTokenizer, GenerationConfig, MixtralForCausalLM, Qwen2MoeForCausalLM,
+                              Qwen3MoeForCausalLM)
     from transformers.initialization import no_init_weights
 
     from . import CondCompLlamaForCausalLM
@@ -186,7 +206,7 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
     fmt = choose_format(config, format)  # refuses before any weight is read
 
     ours = CondCompLlamaForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
-    native_cls = MixtralForCausalLM if fmt == "mixtral" else Qwen2MoeForCausalLM
+    native_cls = {"mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM}[fmt]
     with no_init_weights():
         native = native_cls(native_config(ours.config, fmt))
     native.load_state_dict(native_state_dict(ours.state_dict(), native), strict=True)

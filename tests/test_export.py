@@ -59,6 +59,8 @@ torch.save({{"logits": logits, "greedy": greedy}}, {str(tmp_path / 'native.pt')!
     ("qwen2", "every_other", "Qwen2MoeForCausalLM"),  # q/k/v biases
     ("qwen2", "all", "Qwen2MoeForCausalLM"),  # Mixtral has no attention biases
     ("mistral", "all", "MixtralForCausalLM"),
+    ("qwen3", "all", "Qwen3MoeForCausalLM"),  # per-head q/k norms
+    ("qwen3", "every_other", "Qwen3MoeForCausalLM"),
 ])
 def test_native_export_of_noisy_experts_matches(tmp_path, family, layers, architecture):
     # Noise makes the experts differ, so a router or expert mapped to the wrong place shows.
@@ -142,6 +144,9 @@ def test_qwen3_moe_needs_a_qwen3_source_and_mixtral_no_attention_bias():
     llama = hf_condcomp.upcycle(tiny_source("llama"), num_experts=4, layers="all")
     with pytest.raises(ExportError, match="`qwen3_moe` needs a Qwen3 source"):
         choose_format(llama.config, "qwen3_moe")
+    qwen3 = hf_condcomp.upcycle(tiny_source("qwen3"), num_experts=4, layers="all")
+    with pytest.raises(ExportError, match="no per-head query/key norms.*Use --format qwen3_moe"):
+        choose_format(qwen3.config, "mixtral")
     qwen2 = hf_condcomp.upcycle(tiny_source("qwen2"), num_experts=4, layers="all")
     with pytest.raises(ExportError, match="attention biases.*Use --format qwen2_moe"):
         choose_format(qwen2.config, "mixtral")
