@@ -40,13 +40,21 @@ def machine_info() -> dict:
 
 
 def interleaved_times(fns: dict, repeats: int, warmup: int = 1, sync=None) -> dict:
-    """Seconds of every call of each fn, run round-robin so that machine noise hits all alike."""
+    """Seconds of every call of each fn, run round-robin so that machine noise hits all alike.
+
+    Each round starts one fn later than the one before, so that no fn always runs right after the
+    same neighbour (a call that frees gigabytes, as an every-layer MoE's gradients, can change what
+    the next one pays for its memory).
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             if sync:
                 sync()
             start = time.perf_counter()

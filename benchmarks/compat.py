@@ -4,11 +4,13 @@ A model saved by this package carries its code, which then runs on whatever tran
 person who downloads it has. This script saves one tiny model per family (BERT, GPT-2, Llama) and
 variant (MoE token choice, MoE expert choice, Mixture-of-Depths, compute gates, MoE + MoD), plus
 RoBERTa (MoE, MoD) and Qwen3 (MoD) models of the hand-written families and native MoE models of
-Qwen3, RoBERTa, sliding-window Mistral and GPT-NeoX (`EXTRA_CASES`), with the outputs they give here, builds one virtual environment per transformers release with only
-that release (torch is shared with the running interpreter through a path file, hf_condcomp is
-not installed), and runs `compat_check.py` there: logits and the training loss within 1e-4,
-identical greedy tokens with and without the KV cache, and a cache accepted as `cache=` and as
-`past_key_values=`. It prints a table of versions x models and exits 1 if any cell failed.
+Qwen3, RoBERTa, sliding-window Mistral and GPT-NeoX (`EXTRA_CASES`), with the outputs they give
+here, builds one virtual environment per transformers release with only that release (torch is
+shared with the running interpreter through a path file, hf_condcomp is not installed), and runs
+`compat_check.py` there: logits and the training loss within 1e-4, identical greedy tokens with
+and without the KV cache (and with a static cache for MoE-only decoders), and a cache accepted as
+`cache=` and as `past_key_values=`. It prints a table of versions x models and exits 1 if any
+cell failed.
 
     python benchmarks/compat.py                         # the oldest supported release and 5.24.0
     python benchmarks/compat.py --versions 5.17.0 5.20.0 5.24.0 latest

@@ -9,7 +9,14 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from .modeling.configuration_condcomp import CondCompBertConfig, CondCompGPT2Config, CondCompLlamaConfig
+from .modeling.configuration_condcomp import CondCompBertConfig, CondCompConfig, CondCompGPT2Config, CondCompLlamaConfig
+from .modeling.modeling_condcomp import (
+    CondCompForCausalLM,
+    CondCompForMaskedLM,
+    CondCompForSequenceClassification,
+    CondCompForTokenClassification,
+    CondCompModel,
+)
 from .modeling.modeling_condcomp_bert import (
     CondCompBertForMaskedLM,
     CondCompBertForSequenceClassification,
@@ -33,6 +40,13 @@ for _config, _models in (
     }),
     (CondCompGPT2Config, {AutoModel: CondCompGPT2Model, AutoModelForCausalLM: CondCompGPT2ForCausalLM}),
     (CondCompLlamaConfig, {AutoModel: CondCompLlamaModel, AutoModelForCausalLM: CondCompLlamaForCausalLM}),
+    (CondCompConfig, {
+        AutoModel: CondCompModel,
+        AutoModelForSequenceClassification: CondCompForSequenceClassification,
+        AutoModelForTokenClassification: CondCompForTokenClassification,
+        AutoModelForMaskedLM: CondCompForMaskedLM,
+        AutoModelForCausalLM: CondCompForCausalLM,
+    }),
 ):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     for _auto, _model in _models.items():
@@ -54,4 +68,10 @@ __all__ = [
     "CondCompGPT2ForCausalLM",
     "CondCompLlamaModel",
     "CondCompLlamaForCausalLM",
+    "CondCompConfig",
+    "CondCompModel",
+    "CondCompForSequenceClassification",
+    "CondCompForTokenClassification",
+    "CondCompForMaskedLM",
+    "CondCompForCausalLM",
 ]

@@ -415,7 +415,8 @@ def upcycle(source, **settings):
 
     Args:
         source: Hub id, local folder, embedded name (`all-MiniLM-L6-v2`, `SmolLM2-135M-Instruct`)
-            or a loaded `PreTrainedModel` (BERT, GPT-2 or Llama family).
+            or a loaded `PreTrainedModel` of any supported architecture (README: "Models and
+            architectures").
         **settings: the fields of `hf_condcomp.spec.UpcycleSpec`, with its defaults and help
             (`variant`, `num_experts`, `top_k`, `routing`, `capacity_factor`, `init`, `layers`,
             `task`, `num_labels`, `capacity`, `compute_penalty`, `threshold`, `mod_layers`,

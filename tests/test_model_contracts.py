@@ -5,8 +5,9 @@ correct (here: no) tensor-parallel plan, `_no_split_modules` that name real laye
 
 `attn_implementation` "eager" and `output_attentions` are checked against the dense parent's eager
 attention weights; MoD/gated models refuse `output_attentions` and every model refuses FlashAttention.
-Not covered yet (issue "Native Transformers models"): flex attention, static caches,
-`torch.compile(fullgraph=True)`."""
+Static caches work for MoE models and are refused for MoD/gated ones (their per-layer caches hold
+the tokens each layer ran on). The native family (tests/test_native.py) adds flex attention;
+`torch.compile(fullgraph=True)` does not apply to dropless routing (data-dependent shapes)."""
 
 import pytest
 import torch
@@ -240,9 +241,25 @@ def test_gpt2_token_type_ids_are_embedded_as_in_the_dense_parent():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_static_cache_is_refused_with_a_clear_error(family):
-    model = hf_condcomp.upcycle(tiny_source(family), num_experts=4, top_k=2, layers="all").eval()
+def test_static_cache_gives_the_dense_parents_tokens_for_moe_models(family):
+    """MoE routing changes no token set, so a static cache works: on a left-padded batch the greedy
+    tokens equal the dense parent's (which uses the static cache too) and the dynamic cache's."""
+    dense = tiny_source(family).eval()
+    model = hf_condcomp.upcycle(dense, num_experts=4, top_k=2, layers="all").eval()
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    greedy = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    expected = dense.generate(ids, **greedy)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **greedy), expected)
+    assert torch.equal(model.generate(ids, **greedy), expected)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("variant", ["mod", "gate"])
+def test_static_cache_is_refused_for_routed_and_gated_layers(family, variant):
+    model = build(family, variant).eval()
     ids = torch.randint(1, VOCAB, (1, 4), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="is not supported yet.*dynamic cache"):
+    with pytest.raises(ValueError, match="not supported for models with Mixture-of-Depths.*dynamic cache"):
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
     assert model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (1, 6)

@@ -57,11 +57,18 @@ def run(name, *args):
     return load_recipe(name).main([str(a) for a in args])
 
 
-def make_tiny_gpt2(folder, dropout):
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+def gpt2_tokenizer():
+    """The real GPT-2 tokenizer, from ../shared."""
+    from transformers import GPT2TokenizerFast
 
     merges = [tuple(line.split()) for line in (GPT2_TOKENIZER / "merges.txt").read_text().splitlines()[1:] if line.strip()]
-    tokenizer = GPT2TokenizerFast(vocab=json.loads((GPT2_TOKENIZER / "vocab.json").read_text()), merges=merges)
+    return GPT2TokenizerFast(vocab=json.loads((GPT2_TOKENIZER / "vocab.json").read_text()), merges=merges)
+
+
+def make_tiny_gpt2(folder, dropout):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = gpt2_tokenizer()
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=len(tokenizer),
                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
@@ -354,20 +361,23 @@ def test_generate_folds_lora_in_while_decoding_and_restores_the_adapters():
 
 # --- native export from a recipe ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+def make_tiny_decoder(folder, architecture, **extra):
+    """A tiny random decoder of a transformers architecture with the real GPT-2 tokenizer."""
+    import transformers
 
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    merges = [tuple(line.split()) for line in (GPT2_TOKENIZER / "merges.txt").read_text().splitlines()[1:] if line.strip()]
-    tokenizer = GPT2TokenizerFast(vocab=json.loads((GPT2_TOKENIZER / "vocab.json").read_text()), merges=merges)
+    tokenizer = gpt2_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    config = getattr(transformers, f"{architecture}Config")(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
+    getattr(transformers, f"{architecture}ForCausalLM")(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return make_tiny_decoder(tmp_path_factory.mktemp("tiny_llama"), "Llama")
 
 
 def test_translation_exports_natively_and_pushes_the_native_folder(tiny_llama, tmp_path, monkeypatch):
@@ -415,3 +425,41 @@ def test_native_export_of_an_inexpressible_model_is_refused_before_training(tiny
     assert len(error) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "`--export_format native`" in error[0] and "'condcomp_gpt2'" in error[0]
     assert not (out / "model.safetensors").exists()
+
+
+# --- native models through the recipes --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory):
+    return make_tiny_decoder(tmp_path_factory.mktemp("tiny_qwen3"), "Qwen3", head_dim=16)
+
+
+def test_translation_trains_a_native_model_with_lora_and_it_loads_without_hf_condcomp(tiny_qwen3, tmp_path):
+    """`upcycling.family=native`: transformers' own Qwen3 with MoE blocks, LoRA on attention and
+    experts, trained, evaluated, saved with its code and loaded in a clean interpreter."""
+    out = tmp_path / "out"
+    results = run("translation", *translation_args(tiny_qwen3, out, "--max_train_steps", 3, "--lora_r", 4,
+                                                   "upcycling.family=native"))
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved["eval_chrf"] > 0 and results["routing"]["moe_layers"]
+    history = saved["log_history"]
+    assert all(h["train/aux_loss"] > 0 for h in history)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "condcomp" and config["text_config"]["model_type"] == "qwen3"
+    keys = load_file(out / "model.safetensors").keys()
+    assert not [k for k in keys if "lora" in k] and any(k.endswith("mlp.experts.gate_up_proj") for k in keys)
+    code = f"""
+import sys
+sys.modules["hf_condcomp"] = None
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+tok = AutoTokenizer.from_pretrained({str(out)!r})
+ids = tok("A man is riding a bike.", return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+assert out.shape[1] == ids.shape[1] + 4 and type(model).__module__.startswith("transformers_modules")
+print("OK")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]

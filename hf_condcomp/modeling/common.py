@@ -188,10 +188,12 @@ def attention_settings(model, ctx: ForwardContext, output_attentions):
     ctx.attn_implementation, ctx.output_attentions = name, bool(output_attentions)
 
 
-def make_context(attention_mask, num_queries, past_length, causal, device, batch_size):
+def make_context(attention_mask, num_queries, past_length, causal, device, batch_size, key_length=None):
     """Context for a forward over `num_queries` new tokens after `past_length` cached ones.
 
     attention_mask: (B, past + T) or (B, T) 0/1 padding mask as users pass it, or None.
+    key_length: the number of keys the attention sees when it exceeds past + T (a static cache
+    returns all its slots; the unfilled ones are masked out).
     """
     num_keys = past_length + num_queries
     kv_valid = None
@@ -206,9 +208,14 @@ def make_context(attention_mask, num_queries, past_length, causal, device, batch
             )
         if bool(kv_valid.all()):
             kv_valid = None
-    query_index = torch.arange(past_length, num_keys, device=device)
-    attn_mask, is_causal = build_attention_mask(kv_valid, query_index, num_keys, causal)
     token_mask = None if kv_valid is None else kv_valid[:, past_length:]
+    if key_length is not None and key_length > num_keys:
+        if kv_valid is None:
+            kv_valid = torch.ones(batch_size, num_keys, dtype=torch.bool, device=device)
+        kv_valid = F.pad(kv_valid, (0, key_length - num_keys), value=False)
+        num_keys = key_length
+    query_index = torch.arange(past_length, past_length + num_queries, device=device)
+    attn_mask, is_causal = build_attention_mask(kv_valid, query_index, num_keys, causal)
     return ForwardContext(
         token_mask=token_mask,
         attn_mask=attn_mask,

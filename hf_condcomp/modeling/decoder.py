@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from .common import attention_settings, base_output, head_output, make_context, output_hidden_states_of
-from .compat import cache_argument, cache_field
+from .compat import cache_argument, cache_capacity, cache_field
 from .gating import run_layers
 
 
@@ -39,19 +39,24 @@ class CondCompDecoderMixin:
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
-        if getattr(past_key_values, "is_compileable", False):
-            raise ValueError(
-                f"`{type(past_key_values).__name__}` (e.g. `cache_implementation='static'`) is not supported yet: "
-                "the attention here takes keys of the cache's own length only. Use the default dynamic cache "
-                "(leave `cache_implementation` unset)."
-            )
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        key_length = None
+        if getattr(past_key_values, "is_compileable", False):  # a static cache: all its slots are keys
+            if self.config.mod_layers or self.config.gate_layers:
+                raise ValueError(
+                    f"`{type(past_key_values).__name__}` (e.g. `cache_implementation='static'`) is not supported for "
+                    "models with Mixture-of-Depths or gated layers: their layers cache only the tokens they ran "
+                    "on, with a validity mask per layer, which a static cache has no room for. Use the default "
+                    "dynamic cache (leave `cache_implementation` unset)."
+                )
+            if use_cache:
+                key_length = cache_capacity(past_key_values)
+        past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         device = (input_ids if input_ids is not None else inputs_embeds).device
         if position_ids is None:  # as transformers' decoders: 0..T-1 after the cache, padding or not
             position_ids = torch.arange(past, past + T, device=device).unsqueeze(0)  # (1, T)
         x = self.embed(input_ids, inputs_embeds, position_ids, token_type_ids)  # (B, T, H)
-        ctx = make_context(attention_mask, T, past, causal=True, device=device, batch_size=B)
+        ctx = make_context(attention_mask, T, past, causal=True, device=device, batch_size=B, key_length=key_length)
         ctx.cache = past_key_values if use_cache else None
         attention_settings(self, ctx, output_attentions)
         ctx.position_embeddings = self.position_embeddings(x, position_ids)
@@ -80,6 +85,11 @@ class CondCompCausalLMMixin:
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def create_masks_for_generate(self, *args, attention_mask=None, **kwargs):
+        """`generate()` with a static cache would turn the 2-D padding mask into transformers' 4-D
+        masks; these models build their own masks from the padding mask, so it is kept as it is."""
+        return attention_mask
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, refusing beam search over a KV cache in models with routed

@@ -124,7 +124,9 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
                 past_key_values=None, cache=None, **kwargs):
         """The source model's forward (every argument it takes), plus `output_router_logits`. The
         output is the source model's, with `loss` = task loss + weighted router losses and the
-        fields `routing_loss`, `aux_loss`, `z_loss` (and `router_logits` when asked) after its own.
+        fields `routing_loss`, `aux_loss`, `z_loss` (and `router_logits` when asked) after its own;
+        `compute_fraction` (1.0) and `layer_compute_fractions` ({}) are attributes, as the
+        hand-written families report them.
         A KV cache is taken as `cache=` or `past_key_values=` and handed to the backbone under the
         name the installed transformers uses (compat.py)."""
         past = cache_argument(past_key_values, cache)
@@ -165,6 +167,9 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
                 out[name] = value
             else:  # an attribute but not a key, so `to_tuple()` keeps the source's order
                 setattr(out, name, None)
+        # As the hand-written families report them; MoE layers skip no token-layer compute.
+        for name, value in (("compute_loss", None), ("compute_fraction", 1.0), ("layer_compute_fractions", {})):
+            setattr(out, name, value)
         return out if use_return_dict(self.config, return_dict) else out.to_tuple()
 
 
