@@ -78,23 +78,3 @@ def test_dropless_gather_combine_matches_scatter_add(top_k):
     for a, b in zip(p0, p1):
         torch.testing.assert_close(a, b)
     assert o0[1, 7:].abs().sum() == 0
-
-
-def test_one_decoded_token_takes_the_loop_on_the_cpu(monkeypatch):
-    """At <= 2 rows (one token, top-2) the CPU loop over the selected experts replaces grouped_mm;
-    from 3 rows on the grouped GEMM runs."""
-    from hf_condcomp.modeling import experts as experts_module
-
-    torch.manual_seed(0)
-    experts = Experts(4, 16, 32, "silu", gated=True, bias=False, implementation="grouped")
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    calls = []
-    real = experts_module.eager_experts_forward
-    monkeypatch.setattr(experts_module, "eager_experts_forward", lambda *a: calls.append(a[1].shape[0]) or real(*a))
-    for counts in ([1, 0, 1, 0], [1, 1, 1, 0]):
-        counts = torch.tensor(counts)
-        x = torch.randn(int(counts.sum()), 16)
-        out = experts(x, counts)
-        torch.testing.assert_close(out, real(experts, x, counts))
-    assert calls == [2]

@@ -133,25 +133,15 @@ def _grouped_mm_aligned(experts: Experts, x: torch.Tensor) -> bool:
     return all(w % per_16_bytes == 0 for w in widths)
 
 
-_LOOP_ROWS = 2  # rows up to which the CPU loop over the selected experts beats grouped_mm
-
-
 def grouped_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Two grouped matrix multiplies over all experts at once (no per-expert Python loop).
 
     Widths that break `grouped_mm`'s 16-byte alignment (toy sizes such as 5), and torch builds
-    without a working `grouped_mm` for this device and dtype (compat.py), use the reference loop,
-    as do CPU calls of at most `_LOOP_ROWS` rows (one decoded token).
+    without a working `grouped_mm` for this device and dtype (compat.py), use the reference loop.
     """
     if x.shape[0] == 0:
         return x.new_zeros(0, experts.hidden_size)
     if not _grouped_mm_aligned(experts, x) or not grouped_mm_available(x.device, x.dtype):
-        return eager_experts_forward(experts, x, counts)
-    if x.shape[0] <= _LOOP_ROWS and x.device.type == "cpu":
-        # Decoding one token at a time: each selected expert has one row, the work is reading its
-        # weights, and the loop over those few experts skips grouped_mm's setup (transformers'
-        # own eager experts do the same); measured 0.69 vs 0.80 ms for SmolLM2's 8 x 576/1536
-        # experts at 2 rows, on par at 4, grouped ahead from 16 (CPU, one thread).
         return eager_experts_forward(experts, x, counts)
     offsets = counts.cumsum(0).to(torch.int32)  # (E,)
     h = _GroupedLinear.apply(x, experts.up_weight, experts.up_bias, offsets, counts)  # (S, I or 2I)
