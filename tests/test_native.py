@@ -307,6 +307,15 @@ def test_generate_dict_outputs_static_cache_and_left_padding(contract_models, na
     out = model.generate(ids, output_scores=True, return_dict_in_generate=True, **kwargs)
     assert len(out.scores) == 4 and out.scores[0].shape == (2, V)
     assert torch.equal(out.sequences, expected)
+    model.set_attn_implementation("eager")
+    try:
+        out = model.generate(ids, output_attentions=True, return_dict_in_generate=True, **kwargs)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert len(out.attentions) == 4 and len(out.attentions[0]) == L  # per step, per layer
+    assert out.attentions[0][0].shape == (2, NH, ids.shape[1], ids.shape[1])
+    assert out.attentions[1][0].shape == (2, NH, 1, ids.shape[1] + 1)
+    assert torch.equal(out.sequences, expected)
 
 
 @pytest.mark.parametrize("name", ["roberta", "qwen3"])

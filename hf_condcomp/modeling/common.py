@@ -175,8 +175,10 @@ def attention_settings(model, ctx: ForwardContext, output_attentions):
     name = getattr(config, "_attn_implementation", None) or "sdpa"
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
-            f"`attn_implementation`={name!r} is not supported by hf_condcomp models: use one of "
-            f"{ATTENTION_IMPLEMENTATIONS} (routed and gated layers pass arbitrary masks)."
+            f"`attn_implementation`={name!r} is not supported by the hand-written BERT / GPT-2 / Llama families: "
+            f"use one of {ATTENTION_IMPLEMENTATIONS} (routed and gated layers pass arbitrary masks), or, for a "
+            "Mixture-of-Experts model, upcycle with `family='native'`, which runs transformers' own attention "
+            "(flash and flex included)."
         )
     if output_attentions is None:
         output_attentions = getattr(config, "output_attentions", False)
