@@ -33,9 +33,12 @@ def build(hidden=576, ffn=1536, experts=8, top_k=2):
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     torch.manual_seed(0)
-    mixtral = MixtralSparseMoeBlock(MixtralConfig(hidden_size=hidden, intermediate_size=ffn,
-                                                  num_local_experts=experts, num_experts_per_tok=top_k,
-                                                  num_hidden_layers=1, num_attention_heads=4, vocab_size=8))
+    mixtral_config = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_local_experts=experts,
+                                   num_experts_per_tok=top_k, num_hidden_layers=1, num_attention_heads=4, vocab_size=8)
+    # What MixtralForCausalLM picks when it is built (`grouped_mm` on transformers 5.24 with this
+    # torch); a bare block would otherwise run the default loop.
+    mixtral_config._experts_implementation = experts_implementation(mixtral_config)
+    mixtral = MixtralSparseMoeBlock(mixtral_config)
     config = SimpleNamespace(num_local_experts=experts, num_experts_per_tok=top_k, moe_routing="token_choice",
                              moe_capacity_factor=None, norm_topk_prob=True, router_unit_weights=False,
                              router_jitter_noise=0.0, moe_implementation="grouped",
@@ -50,9 +53,21 @@ def build(hidden=576, ffn=1536, experts=8, top_k=2):
     return ours, mixtral
 
 
+def experts_implementation(config):
+    from transformers import MixtralForCausalLM
+
+    small = type(config)(**{**config.to_dict(), "hidden_size": 16, "intermediate_size": 16, "num_attention_heads": 2,
+                            "num_key_value_heads": 2, "head_dim": 8})
+    return MixtralForCausalLM(small).config._experts_implementation
+
+
 def call(layer, x):
     out = layer(x)
     return out[0] if isinstance(out, tuple) else out
+
+
+def mixtral_config_of(block):
+    return block.experts.config if hasattr(block.experts, "config") else block.config
 
 
 def main():
@@ -93,9 +108,12 @@ def main():
     rows = [{"bench": what, "shape": shape, "ours_ms": 1e3 * med[f"ours/{what}"],
              "mixtral_ms": 1e3 * med[f"mixtral/{what}"], "ours/mixtral": med[f"ours/{what}"] / med[f"mixtral/{what}"]}
             for what, shape in (("train", "512 tokens, fwd+bwd"), ("decode", "1 token"), ("infer", "512 tokens"))]
-    print(f"\nOne MoE layer, SmolLM2 shapes, 8 experts top-2; max |ours - Mixtral| = {diff:.2e}; machine: {info}")
+    print(f"\nOne MoE layer, SmolLM2 shapes, 8 experts top-2; max |ours - Mixtral| = {diff:.2e} "
+          f"(|out| max {float(call(ours, x_train).abs().max()):.2e}); Mixtral experts: "
+          f"{mixtral_config_of(mixtral)._experts_implementation}; machine: {info}")
     table = print_table(rows, ["bench", "shape", "ours_ms", "mixtral_ms", "ours/mixtral"])
     write_json(args.out, {"machine": info, "repeats": args.repeats, "max_abs_diff": diff, "rows": rows,
+                          "mixtral_experts_implementation": mixtral_config_of(mixtral)._experts_implementation,
                           "table": table})
 
 
