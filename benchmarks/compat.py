@@ -4,7 +4,7 @@ A model saved by this package carries its code, which then runs on whatever tran
 person who downloads it has. This script saves one tiny model per family (BERT, GPT-2, Llama) and
 variant (MoE token choice, MoE expert choice, Mixture-of-Depths, compute gates, MoE + MoD), plus
 RoBERTa (MoE, MoD) and Qwen3 (MoD) models of the hand-written families and native MoE models of
-Qwen3, RoBERTa, sliding-window Mistral and GPT-NeoX (`EXTRA_CASES`), with the outputs they give
+13 more architectures (`EXTRA_CASES`), with the outputs they give
 here, builds one virtual environment per transformers release with only that release (torch is
 shared with the running interpreter through a path file, hf_condcomp is not installed), and runs
 `compat_check.py` there: logits and the training loss within 1e-4, identical greedy tokens with
@@ -53,7 +53,8 @@ VARIANTS = {
 FAMILIES = ("bert", "gpt2", "llama")
 # Beyond family x variant: the BERT family on a RoBERTa source (its positions and head) and the
 # Llama family on a Qwen3 source (per-head q/k norms), and native models (transformers' own model
-# with MoE blocks, modeling_condcomp.py) of two encoders and four decoders, one with sliding windows.
+# with MoE blocks, modeling_condcomp.py) of five encoders and eight decoders (Mistral and Gemma 2
+# with sliding windows; OLMo recognised from its layers, not named in the table).
 EXTRA_CASES = {
     "roberta_moe_tc": ("roberta", VARIANTS["moe_tc"]),
     "roberta_mod": ("roberta", VARIANTS["mod"]),
@@ -63,8 +64,10 @@ EXTRA_CASES = {
     "roberta_native_moe_tc": ("roberta", {**VARIANTS["moe_tc"], "family": "native"}),
     "mistral_sliding_native_moe_tc": ("mistral_sliding", VARIANTS["moe_tc"]),
     "gpt_neox_native_moe_tc": ("gpt_neox", VARIANTS["moe_tc"]),
+    **{f"{arch}_native_moe_tc": (arch, VARIANTS["moe_tc"]) for arch in (
+        "distilbert", "deberta_v2", "modernbert", "gpt_neo", "opt", "gemma2", "phi3", "olmo")},
 }
-ENCODERS = ("bert", "roberta")
+ENCODERS = ("bert", "roberta", "distilbert", "deberta_v2", "modernbert")
 VOCAB = 99
 
 
@@ -87,6 +90,34 @@ def tiny_dense(family: str, seed: int = 0):
     if family == "gpt_neox":
         return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
             **small, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_dropout=0.0, attention_dropout=0.0))
+    if family == "distilbert":
+        return transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+            vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=40, num_labels=3, dropout=0.0,
+            attention_dropout=0.0, seq_classif_dropout=0.0))
+    if family == "deberta_v2":
+        return transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+            **small, num_labels=3, relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"],
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    if family == "modernbert":
+        return transformers.ModernBertForSequenceClassification(transformers.ModernBertConfig(
+            **small, num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+            global_attn_every_n_layers=2, local_attention=4))
+    if family == "gpt_neo":
+        return transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+            vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=40,
+            attention_types=[[["global", "local"], 1]], window_size=4, bos_token_id=0, eos_token_id=0,
+            resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0))
+    if family == "opt":
+        return transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=32, ffn_dim=40, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=32, pad_token_id=0, bos_token_id=0, eos_token_id=0, dropout=0.0,
+            attention_dropout=0.0))
+    if family == "gemma2":
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small, **decoder, head_dim=8, sliding_window=4))
+    if family == "phi3":
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(**small, **decoder))
+    if family == "olmo":
+        return transformers.OlmoForCausalLM(transformers.OlmoConfig(**small, **decoder))
     if family == "bert":
         config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=40, num_labels=3, hidden_dropout_prob=0.0,
@@ -118,7 +149,8 @@ def save_cases(models_dir: Path) -> list[str]:
     names = []
     cases = {f"{family}_{variant}": (family, kwargs) for family in FAMILIES for variant, kwargs in VARIANTS.items()}
     for name, (family, kwargs) in {**cases, **EXTRA_CASES}.items():
-        model = hf_condcomp.upcycle(tiny_dense(family), **kwargs)
+        dense = tiny_dense(family)
+        model = hf_condcomp.upcycle(dense, **kwargs)
         randomize_decisions(model)
         model.eval()
         g = torch.Generator().manual_seed(1)
@@ -141,6 +173,14 @@ def save_cases(models_dir: Path) -> list[str]:
             ref["prompt"], ref["prompt_mask"] = ids[:, :5], mask[:, :5]
             ref["greedy"] = model.generate(ids[:, :5], attention_mask=mask[:, :5], max_new_tokens=6,
                                            do_sample=False, pad_token_id=0)
+        if model.config.model_type == "condcomp":
+            # A native model runs the user's release's model of its source: where that release
+            # computes the dense source differently, so does the upcycled model. The dense parent
+            # travels along, so the check can tell such a change from a fault of ours.
+            dense.eval()
+            with torch.no_grad():
+                ref["dense_logits"] = dense(input_ids=ids, attention_mask=mask).logits
+            dense.save_pretrained(models_dir / name / "dense")
         model.save_pretrained(models_dir / name)
         torch.save(ref, models_dir / name / "reference.pt")
         names.append(name)

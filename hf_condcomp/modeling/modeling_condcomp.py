@@ -192,6 +192,14 @@ class CondCompForMaskedLM(CondCompPreTrainedModel):
 class CondCompForCausalLM(CondCompPreTrainedModel, GenerationMixin):
     _auto_class_of_task = AutoModelForCausalLM
 
+    def generate(self, *args, **kwargs):
+        """The source model's own `generate()`, run on the backbone (which holds the MoE blocks)
+        with this model's generation config: positions, masks, caches and every hook a model class
+        gives its `generate()` (OPT's positions from the padding mask, Phi-3's, ...) stay the
+        source's. Router losses play no part in decoding."""
+        self.backbone.generation_config = self.generation_config
+        return self.backbone.generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return self.backbone.prepare_inputs_for_generation(*args, **kwargs)
 
