@@ -611,7 +611,7 @@ def convert_native_state_dict(dense, target, config, native, init="copy", seed=0
     path, layout, _ = native
     gen = torch.Generator().manual_seed(seed)
     src_state = dense.state_dict()
-    _, layers = find_layers(dense, dense.config.num_hidden_layers)
+    layers = dense.get_submodule(path)  # found by `_native_layout`
     target_keys = dict(target.state_dict(keep_vars=True))
     out, consumed = {}, set()
     for i in config.moe_layers:
