@@ -38,7 +38,7 @@ from transformers.activations import ACT2FN
 from transformers.initialization import no_init_weights
 
 from . import assets
-from .modeling.architectures import activation_of, detect_layout, find_layers, layout_to_dict
+from .modeling.architectures import LAYOUTS, activation_of, detect_layout, find_layers, layout_to_dict
 from .modeling.configuration_condcomp import (
     CondCompBertConfig,
     CondCompConfig,
@@ -305,30 +305,6 @@ def _as_floats_where_expected(config_class, values):
     return values
 
 
-def _dense_ffn(state, prefix, family):
-    """The dense FFN of one layer in a canonical form: inputs (list of (I, H)), their biases, out (H, I), out bias."""
-    get = state.get
-    if family == "bert":
-        ins = [state[prefix + "intermediate.dense.weight"]]
-        in_b = [state[prefix + "intermediate.dense.bias"]]
-        out, out_b = state[prefix + "output.dense.weight"], state[prefix + "output.dense.bias"]
-        keys = [prefix + k for k in ("intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight", "output.dense.bias")]
-    elif family == "gpt2":
-        ins = [state[prefix + "mlp.c_fc.weight"].t()]  # Conv1D (H, I) -> (I, H)
-        in_b = [state[prefix + "mlp.c_fc.bias"]]
-        out, out_b = state[prefix + "mlp.c_proj.weight"].t(), state[prefix + "mlp.c_proj.bias"]  # (I, H) -> (H, I)
-        keys = [prefix + k for k in ("mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")]
-    else:
-        names = ("gate_proj", "up_proj", "down_proj")
-        ins = [state[prefix + f"mlp.{n}.weight"] for n in names[:2]]
-        out = state[prefix + "mlp.down_proj.weight"]
-        has_bias = get(prefix + "mlp.gate_proj.bias") is not None
-        in_b = [state[prefix + f"mlp.{n}.bias"] for n in names[:2]] if has_bias else None
-        out_b = state[prefix + "mlp.down_proj.bias"] if has_bias else None
-        keys = [prefix + f"mlp.{n}.{p}" for n in names for p in (("weight", "bias") if has_bias else ("weight",))]
-    return ins, in_b, out, out_b, keys
-
-
 def _reinit_like(t, rows, gen):
     """Values drawn from N(mean, std) of `t`, for the given rows (dim 0)."""
     fresh = torch.randn((len(rows),) + tuple(t.shape[1:]), generator=gen, dtype=torch.float32) * t.float().std() + t.float().mean()
@@ -560,8 +536,10 @@ def _native_config(src_config, native, fields, overrides):
     )
 
 
-def _native_ffn(state, prefix, layout):
-    """The dense FFN of one layer (keys `prefix` + layout names) in `_dense_ffn`'s canonical form."""
+def _layout_ffn(state, prefix, layout):
+    """The dense FFN of one layer, read from `state` at `prefix` + the layout's weight names, in a
+    canonical form: inputs (list of (I, H): one, or [gate, up]), their biases, out (H, I), out
+    bias, and the source keys consumed."""
     def weight(name):
         w = state[f"{prefix}{name}.weight"]
         return w.t() if layout.conv1d else w
@@ -606,6 +584,19 @@ def _check_native_ffn(layer, layout, ffn, activation, model_type):
         )
 
 
+def _moe_block_tensors(ffn, block_prefix, target_keys, config, gated, init, gen, noise_std, drop_ratio):
+    """{target key: tensor} of the MoE block at `block_prefix` (experts and router) made from `ffn`."""
+    tensors, router = _experts_from_dense(
+        ffn, config.num_local_experts, config.num_experts_per_tok, init, gen, noise_std, drop_ratio, gated
+    )
+    out = {f"{block_prefix}experts.{name}": tensor.contiguous() for name, tensor in tensors.items()}
+    router_key = f"{block_prefix}router.weight"
+    if router is None:
+        router = torch.randn(target_keys[router_key].shape, generator=gen) * config.initializer_range
+    out[router_key] = router.to(ffn[2].dtype).contiguous()
+    return out
+
+
 def convert_native_state_dict(dense, target, config, native, init="copy", seed=0, noise_std=0.01, drop_ratio=0.5):
     """The dense state dict under `backbone.`, with the MoE layers' FFNs turned into experts."""
     path, layout, _ = native
@@ -616,17 +607,10 @@ def convert_native_state_dict(dense, target, config, native, init="copy", seed=0
     out, consumed = {}, set()
     for i in config.moe_layers:
         src_prefix = f"{path}.{i}."
-        ffn = _native_ffn(src_state, src_prefix, layout)
+        ffn = _layout_ffn(src_state, src_prefix, layout)
         _check_native_ffn(layers[i], layout, ffn, config.ffn_activation, dense.config.model_type)
-        tensors, router = _experts_from_dense(
-            ffn, config.num_local_experts, config.num_experts_per_tok, init, gen, noise_std, drop_ratio, layout.gated
-        )
-        prefix = f"backbone.{src_prefix}{layout.module}."
-        for name, tensor in tensors.items():
-            out[f"{prefix}experts.{name}"] = tensor.contiguous()
-        if router is None:
-            router = torch.randn(target_keys[f"{prefix}router.weight"].shape, generator=gen) * config.initializer_range
-        out[f"{prefix}router.weight"] = router.to(ffn[2].dtype).contiguous()
+        out.update(_moe_block_tensors(ffn, f"backbone.{src_prefix}{layout.module}.", target_keys, config,
+                                      layout.gated, init, gen, noise_std, drop_ratio))
         consumed.update(ffn[4])
     return _copy_rest(src_state, target, target_keys, out, consumed, config, gen, lambda key: key[len("backbone."):])
 
@@ -638,20 +622,13 @@ def convert_state_dict(src_state, target, family, config, init="copy", seed=0, n
     base = "" if target.base_model is target else target.base_model_prefix + "."
     target_keys = dict(target.state_dict(keep_vars=True))
     out, consumed = {}, set()
-    gated = family == "llama"
+    source_layout = LAYOUTS[family]  # the family's FFN as the source writes it (architectures.py)
     for i in config.moe_layers:
         prefix = base + layer_template.format(i=i)
-        ffn = _dense_ffn(src_state, prefix, family)
-        tensors, router = _experts_from_dense(
-            ffn, config.num_local_experts, config.num_experts_per_tok, init, gen, noise_std, drop_ratio, gated
-        )
-        for name, tensor in tensors.items():
-            out[f"{prefix}mlp.experts.{name}"] = tensor.contiguous()
-        router_key = f"{prefix}mlp.router.weight"
-        if router is None:
-            shape = target_keys[router_key].shape
-            router = torch.randn(shape, generator=gen) * config.initializer_range
-        out[router_key] = router.to(ffn[2].dtype).contiguous()
+        has_bias = f"{prefix}{source_layout.inputs[0]}.bias" in src_state
+        ffn = _layout_ffn(src_state, prefix, dataclasses.replace(source_layout, bias=has_bias))
+        out.update(_moe_block_tensors(ffn, f"{prefix}mlp.", target_keys, config, source_layout.gated, init, gen,
+                                      noise_std, drop_ratio))
         consumed.update(ffn[4])
     return _copy_rest(src_state, target, target_keys, out, consumed, config, gen, lambda key: key)
 
