@@ -37,6 +37,37 @@ def test_grouped_matches_eager_with_an_empty_expert(gated, bias):
     assert gp1[0][1].abs().sum() == 0  # the empty expert gets a zero weight gradient
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_grouped_keeps_only_input_and_preactivation_for_backward(gated):
+    """The grouped experts recompute the activation in the backward: besides the weights, the
+    autograd graph holds the (S, H) input rows and the (S, I or 2I) pre-activation only, where
+    autograd's own graph of the same computation (`eager`) also holds the activated rows."""
+    torch.manual_seed(0)
+    experts = Experts(4, 16, 32, "silu" if gated else "gelu", gated=gated, bias=True, implementation="grouped")
+    counts = torch.tensor([20, 0, 30, 14])
+    x = torch.randn(int(counts.sum()), 16, requires_grad=True)
+    params = {p.data_ptr() for p in experts.parameters()}
+
+    def saved_bytes(impl):
+        experts.implementation = impl
+        seen = {}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # what the forward keeps
+            y = experts(x, counts)
+        y.sum().backward()
+        return sum(seen.values())
+
+    up_rows = experts.up_weight.shape[1]
+    kept = x.numel() * 4 + x.shape[0] * up_rows * 4  # input rows + pre-activation, fp32
+    assert saved_bytes("grouped") <= kept + 1024  # + offsets and counts
+    assert saved_bytes("eager") > kept + x.shape[0] * 32 * 4 - 1024  # + at least the activated rows
+
+
 def _layer(impl, top_k=2):
     config = SimpleNamespace(num_local_experts=8, num_experts_per_tok=top_k, moe_routing="token_choice",
                              moe_capacity_factor=None, norm_topk_prob=True, router_unit_weights=False,

@@ -92,38 +92,57 @@ def _bias_rows(bias: torch.Tensor, counts: torch.Tensor, num_rows: int) -> torch
     return torch.repeat_interleave(bias, counts, dim=0, output_size=num_rows)
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """y = x W_e^T + b_e for the rows of each expert e, as one grouped GEMM, and its backward.
+class _GroupedExpertMLP(torch.autograd.Function):
+    """y_e = act(x_e U_e^T + b_e) D_e^T + c_e for the rows x_e of each expert e: two grouped GEMMs
+    and their backward, written out by hand.
 
-    Written out by hand rather than left to autograd's `grouped_mm` derivative because, on the CPU,
-    that derivative transposes and copies the weight gradient and rejects stride-0 gradients, and
-    the per-row bias would otherwise be a gathered (S, out) tensor kept for the backward. Here the
-    weight gradient comes straight out in the stored (E, out, in) layout (dW_e = dY_e^T X_e, one
-    2-D x 2-D grouped GEMM) and the bias gradient is one segmented sum over the expert groups.
+    - Memory: only the input rows and the pre-activation are kept for the backward; the activation
+      is recomputed there (as MegaBlocks' memory-optimised MLP does). Autograd would also keep the
+      activated (S, I) rows, and for SwiGLU experts the (S, I) SiLU output too.
+    - The weight gradients come straight out in the stored (E, out, in) layout (dW_e = dY_e^T X_e,
+      one 2-D x 2-D grouped GEMM; empty experts get zeros) and each bias gradient is one segmented
+      sum over the expert groups. On the CPU autograd's `grouped_mm` derivative transposes and
+      copies the weight gradient and rejects stride-0 gradients, and the per-row bias would be a
+      gathered (S, out) tensor kept for the backward.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, offsets, counts):
-        # x (S, in) sorted by expert; weight (E, out, in); bias (E, out) or None; offsets int32 (E,)
-        out = F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)  # (S, out)
-        if bias is not None:
-            out += _bias_rows(bias, counts, x.shape[0])  # (S, out)
-        ctx.save_for_backward(x, weight, offsets, counts)
-        ctx.has_bias = bias is not None
+    def forward(ctx, x, up_w, up_b, down_w, down_b, offsets, counts, activation):
+        # x (S, H) sorted by expert; up_w (E, I or 2I, H); down_w (E, H, I); biases (E, out) or None
+        h = F.grouped_mm(x, up_w.transpose(-2, -1), offs=offsets)  # (S, I or 2I), pre-activation
+        if up_b is not None:
+            h += _bias_rows(up_b, counts, x.shape[0])
+        out = F.grouped_mm(activation(h), down_w.transpose(-2, -1), offs=offsets)  # (S, H)
+        if down_b is not None:
+            out += _bias_rows(down_b, counts, x.shape[0])
+        ctx.save_for_backward(x, h, up_w, down_w, offsets, counts)
+        ctx.activation = activation
+        ctx.has_bias = (up_b is not None, down_b is not None)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, offsets, counts = ctx.saved_tensors
-        grad = grad.contiguous()  # (S, out); `.sum()` hands in a stride-0 gradient
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.grouped_mm(grad, weight, offs=offsets)  # (S, in)
-        if ctx.needs_input_grad[1]:
-            grad_w = F.grouped_mm(grad.t(), x, offs=offsets)  # (E, out, in); empty experts get zeros
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = torch.segment_reduce(grad, "sum", lengths=counts)  # (E, out)
-        return grad_x, grad_w, grad_b, None, None
+        x, h, up_w, down_w, offsets, counts = ctx.saved_tensors
+        need_x, need_up_w, need_up_b, need_down_w, need_down_b = ctx.needs_input_grad[:5]
+        grad = grad.contiguous()  # (S, H); `.sum()` hands in a stride-0 gradient
+        with torch.enable_grad():  # recompute the activation, and take its derivative
+            h = h.detach().requires_grad_()
+            a = ctx.activation(h)  # (S, I)
+        grad_x = grad_up_w = grad_up_b = grad_down_w = grad_down_b = None
+        if need_down_w:
+            grad_down_w = F.grouped_mm(grad.t(), a.detach(), offs=offsets)  # (E, H, I)
+        if need_down_b and ctx.has_bias[1]:
+            grad_down_b = torch.segment_reduce(grad, "sum", lengths=counts)  # (E, H)
+        grad_a = F.grouped_mm(grad, down_w, offs=offsets)  # (S, I)
+        (grad_h,) = torch.autograd.grad(a, h, grad_a)  # (S, I or 2I)
+        del a, grad_a
+        if need_up_w:
+            grad_up_w = F.grouped_mm(grad_h.t(), x, offs=offsets)  # (E, I or 2I, H)
+        if need_up_b and ctx.has_bias[0]:
+            grad_up_b = torch.segment_reduce(grad_h, "sum", lengths=counts)  # (E, I or 2I)
+        if need_x:
+            grad_x = F.grouped_mm(grad_h, up_w, offs=offsets)  # (S, H)
+        return grad_x, grad_up_w, grad_up_b, grad_down_w, grad_down_b, None, None, None
 
 
 def _grouped_mm_aligned(experts: Experts, x: torch.Tensor) -> bool:
@@ -144,9 +163,8 @@ def grouped_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Ten
     if not _grouped_mm_aligned(experts, x) or not grouped_mm_available(x.device, x.dtype):
         return eager_experts_forward(experts, x, counts)
     offsets = counts.cumsum(0).to(torch.int32)  # (E,)
-    h = _GroupedLinear.apply(x, experts.up_weight, experts.up_bias, offsets, counts)  # (S, I or 2I)
-    h = experts.activation(h)  # (S, I)
-    return _GroupedLinear.apply(h, experts.down_proj, experts.down_bias, offsets, counts)  # (S, H)
+    return _GroupedExpertMLP.apply(x, experts.up_weight, experts.up_bias, experts.down_proj, experts.down_bias,
+                                   offsets, counts, experts.activation)  # (S, H)
 
 
 def megablocks_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
