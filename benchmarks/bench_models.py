@@ -19,6 +19,7 @@ All timings of one model family run interleaved in one process; ratios are what 
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, machine_info, print_table, write_json  # noqa: E402
+from common import interleaved_medians, interleaved_times, machine_info, paired_ratios, print_table, write_json  # noqa: E402
 
 import hf_condcomp  # noqa: E402
 from hf_condcomp.assets import minilm_path, smollm2_path  # noqa: E402
@@ -175,6 +176,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller batches, fewer tokens and repeats")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--mixtral-repeats", type=int, default=None,
+                        help="rounds of the groups with Mixtral (default 7, 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); 1 avoids oversubscription on small shared machines")
     parser.add_argument("--no-memory", action="store_true")
@@ -190,6 +193,7 @@ def main():
 
     info = machine_info()  # at the start: the commit and load the run began with
     repeats = args.repeats or (2 if args.quick else 3)
+    mixtral_repeats = args.mixtral_repeats or (2 if args.quick else 7)
     mb, ms = (8, 128) if args.quick else (32, 128)  # MiniLM batch x seq
     lb, ls = (2, 64) if args.quick else (4, 128)  # SmolLM2 training batch x seq
     new_tokens = 8 if args.quick else 32
@@ -218,7 +222,8 @@ def main():
         fns = {f"{n}/decode": decode(m, new_tokens) for n, m in models.items()}
         if train:
             fns.update({f"{n}/train": train_step(m, lb, ls, causal=True, optimizer=False) for n, m in models.items()})
-        got = interleaved_medians(fns, repeats)
+        times = interleaved_times(fns, mixtral_repeats if train else repeats)
+        got = {name: statistics.median(t) for name, t in times.items()}
         group = " vs ".join(names[1:])
         for n in names[1:]:
             d, m = got["smol-dense/decode"], got[f"{n}/decode"]
@@ -229,8 +234,9 @@ def main():
                 d, m = got["smol-dense/train"], got[f"{n}/train"]
                 rows.append({"bench": f"SmolLM2 train step ({n})", "shape": f"{lb}x{ls}", "group": group,
                              "dense_s": d, "moe_s": m, "moe/dense": m / d, "target": "<= 1.69, match Mixtral"})
-        if "smol-mixtral" in names:  # ours / Mixtral time ratios (< 1: ours faster)
-            vs_mixtral[names[1]] = {w: got[f"{names[1]}/{w}"] / got[f"smol-mixtral/{w}"] for w in ("train", "decode")}
+        if "smol-mixtral" in names:  # ours / Mixtral time ratios round by round (< 1: ours faster)
+            vs_mixtral[names[1]] = {w: paired_ratios(times, f"{names[1]}/{w}", f"smol-mixtral/{w}")
+                                    for w in ("train", "decode")}
         counts = {n: param_count(m) for n, m in models.items()}
         del models, fns
 
@@ -255,8 +261,8 @@ def main():
     table = print_table(rows, ["bench", "shape", "group", "dense_s", "moe_s", "moe/dense", "target"])
     print("(decode rows: dense_s / moe_s columns hold tokens/s)")
     mem_table = print_table(memory, ["model", "shape", "dense_MiB", "moe_MiB", "budget_MiB", "within"]) if memory else ""
-    print("ours / Mixtral, side by side (time ratios, < 1: ours faster):", json.dumps(vs_mixtral))
-    write_json(args.out, {"machine": info, "repeats": repeats, "rows": rows, "memory": memory, "vs_mixtral": vs_mixtral,
+    print("ours / Mixtral, round by round (time ratios, < 1: ours faster):", json.dumps(vs_mixtral, indent=1))
+    write_json(args.out, {"machine": info, "repeats": repeats, "mixtral_repeats": mixtral_repeats, "rows": rows, "memory": memory, "vs_mixtral": vs_mixtral,
                           "param_counts": counts, "table": table, "memory_table": mem_table})
 
 

@@ -70,6 +70,15 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 1, sync=None) -> 
     return {name: statistics.median(v) for name, v in interleaved_times(fns, repeats, warmup, sync).items()}
 
 
+def paired_ratios(times: dict, num: str, den: str) -> dict:
+    """`num` / `den` time ratios round by round from `interleaved_times` (the two calls of a round
+    ran next to each other, so slow phases of the machine hit both): median, range, and in how
+    many rounds `num` was the faster."""
+    ratios = [a / b for a, b in zip(times[num], times[den])]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios),
+            "rounds_faster": sum(r < 1 for r in ratios)}
+
+
 def cpu_peak_bytes(fn) -> int | None:
     """Peak bytes held by tensors allocated during fn (CPU), from the profiler's memory accounting:
     each op's own allocations minus frees (`self_cpu_memory_usage`; a net allocation placed at the

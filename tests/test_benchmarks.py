@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import cpu_peak_bytes  # noqa: E402
+from common import cpu_peak_bytes, paired_ratios  # noqa: E402
 
 MiB = 2**20
 
@@ -60,3 +60,12 @@ def test_probe_routing_reads_a_saved_mod_classifier(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("layer ")]
     assert len(lines) == 6
     assert all("[CLS] computed 1.00" in line and "router |w| 0.000" in line for line in lines)
+
+
+def test_paired_ratios_divide_within_each_round():
+    # a slow round (x10) hits both: per-round ratios stay 0.5, though the medians of each differ
+    times = {"ours": [1.0, 10.0, 1.0], "peer": [2.0, 20.0, 2.0], "other": [0.5, 50.0, 4.0]}
+    got = paired_ratios(times, "ours", "peer")
+    assert got == {"median": 0.5, "min": 0.5, "max": 0.5, "rounds": 3, "rounds_faster": 3}
+    got = paired_ratios(times, "ours", "other")
+    assert got["median"] == 0.25 and got["rounds_faster"] == 2 and got["max"] == 2.0
