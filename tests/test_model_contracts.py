@@ -138,6 +138,9 @@ def test_no_split_modules_and_no_wrong_tensor_parallel_plan(family):
     classes = {type(m).__name__ for m in model.modules()}
     assert model._no_split_modules and set(model._no_split_modules) <= classes
     assert type(_layers(model)[0]).__name__ in model._no_split_modules
+    from accelerate.utils.dataclasses import get_module_class_from_name  # what FSDP's wrap policy reads
+
+    assert all(get_module_class_from_name(model, n) is not None for n in model._no_split_modules)
     plan = model.config.base_model_tp_plan or {}
     names = [n for n, _ in model.base_model.named_modules()]
     import re

@@ -416,6 +416,14 @@ def test_unknown_ffn_shape_is_refused_naming_the_type():
         architectures.detect_layout("mamba", Block(), causal=True)
 
 
+def test_no_split_modules_name_the_source_layer_class_for_fsdp_and_device_maps():
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    model = upcycle(dense_model("qwen3"), num_experts=4, top_k=2, layers="all", family="native")
+    assert set(model._no_split_modules) == {"Qwen3DecoderLayer"}
+    assert get_module_class_from_name(model, "Qwen3DecoderLayer") is not None
+
+
 @pytest.mark.parametrize("name", ["roberta", "gpt_neox", "modernbert"])
 def test_lora_targets_attention_and_experts_and_keeps_routers_trainable(name):
     import types
@@ -425,8 +433,8 @@ def test_lora_targets_attention_and_experts_and_keeps_routers_trainable(name):
     model = upcycle(dense_model(name), num_experts=4, top_k=2, layers="all", family="native")
     modules, parameters = training.lora_targets(model, {"attention", "experts"})
     assert modules and all(m.split(".")[0] in ("attention", "attn", "self_attn") for m in modules)
-    assert parameters == [f"{model.config.ffn_layout['module']}.experts.{'gate_up_proj' if name == 'modernbert' else 'up_proj'}",
-                          f"{model.config.ffn_layout['module']}.experts.down_proj"]
+    block = model.config.ffn_layout["module"]
+    assert parameters == [f"{block}.experts.down_proj", f"{block}.experts.{'gate_up_proj' if name == 'modernbert' else 'up_proj'}"]
     args = types.SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets="attention,experts",
                                  lora_trainable="classifier,score")
     peft_model = training.apply_lora(model, args)

@@ -39,6 +39,24 @@ def lora_args(family, variant, weight_decay=0.0):
                                  weight_decay=weight_decay)
 
 
+LORA_TARGETS = {  # what each hand-written family's attention and experts are named
+    "bert": (["attention.output.dense", "attention.self.key", "attention.self.query", "attention.self.value"],
+             ["mlp.experts.down_proj", "mlp.experts.up_proj"]),
+    "gpt2": (["attn.c_attn", "attn.c_proj"], ["mlp.experts.down_proj", "mlp.experts.up_proj"]),
+    "llama": (["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"],
+              ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]),
+}
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lora_targets_are_read_off_the_modules(family, variant):
+    attention, experts = LORA_TARGETS[family]
+    model = upcycled(family, variant)
+    assert training.lora_targets(model, {"attention", "experts"}) == (attention, experts if variant == "moe" else [])
+    assert training.lora_targets(model, {"attention"}) == (attention, [])
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_lora_keeps_every_routing_parameter_trainable_and_they_learn(family, variant):

@@ -60,38 +60,29 @@ def load_tokenizer(args):
         raise RecipeError(f"no tokenizer at {path!r} ({err}): pass `--tokenizer_name`.") from err
 
 
+_ATTENTION = re.compile(r"(self_)?att(n|ention)")
+
+
 def lora_targets(model, targets):
-    """(target_modules, target_parameters) for attention and experts of the model's family."""
-    family = model.config.model_type.removeprefix("condcomp_")
-    if family == "condcomp":
-        return _native_lora_targets(model, targets)
-    attention = {
-        "bert": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"],
-        "gpt2": ["attn.c_attn", "attn.c_proj"],
-        "llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
-    }[family]
-    up = "gate_up_proj" if family == "llama" else "up_proj"
-    experts = [f"mlp.experts.{up}", "mlp.experts.down_proj"] if model.config.moe_layers else []
-    return (attention if "attention" in targets else []), (experts if "experts" in targets else [])
-
-
-def _native_lora_targets(model, targets):
-    """A native model (transformers' own, modeling_condcomp.py): every linear layer of the layers'
-    attention module, by its name inside a layer, and the experts of the MoE blocks."""
+    """(target_modules, target_parameters) for attention and experts, read off the model's modules
+    for every family: each linear layer inside a layer's attention module, by its name from that
+    module on (`self_attn.q_proj`, `attention.self.query`, `attn.c_attn`, ...), and the stacked
+    weights of each MoE block's experts (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`)."""
     from transformers.pytorch_utils import Conv1D
 
-    from ..modeling.architectures import find_layers, layout_from_dict
+    from ..modeling.experts import Experts
 
-    _, layers = find_layers(model.backbone, model.config.num_hidden_layers)
-    layer = layers[0]
-    attention = [
-        name for name, module in layer.named_modules()
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and re.match(r"(self_)?att(n|ention)\b", name)
-    ]
-    layout = layout_from_dict(model.config.ffn_layout)
-    up = "gate_up_proj" if layout.gated else "up_proj"
-    experts = [f"{layout.module}.experts.{up}", f"{layout.module}.experts.down_proj"] if model.config.moe_layers else []
-    return (attention if "attention" in targets else []), (experts if "experts" in targets else [])
+    attention, experts = set(), set()
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            at = next((i for i, part in enumerate(parts) if _ATTENTION.fullmatch(part)), None)
+            if at is not None:
+                attention.add(".".join(parts[at:]))
+        elif isinstance(module, Experts):
+            block = ".".join(parts[-2:])  # the MoE block's name in its layer, and `experts`
+            experts.update({f"{block}.{module.up_name}", f"{block}.down_proj"})
+    return (sorted(attention) if "attention" in targets else []), (sorted(experts) if "experts" in targets else [])
 
 
 def _conv1d_targets(model, modules):
