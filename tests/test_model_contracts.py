@@ -6,8 +6,9 @@ correct (here: no) tensor-parallel plan, `_no_split_modules` that name real laye
 `attn_implementation` "eager" and `output_attentions` are checked against the dense parent's eager
 attention weights; MoD/gated models refuse `output_attentions` and every model refuses FlashAttention.
 Static caches work for MoE models and are refused for MoD/gated ones (their per-layer caches hold
-the tokens each layer ran on). The native family (tests/test_native.py) adds flex attention;
-`torch.compile(fullgraph=True)` does not apply to dropless routing (data-dependent shapes)."""
+the tokens each layer ran on). The native family (tests/test_native.py) adds flex attention.
+`torch.compile(fullgraph=True)` traces MoE models whole (forward, backward, static-cache decoding);
+MoD and gated models pick their tokens by value, so they compile with graph breaks."""
 
 import pytest
 import torch
@@ -266,3 +267,56 @@ def test_static_cache_is_refused_for_routed_and_gated_layers(family, variant):
     with pytest.raises(ValueError, match="not supported for models with Mixture-of-Depths.*dynamic cache"):
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
     assert model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (1, 6)
+
+
+def _loss_and_grads(model, call, ids, mask, labels):
+    model.zero_grad(set_to_none=True)
+    out = call(ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_compiled_matches(model, ids, mask, labels, fullgraph):
+    """`torch.compile` on `aot_eager` (dynamo's whole graph and AOT autograd's backward, which
+    inductor would then lower; tests stay off the C++ compiler) equals the uncompiled model, in
+    the training loss and every gradient, and in the logits of the real tokens in evaluation."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=fullgraph, backend="aot_eager")
+    model.train()
+    loss_a, grads_a = _loss_and_grads(model, model, ids, mask, labels)
+    loss_b, grads_b = _loss_and_grads(model, compiled, ids, mask, labels)
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and any("router" in n or "gate" in n for n in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-6, msg=name)
+    model.eval()
+    with torch.no_grad():
+        expected, got = model(ids, attention_mask=mask).logits, compiled(ids, attention_mask=mask).logits
+    real = mask.bool() if expected.dim() == 3 else slice(None)
+    torch.testing.assert_close(got[real], expected[real], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_moe_compiles_as_one_graph_and_matches_uncompiled(family):
+    """Dropless token choice has static shapes (N * k sorted rows, E counts); under compile a padded
+    batch routes every row and zeroes the padding's output, which changes nothing for real tokens."""
+    model = build(family, "moe")
+    assert_compiled_matches(model, *batch(family), fullgraph=True)
+
+
+@pytest.mark.parametrize("family,variant", [("llama", "mod"), ("bert", "gate")])
+def test_routed_and_gated_layers_compile_with_graph_breaks(family, variant):
+    assert_compiled_matches(build(family, variant), *batch(family), fullgraph=False)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_static_cache_decoding_with_a_fullgraph_compiled_forward(family):
+    model = build(family, "moe").eval()
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    greedy = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
+    expected = model.generate(ids, **greedy)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+    assert torch.equal(model.generate(ids, **greedy), expected)

@@ -442,3 +442,30 @@ def test_lora_targets_attention_and_experts_and_keeps_routers_trainable(name):
     assert any("lora_" in n for n in trainable)
     assert all(n in trainable for n in training.routing_parameter_names(peft_model))
     assert any(n.endswith("router.weight") for n in trainable)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "roberta"])
+def test_compiles_as_one_graph_and_matches_uncompiled(name):
+    from test_model_contracts import assert_compiled_matches
+
+    task = ARCHS[name][1]
+    model = upcycle(dense_model(name), num_experts=4, top_k=2, layers="all", init="noise", family="native")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    ids, mask = batch(task)
+    assert_compiled_matches(model, ids, mask, ids if task == "causal-lm" else torch.tensor([0, 2]), fullgraph=True)
+
+
+def test_static_cache_decoding_with_a_fullgraph_compiled_forward(contract_models):
+    model = contract_models["qwen3"][1]
+    ids, mask = batch("causal-lm")
+    greedy = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
+    expected = model.generate(ids, **greedy)
+    torch._dynamo.reset()
+    backbone = model.backbone  # native decoders generate with the source model's own generate()
+    backbone.forward = torch.compile(backbone.forward, fullgraph=True, backend="aot_eager")
+    try:
+        assert torch.equal(model.generate(ids, **greedy), expected)
+    finally:
+        del backbone.forward  # the module-scoped fixture's model goes on uncompiled

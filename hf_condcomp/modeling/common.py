@@ -208,7 +208,7 @@ def make_context(attention_mask, num_queries, past_length, causal, device, batch
                 f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected ({batch_size}, {num_keys}) "
                 "(batch, past + new tokens)."
             )
-        if bool(kv_valid.all()):
+        if not torch.compiler.is_compiling() and bool(kv_valid.all()):  # a shortcut; a graph keeps the mask
             kv_valid = None
     token_mask = None if kv_valid is None else kv_valid[:, past_length:]
     if key_length is not None and key_length > num_keys:

@@ -80,3 +80,37 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return False
     return True
+
+
+def _compilable_grouped_mm():
+    """`F.grouped_mm` as an opaque custom op, for graphs `torch.compile` traces: torch's own meta
+    function for it accepts bf16 only (torch 2.13), so an fp32 graph could not be traced. Eager
+    calls use `F.grouped_mm` directly. Defined once per process: every copy of this file loaded
+    as remote code (one per repository) finds the op the first one defined."""
+    namespace = getattr(torch.ops, "hf_condcomp")
+    if hasattr(namespace, "grouped_mm"):
+        return namespace.grouped_mm
+    if getattr(torch.nn.functional, "grouped_mm", None) is None or not hasattr(torch.library, "custom_op"):
+        return None
+
+    @torch.library.custom_op("hf_condcomp::grouped_mm", mutates_args=())
+    def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.grouped_mm(x, weight, offs=offsets)
+
+    @grouped_mm.register_fake
+    def _(x, weight, offsets):
+        if weight.dim() == 3:  # (S, in) x (E, in, out) -> (S, out)
+            return x.new_empty(x.shape[0], weight.shape[-1])
+        return x.new_empty(offsets.shape[0], x.shape[0], weight.shape[-1])  # (out, S) x (S, in) -> (E, out, in)
+
+    return namespace.grouped_mm
+
+
+COMPILABLE_GROUPED_MM = _compilable_grouped_mm()
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`F.grouped_mm(x, weight, offs=offsets)`, traceable by `torch.compile` in every dtype."""
+    if COMPILABLE_GROUPED_MM is not None and torch.compiler.is_compiling():
+        return COMPILABLE_GROUPED_MM(x, weight, offsets)
+    return torch.nn.functional.grouped_mm(x, weight, offs=offsets)

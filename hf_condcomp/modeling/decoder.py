@@ -50,8 +50,11 @@ class CondCompDecoderMixin:
                 )
             if use_cache:
                 key_length = cache_capacity(past_key_values)
-        past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if key_length is not None and torch.compiler.is_compiling() and _full_length_mask(attention_mask, T):
+            past = attention_mask.shape[-1] - T  # a static cache counts its filled slots by value; a graph can't
+        else:
+            past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
         device = (input_ids if input_ids is not None else inputs_embeds).device
         if position_ids is None:  # as transformers' decoders: 0..T-1 after the cache, padding or not
             position_ids = torch.arange(past, past + T, device=device).unsqueeze(0)  # (1, T)
@@ -153,3 +156,9 @@ class CondCompCausalLMMixin:
             shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
             loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
         return head_output(self.config, base, loss, logits, return_dict)
+
+
+def _full_length_mask(attention_mask, num_new) -> bool:
+    """Whether `attention_mask` is a 2-D mask over the cached and the new tokens, as `generate()`
+    passes it."""
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.shape[-1] > num_new

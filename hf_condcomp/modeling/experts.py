@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from .compat import grouped_mm_available
+from .compat import COMPILABLE_GROUPED_MM, grouped_mm, grouped_mm_available
 
 try:  # optional GPU kernels; the modeling code must load without them
     from megablocks import grouped_gemm_util as _megablocks_gg
@@ -92,6 +92,19 @@ def _bias_rows(bias: torch.Tensor, counts: torch.Tensor, num_rows: int) -> torch
     return torch.repeat_interleave(bias, counts, dim=0, output_size=num_rows)
 
 
+def _grouped_mlp(x, up_w, up_b, down_w, down_b, offsets, counts, activation):
+    """The expert FFN's forward: (output (S, H), pre-activation (S, I or 2I)).
+
+    x (S, H) sorted by expert; up_w (E, I or 2I, H); down_w (E, H, I); biases (E, out) or None."""
+    h = grouped_mm(x, up_w.transpose(-2, -1), offsets)  # (S, I or 2I)
+    if up_b is not None:
+        h += _bias_rows(up_b, counts, x.shape[0])
+    out = grouped_mm(activation(h), down_w.transpose(-2, -1), offsets)  # (S, H)
+    if down_b is not None:
+        out += _bias_rows(down_b, counts, x.shape[0])
+    return out, h
+
+
 class _GroupedExpertMLP(torch.autograd.Function):
     """y_e = act(x_e U_e^T + b_e) D_e^T + c_e for the rows x_e of each expert e: two grouped GEMMs
     and their backward, written out by hand.
@@ -108,13 +121,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, up_w, up_b, down_w, down_b, offsets, counts, activation):
-        # x (S, H) sorted by expert; up_w (E, I or 2I, H); down_w (E, H, I); biases (E, out) or None
-        h = F.grouped_mm(x, up_w.transpose(-2, -1), offs=offsets)  # (S, I or 2I), pre-activation
-        if up_b is not None:
-            h += _bias_rows(up_b, counts, x.shape[0])
-        out = F.grouped_mm(activation(h), down_w.transpose(-2, -1), offs=offsets)  # (S, H)
-        if down_b is not None:
-            out += _bias_rows(down_b, counts, x.shape[0])
+        out, h = _grouped_mlp(x, up_w, up_b, down_w, down_b, offsets, counts, activation)
         ctx.save_for_backward(x, h, up_w, down_w, offsets, counts)
         ctx.activation = activation
         ctx.has_bias = (up_b is not None, down_b is not None)
@@ -125,23 +132,22 @@ class _GroupedExpertMLP(torch.autograd.Function):
         x, h, up_w, down_w, offsets, counts = ctx.saved_tensors
         need_x, need_up_w, need_up_b, need_down_w, need_down_b = ctx.needs_input_grad[:5]
         grad = grad.contiguous()  # (S, H); `.sum()` hands in a stride-0 gradient
-        with torch.enable_grad():  # recompute the activation, and take its derivative
-            h = h.detach().requires_grad_()
-            a = ctx.activation(h)  # (S, I)
+        # recompute the activation (S, I); torch.func.vjp, as a compiled graph traces it (not autograd.grad)
+        a, activation_vjp = torch.func.vjp(ctx.activation, h)
         grad_x = grad_up_w = grad_up_b = grad_down_w = grad_down_b = None
         if need_down_w:
-            grad_down_w = F.grouped_mm(grad.t(), a.detach(), offs=offsets)  # (E, H, I)
+            grad_down_w = grouped_mm(grad.t(), a, offsets)  # (E, H, I)
         if need_down_b and ctx.has_bias[1]:
             grad_down_b = torch.segment_reduce(grad, "sum", lengths=counts)  # (E, H)
-        grad_a = F.grouped_mm(grad, down_w, offs=offsets)  # (S, I)
-        (grad_h,) = torch.autograd.grad(a, h, grad_a)  # (S, I or 2I)
+        grad_a = grouped_mm(grad, down_w, offsets)  # (S, I)
+        (grad_h,) = activation_vjp(grad_a)  # (S, I or 2I)
         del a, grad_a
         if need_up_w:
-            grad_up_w = F.grouped_mm(grad_h.t(), x, offs=offsets)  # (E, I or 2I, H)
+            grad_up_w = grouped_mm(grad_h.t(), x, offsets)  # (E, I or 2I, H)
         if need_up_b and ctx.has_bias[0]:
             grad_up_b = torch.segment_reduce(grad_h, "sum", lengths=counts)  # (E, I or 2I)
         if need_x:
-            grad_x = F.grouped_mm(grad_h, up_w, offs=offsets)  # (S, H)
+            grad_x = grouped_mm(grad_h, up_w, offsets)  # (S, H)
         return grad_x, grad_up_w, grad_up_b, grad_down_w, grad_down_b, None, None, None
 
 
@@ -160,7 +166,11 @@ def grouped_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Ten
     """
     if x.shape[0] == 0:
         return x.new_zeros(0, experts.hidden_size)
-    if not _grouped_mm_aligned(experts, x) or not grouped_mm_available(x.device, x.dtype):
+    if torch.compiler.is_compiling():  # no probe inside a traced graph
+        available = COMPILABLE_GROUPED_MM is not None
+    else:
+        available = grouped_mm_available(x.device, x.dtype)
+    if not _grouped_mm_aligned(experts, x) or not available:
         return eager_experts_forward(experts, x, counts)
     offsets = counts.cumsum(0).to(torch.int32)  # (E,)
     return _GroupedExpertMLP.apply(x, experts.up_weight, experts.up_bias, experts.down_proj, experts.down_bias,

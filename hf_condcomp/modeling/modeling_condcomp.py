@@ -138,7 +138,7 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         token_mask = None  # a prepared 4-D or per-layer-type mask (static cache) routes every token
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and inputs is not None:
             token_mask = attention_mask[:, -inputs.shape[1]:].to(torch.bool)
-            if bool(token_mask.all()):
+            if not torch.compiler.is_compiling() and bool(token_mask.all()):  # a shortcut; a graph keeps the mask
                 token_mask = None
         recorder = _Recorder(token_mask)
         for block in self._moe_blocks:

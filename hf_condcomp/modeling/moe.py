@@ -110,8 +110,13 @@ class MoEFeedForward(nn.Module):
             router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         logits = self.router(router_in)  # (N, E)
 
-        rows = None
-        if token_mask is not None and not bool(token_mask.all()):
+        rows = keep = None
+        if token_mask is not None and torch.compiler.is_compiling():
+            # A traced graph cannot pick rows by value: every row is routed, as the native family
+            # always does, and the padding's output zeroed. Dropless token choice routes each
+            # token alone, so real tokens get what they get uncompiled.
+            keep = token_mask.reshape(-1, 1)
+        elif token_mask is not None and not bool(token_mask.all()):
             rows = token_mask.reshape(-1).nonzero().squeeze(-1)  # (Nv,) unpadded rows
         x_routed = x if rows is None else x[rows]  # (Nv, H)
         logits_routed = logits if rows is None else logits[rows]
@@ -129,6 +134,8 @@ class MoEFeedForward(nn.Module):
             out = y.new_zeros(x_routed.shape).index_add_(0, dispatch.token_index, y)  # (Nv, H)
         if rows is not None:  # in the experts' dtype, which mixed precision may set apart from x's
             out = out.new_zeros(x.shape).index_copy_(0, rows, out)  # (N, H)
+        elif keep is not None:
+            out = out * keep.to(out.dtype)
 
         if self.record_routing:
             token_rows = dispatch.token_index if rows is None else rows[dispatch.token_index]

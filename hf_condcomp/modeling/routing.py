@@ -67,9 +67,9 @@ def token_choice(
     # Assignments in priority order: all first choices, then all second choices, ...
     expert_ids = top_i.t().reshape(-1)  # (k * N,)
     weights = top_w.t().reshape(-1)  # (k * N,)
-    token_ids = torch.arange(num_tokens, device=logits.device).repeat(top_k)  # (k * N,)
 
     dropped = torch.zeros((), dtype=torch.long, device=logits.device)
+    token_ids = torch.arange(num_tokens, device=logits.device).repeat(top_k)  # (k * N,)
     if capacity_factor is not None:
         capacity = math.ceil(num_tokens * top_k * capacity_factor / num_experts)
         one_hot = F.one_hot(expert_ids, num_experts)  # (k * N, E)
@@ -79,7 +79,9 @@ def token_choice(
         expert_ids, weights, token_ids = expert_ids[keep], weights[keep], token_ids[keep]
 
     order = torch.argsort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=num_experts)
+    # (E,) whatever the ids: bincount's length depends on the largest id, which a traced graph can't know
+    counts = torch.zeros(num_experts, dtype=torch.long, device=logits.device)
+    counts = counts.index_add_(0, expert_ids, torch.ones_like(expert_ids))
     inverse = None
     if capacity_factor is None:  # assignment c * N + n sits at sorted row inverse[n, c]
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
