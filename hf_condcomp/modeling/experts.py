@@ -173,6 +173,9 @@ def grouped_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Ten
     if not _grouped_mm_aligned(experts, x) or not available:
         return eager_experts_forward(experts, x, counts)
     offsets = counts.cumsum(0).to(torch.int32)  # (E,)
+    if not torch.is_grad_enabled():  # inference and decoding: no autograd node to build
+        return _grouped_mlp(x, experts.up_weight, experts.up_bias, experts.down_proj, experts.down_bias, offsets,
+                            counts, experts.activation)[0]
     return _GroupedExpertMLP.apply(x, experts.up_weight, experts.up_bias, experts.down_proj, experts.down_bias,
                                    offsets, counts, experts.activation)  # (S, H)
 

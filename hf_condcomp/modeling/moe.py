@@ -51,7 +51,8 @@ def combine_dropless(y: torch.Tensor, weights: torch.Tensor, inverse: torch.Tens
     """
     num_tokens, top_k = inverse.shape
     flat = inverse.reshape(-1)  # (N * k,) token-major
-    y_tok = _PermuteRows.apply(y, flat).view(num_tokens, top_k, -1)  # (N, k, H)
+    y_tok = _PermuteRows.apply(y, flat) if torch.is_grad_enabled() else y.index_select(0, flat)
+    y_tok = y_tok.view(num_tokens, top_k, -1)  # (N, k, H)
     w_tok = weights[flat].view(num_tokens, 1, top_k).to(y.dtype)  # (N, 1, k)
     return torch.bmm(w_tok, y_tok).squeeze(1)  # (N, H)
 
@@ -122,10 +123,10 @@ class MoEFeedForward(nn.Module):
         logits_routed = logits if rows is None else logits[rows]
 
         dispatch = self.route(logits_routed)
-        if dispatch.inverse is not None:
+        if dispatch.inverse is not None and torch.is_grad_enabled():
             x_sorted = _DispatchRows.apply(x_routed, dispatch.token_index, dispatch.inverse)  # (S, H)
         else:
-            x_sorted = x_routed[dispatch.token_index]  # (S, H)
+            x_sorted = x_routed.index_select(0, dispatch.token_index)  # (S, H)
         y = self.experts(x_sorted, dispatch.counts)  # (S, H)
         if dispatch.inverse is not None:
             out = combine_dropless(y, dispatch.weights, dispatch.inverse)  # (Nv, H)

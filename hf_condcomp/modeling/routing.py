@@ -64,29 +64,34 @@ def token_choice(
     elif norm_topk_prob:
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
 
-    # Assignments in priority order: all first choices, then all second choices, ...
+    # Assignments in priority order: all first choices, then all second choices, ... (assignment
+    # c * N + n is token n's c-th choice)
     expert_ids = top_i.t().reshape(-1)  # (k * N,)
     weights = top_w.t().reshape(-1)  # (k * N,)
 
     dropped = torch.zeros((), dtype=torch.long, device=logits.device)
-    token_ids = torch.arange(num_tokens, device=logits.device).repeat(top_k)  # (k * N,)
+    token_ids = None  # dropless: the token of assignment j is j mod N
     if capacity_factor is not None:
         capacity = math.ceil(num_tokens * top_k * capacity_factor / num_experts)
         one_hot = F.one_hot(expert_ids, num_experts)  # (k * N, E)
         position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # rank within its expert
         keep = position < capacity
         dropped = (~keep).sum()
-        expert_ids, weights, token_ids = expert_ids[keep], weights[keep], token_ids[keep]
+        token_ids = torch.arange(num_tokens, device=logits.device).repeat(top_k)[keep]
+        expert_ids, weights = expert_ids[keep], weights[keep]
 
     order = torch.argsort(expert_ids, stable=True)
     # (E,) whatever the ids: bincount's length depends on the largest id, which a traced graph can't know
     counts = torch.zeros(num_experts, dtype=torch.long, device=logits.device)
     counts = counts.index_add_(0, expert_ids, torch.ones_like(expert_ids))
     inverse = None
-    if capacity_factor is None:  # assignment c * N + n sits at sorted row inverse[n, c]
+    if token_ids is None:  # assignment c * N + n sits at sorted row inverse[n, c]
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         inverse = inverse.view(top_k, num_tokens).t()  # (N, k)
-    return Dispatch(token_ids[order], weights[order], counts, dropped, inverse)
+        token_index = order % num_tokens
+    else:
+        token_index = token_ids[order]
+    return Dispatch(token_index, weights[order], counts, dropped, inverse)
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
