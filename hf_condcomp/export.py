@@ -1,11 +1,12 @@
-"""Export an upcycled Llama-family model to a native transformers MoE architecture.
+"""Export an upcycled Llama-family model (hand-written family, or native family over a Llama,
+Mistral, Qwen2 or Qwen3 source) to a native transformers MoE architecture.
 
 Serving engines (vLLM, SGLang, TGI, llama.cpp's converters) load native architectures, not remote
 code. Where one expresses an upcycled model exactly, this writes the model in it, so that it loads
 with no `trust_remote_code` and gives the same logits:
 
 - `mixtral`: MoE in every layer (`MixtralForCausalLM`); attention without biases, top-k weights
-  renormalised (Mixtral always renormalises).
+  renormalised (Mixtral always renormalises); a Mistral source's sliding window kept.
 - `qwen2_moe`: dense and MoE layers mixed, our default of every other layer: the dense layers go
   to `mlp_only_layers`, q/k/v biases follow the source (`qkv_bias`), the shared expert has width
   0 and contributes nothing, `norm_topk_prob` as ours.
@@ -15,16 +16,19 @@ with no `trust_remote_code` and gives the same logits:
 
 What no native architecture expresses is refused before anything is read or written, with the
 feature named: expert-choice routing, capacity drops, Mixture-of-Depths and gated layers, MLP
-biases, unit expert weights (split upcycling with top-k > 1), the GPT-2 and BERT families.
+biases, unit expert weights (split upcycling with top-k > 1), the GPT-2 and BERT families, native
+models of other sources, a sliding window with dense layers, Qwen2 / Qwen3 windows in some layers.
 Token-level differences that vanish at inference (Mixtral's router jitter scales the experts'
 input as well as the router's) are noted in the README, not refused.
 
 Key map (ours -> native), per layer i: `mlp.router.weight` -> `mlp.gate.weight`;
 `mlp.experts.{gate_up_proj,down_proj}` keep their names and (E, 2I, H) / (E, H, I) layout; dense
-layers' `mlp.{gate,up,down}_proj.weight` and everything outside the MLPs keep theirs.
+layers' `mlp.{gate,up,down}_proj.weight` and everything outside the MLPs keep theirs. A native
+family model's keys are the same under `backbone.`.
 """
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -44,10 +48,49 @@ def _qkv_bias(config) -> bool:
     return bool(config.attention_bias if config.qkv_bias is None else config.qkv_bias)
 
 
+_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+                "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings",
+                "attention_dropout", "rope_parameters", "head_dim")
+_MOE_FIELDS = ("num_local_experts", "num_experts_per_tok", "moe_layers", "moe_routing", "moe_capacity_factor",
+               "moe_expert_intermediate_size", "norm_topk_prob", "router_unit_weights", "router_jitter_noise",
+               "router_aux_loss_coef", "upcycling")
+
+
+def _llama_family_view(config):
+    """What export reads, for a hand-written Llama-family config (itself) or a native-family one
+    (`model_type` "condcomp" over a Llama, Mistral, Qwen2 or Qwen3 `text_config`, e.g. a Mistral
+    with a sliding window): the source's own fields, its MoE settings, and `sliding_window`."""
+    if getattr(config, "model_type", None) != "condcomp":
+        return config
+    text = config.text_config
+    source = getattr(text, "model_type", None)
+    if source not in SOURCES:
+        raise _refuse(
+            f"the native-family model was upcycled from {source!r}; native MoE architectures exist for "
+            f"Llama-family decoders only (sources {SOURCES})",
+            "Share it with its remote code instead (`save_pretrained`, loaded with trust_remote_code=True).",
+        )
+    view = {name: getattr(text, name, None) for name in _TEXT_FIELDS}
+    view.update({name: getattr(config, name) for name in _MOE_FIELDS})
+    sliding = getattr(text, "sliding_window", None)
+    if source in ("qwen2", "qwen3") and not getattr(text, "use_sliding_window", False):
+        sliding = None  # Qwen2 / Qwen3 configs carry a window they use only when `use_sliding_window`
+    if sliding is not None and source != "mistral":
+        raise _refuse(f"{source!r} sliding-window attention in some layers (`max_window_layers`)",
+                      "Keep this model as remote code (trust_remote_code=True).")
+    view.update(model_type="condcomp_llama", native_family=True, sliding_window=sliding, mod_layers=[], gate_layers=[],
+                attention_bias=bool(getattr(text, "attention_bias", False)), qkv_bias=True if source == "qwen2" else None,
+                mlp_bias=bool(getattr(text, "mlp_bias", False)), qk_norm=source == "qwen3")
+    view["upcycling"] = {**(view["upcycling"] or {}), "source_model_type": source}
+    return SimpleNamespace(**view)
+
+
 def choose_format(config, requested: str = "auto") -> str:
     """The native architecture that expresses `config` exactly, or an `ExportError` naming what blocks it."""
     if requested not in FORMATS:
         raise ExportError(f"`--format` must be one of {FORMATS}, got {requested!r}.")
+    config = _llama_family_view(config)
     model_type = getattr(config, "model_type", None)
     if model_type != "condcomp_llama":
         raise _refuse(
@@ -106,6 +149,8 @@ def _dense_layers(config) -> list[int]:
 
 
 def _mixtral_blocker(config) -> str | None:
+    if getattr(config, "sliding_window", None) is not None and _dense_layers(config):
+        return "a sliding window with dense layers (Mixtral, which has sliding windows, is MoE in every layer)"
     if config.attention_bias or _qkv_bias(config):
         return "attention biases (Mixtral's attention has none)"
     if _dense_layers(config):
@@ -116,6 +161,8 @@ def _mixtral_blocker(config) -> str | None:
 
 
 def _qwen2_moe_blocker(config) -> str | None:
+    if getattr(config, "sliding_window", None) is not None:
+        return f"a sliding window of {config.sliding_window} in every layer (Qwen2-MoE windows the upper layers only)"
     if config.attention_bias:
         return "`attention_bias`=True on the output projection (Qwen2-MoE's has none)"
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -141,6 +188,7 @@ def native_config(config, fmt: str):
     """The native config of format `fmt` (from `choose_format`) for our `config`."""
     from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
+    config = _llama_family_view(config)
     expert_size = config.moe_expert_intermediate_size or config.intermediate_size
     fields = _common_fields(config)
     if fmt == "qwen3_moe":
@@ -151,7 +199,8 @@ def native_config(config, fmt: str):
                               attention_bias=config.attention_bias, use_sliding_window=False)
     if fmt == "mixtral":
         native = MixtralConfig(**fields, head_dim=getattr(config, "head_dim", None), intermediate_size=expert_size,
-                               num_local_experts=config.num_local_experts, sliding_window=None,
+                               num_local_experts=config.num_local_experts,
+                               sliding_window=getattr(config, "sliding_window", None),
                                router_jitter_noise=config.router_jitter_noise)
     else:
         native = Qwen2MoeConfig(**fields, intermediate_size=config.intermediate_size, moe_intermediate_size=expert_size,
@@ -195,6 +244,7 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
 
     from . import CondCompLlamaForCausalLM
     from .cli import save_atomically
+    from .modeling.modeling_condcomp import CondCompForCausalLM
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
@@ -205,11 +255,16 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
     config = AutoConfig.from_pretrained(model_dir)
     fmt = choose_format(config, format)  # refuses before any weight is read
 
-    ours = CondCompLlamaForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    native_family = getattr(config, "model_type", None) == "condcomp"
+    ours_cls = CondCompForCausalLM if native_family else CondCompLlamaForCausalLM
+    ours = ours_cls.from_pretrained(model_dir, dtype="auto").eval()
+    state = ours.state_dict()
+    if native_family:  # transformers' own Llama / Mistral / Qwen under `backbone.`: the native names
+        state = {key.removeprefix("backbone."): value for key, value in state.items()}
     native_cls = {"mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM}[fmt]
     with no_init_weights():
         native = native_cls(native_config(ours.config, fmt))
-    native.load_state_dict(native_state_dict(ours.state_dict(), native), strict=True)
+    native.load_state_dict(native_state_dict(state, native), strict=True)
     if native.config.tie_word_embeddings:
         native.tie_weights()
     native.to(ours.dtype).eval()
@@ -221,7 +276,7 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
     diff = None
     if verify:
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, config.vocab_size, (2, 16), generator=g)
+        ids = torch.randint(0, native.config.vocab_size, (2, 16), generator=g)
         with torch.no_grad():
             diff = float((native(ids).logits.float() - ours(ids).logits.float()).abs().max())
         tolerance = 1e-4 if ours.dtype == torch.float32 else 5e-2

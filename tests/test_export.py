@@ -3,6 +3,7 @@ load without hf_condcomp and without trust_remote_code, and give the same logits
 what no native architecture expresses is refused before anything is written."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -72,6 +73,41 @@ def test_native_export_of_noisy_experts_matches(tmp_path, family, layers, archit
     assert json.loads(proc.stdout)["architecture"] == architecture
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     assert_native_matches(model, tmp_path / "native", tmp_path, architecture, ids)
+
+
+@pytest.mark.parametrize("name,layers,architecture", [
+    ("mistral", "all", "MixtralForCausalLM"),  # sliding window 4 < the 9 tokens and the 14 generated
+    ("qwen3", "every_other", "Qwen3MoeForCausalLM"),
+])
+def test_native_family_models_export_too(tmp_path, name, layers, architecture):
+    """`family="native"` models of Llama-family sources (a sliding-window Mistral upcycles only
+    natively): transformers' own weights under `backbone.`, our MoE settings, the window kept."""
+    from test_native import dense_model
+
+    model = hf_condcomp.upcycle(dense_model(name), num_experts=4, top_k=2, init="noise", noise_std=0.3, layers=layers,
+                                family="native")
+    assert model.config.model_type == "condcomp"
+    model.save_pretrained(tmp_path / "ours")
+    proc = export_cli(tmp_path / "ours", tmp_path / "native")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["architecture"] == architecture
+    if name == "mistral":
+        assert json.loads((tmp_path / "native" / "config.json").read_text())["sliding_window"] == 4
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert_native_matches(model, tmp_path / "native", tmp_path, architecture, ids)
+
+
+@pytest.mark.parametrize("name,layers,feature", [
+    ("mistral", "every_other", "a sliding window of 4 in every layer"),
+    ("qwen2", "all", "'qwen2' sliding-window attention in some layers"),
+    ("phi3", "all", "upcycled from 'phi3'"),
+])
+def test_native_family_models_no_native_moe_expresses_are_refused(name, layers, feature):
+    from test_native import dense_model
+
+    model = hf_condcomp.upcycle(dense_model(name), num_experts=4, top_k=2, layers=layers, family="native")
+    with pytest.raises(ExportError, match=f"cannot export natively: .*{re.escape(feature)}"):
+        choose_format(model.config)
 
 
 def test_top_k_weights_not_renormalised_go_to_qwen2_moe(tmp_path):
