@@ -7,8 +7,9 @@ correct (here: no) tensor-parallel plan, `_no_split_modules` that name real laye
 attention weights; MoD/gated models refuse `output_attentions` and every model refuses FlashAttention.
 Static caches work for MoE models and are refused for MoD/gated ones (their per-layer caches hold
 the tokens each layer ran on). The native family (tests/test_native.py) adds flex attention.
-`torch.compile(fullgraph=True)` traces MoE models whole (forward, backward, static-cache decoding);
-MoD and gated models pick their tokens by value, so they compile with graph breaks."""
+`torch.compile(fullgraph=True)` traces dropless MoE models whole (forward, backward, static-cache
+decoding); MoD, gates, capacity limits and expert choice pick tokens by value, so they compile
+with graph breaks."""
 
 import pytest
 import torch
@@ -304,9 +305,13 @@ def test_moe_compiles_as_one_graph_and_matches_uncompiled(family):
     assert_compiled_matches(model, *batch(family), fullgraph=True)
 
 
-@pytest.mark.parametrize("family,variant", [("llama", "mod"), ("bert", "gate")])
-def test_routed_and_gated_layers_compile_with_graph_breaks(family, variant):
-    assert_compiled_matches(build(family, variant), *batch(family), fullgraph=False)
+@pytest.mark.parametrize("family,variant,overrides", [("llama", "mod", {}), ("bert", "gate", {}),
+                                                      ("gpt2", "moe", {"capacity_factor": 1.0}),
+                                                      ("bert", "moe", {"routing": "expert_choice"})])
+def test_routed_gated_and_capacity_layers_compile_with_graph_breaks(family, variant, overrides):
+    """MoD, gates, capacity limits and expert choice rank tokens against each other, so the padding
+    must stay out by value: graph breaks, and the same results as uncompiled."""
+    assert_compiled_matches(build(family, variant, **overrides), *batch(family), fullgraph=False)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

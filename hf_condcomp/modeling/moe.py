@@ -93,6 +93,13 @@ class MoEFeedForward(nn.Module):
         self.record_routing = False
         self.last_routing = None
 
+    def routes_each_token_alone(self) -> bool:
+        """Dropless token choice (as expert choice decodes in causal evaluation): no token's
+        experts depend on the other tokens."""
+        if self.routing == "expert_choice":
+            return self.causal and not self.training  # `route` then takes token choice, dropless
+        return self.capacity_factor is None
+
     def route(self, logits: torch.Tensor):
         if self.routing == "expert_choice":
             factor = self.capacity_factor if self.capacity_factor is not None else float(self.top_k)
@@ -112,10 +119,11 @@ class MoEFeedForward(nn.Module):
         logits = self.router(router_in)  # (N, E)
 
         rows = keep = None
-        if token_mask is not None and torch.compiler.is_compiling():
+        if token_mask is not None and torch.compiler.is_compiling() and self.routes_each_token_alone():
             # A traced graph cannot pick rows by value: every row is routed, as the native family
-            # always does, and the padding's output zeroed. Dropless token choice routes each
-            # token alone, so real tokens get what they get uncompiled.
+            # always does, and the padding's output zeroed; real tokens get what they get
+            # uncompiled. Capacity limits and expert choice rank tokens against each other, so
+            # there the padding stays out (a graph break).
             keep = token_mask.reshape(-1, 1)
         elif token_mask is not None and not bool(token_mask.all()):
             rows = token_mask.reshape(-1).nonzero().squeeze(-1)  # (Nv,) unpadded rows
