@@ -58,6 +58,15 @@ def check_case(folder: Path) -> dict:
     # The upcycled model must move no more than its dense source does on this release.
     checks = [result["logits_max_abs_diff"] <= TOLERANCE + drift,
               drift > TOLERANCE or result["train_loss_abs_diff"] <= TOLERANCE, grads_finite]
+    if ref["auto"] != "AutoModel" and model.config.model_type == "condcomp":
+        # a native task model loads as AutoModel too: the same base model, its head left out
+        base = transformers.AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        inner = getattr(model.backbone, model.backbone.base_model_prefix)
+        with torch.no_grad():
+            expected = inner(input_ids=ids, attention_mask=mask).last_hidden_state
+            got = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        result["as_auto_model_max_abs_diff"] = float((got - expected).abs().max())
+        checks.append(result["as_auto_model_max_abs_diff"] <= TOLERANCE)
 
     if "greedy" in ref:
         gen = dict(max_new_tokens=ref["greedy"].shape[1] - ref["prompt"].shape[1], do_sample=False, pad_token_id=0)

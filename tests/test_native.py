@@ -469,3 +469,24 @@ def test_static_cache_decoding_with_a_fullgraph_compiled_forward(contract_models
         assert torch.equal(model.generate(ids, **greedy), expected)
     finally:
         del backbone.forward  # the module-scoped fixture's model goes on uncompiled
+
+
+def test_a_task_checkpoint_loads_as_the_base_model_and_back(tmp_path):
+    """As transformers' own classes do: a classifier's folder loads as `AutoModel` (same encoder,
+    head left out), and a base model's folder loads as a classifier (encoder kept, head new)."""
+    model = upcycle(dense_model("roberta"), num_experts=4, top_k=2, layers="all", init="noise", family="native").eval()
+    model.save_pretrained(tmp_path / "classifier")
+    ids, mask = batch("sequence-classification")
+    with torch.no_grad():
+        expected = model.backbone.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
+    base = T.AutoModel.from_pretrained(tmp_path / "classifier").eval()
+    assert type(base).__name__ == "CondCompModel"
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=ids, attention_mask=mask).last_hidden_state, expected, atol=0, rtol=0)
+    base.save_pretrained(tmp_path / "base")
+    again = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3).eval()
+    with torch.no_grad():
+        got = again.backbone.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    saved = json.loads((tmp_path / "classifier" / "config.json").read_text())["auto_map"]
+    assert {"AutoModel", "AutoModelForSequenceClassification", "AutoModelForCausalLM"} <= set(saved)

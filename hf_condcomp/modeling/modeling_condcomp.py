@@ -108,6 +108,22 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         self._no_split_modules = list(getattr(self.backbone, "_no_split_modules", None) or [])
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Also loads a checkpoint saved from another task's class: a classifier's weights into
+        `CondCompModel` (its head left out, as transformers does for `AutoModel`), or a base
+        model's into a task class (the new head initialised). The source's base model sits under
+        `backbone.<prefix>.` in a task class and under `backbone.` in `CondCompModel`."""
+        config = kwargs.get("config")
+        if not isinstance(config, CondCompConfig):
+            hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            config = CondCompConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        saved = (getattr(config, "architectures", None) or [cls.__name__])[0]
+        mapping = _cross_head_key_mapping(config, saved == CondCompModel.__name__, cls is CondCompModel)
+        if mapping and kwargs.get("key_mapping") is None:
+            kwargs["key_mapping"] = mapping
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def get_input_embeddings(self):
         return self.backbone.get_input_embeddings()
 
@@ -173,6 +189,20 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         return out if use_return_dict(self.config, return_dict) else out.to_tuple()
 
 
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
+
+
+def _cross_head_key_mapping(config, saved_base: bool, loading_base: bool) -> dict | None:
+    """`key_mapping` (regex -> replacement) between a checkpoint of a base model and one of a task
+    class, whose backbone holds the source's base model under its `base_model_prefix`."""
+    if saved_base == loading_base:
+        return None
+    prefix = AutoModel._model_mapping[type(config.text_config)].base_model_prefix
+    if saved_base:
+        return {r"^backbone\.": f"backbone.{prefix}."}
+    return {rf"^backbone\.{prefix}\.": "backbone."}
+
+
 class CondCompModel(CondCompPreTrainedModel):
     _auto_class_of_task = AutoModel
 
@@ -207,6 +237,11 @@ class CondCompForCausalLM(CondCompPreTrainedModel, GenerationMixin):
 CondCompConfig.register_for_auto_class()
 for _cls in (CondCompModel, CondCompForSequenceClassification, CondCompForTokenClassification, CondCompForMaskedLM,
              CondCompForCausalLM):
-    # each class loads the weights of its own head only, so the saved auto_map names that one
-    _cls._auto_heads = {_cls._auto_class_of_task.__name__: _cls.__name__}
     _cls.register_for_auto_class(_cls._auto_class_of_task.__name__)
+# a saved model loads as any of them (from_pretrained maps the keys); a task the source
+# architecture has no class for is refused by transformers' own auto class
+CondCompPreTrainedModel._auto_heads = {
+    c._auto_class_of_task.__name__: c.__name__
+    for c in (CondCompModel, CondCompForSequenceClassification, CondCompForTokenClassification, CondCompForMaskedLM,
+              CondCompForCausalLM)
+}
