@@ -79,7 +79,7 @@ def _llama_family_view(config):
     if sliding is not None and source != "mistral":
         raise _refuse(f"{source!r} sliding-window attention in some layers (`max_window_layers`)",
                       "Keep this model as remote code (trust_remote_code=True).")
-    view.update(model_type="condcomp_llama", native_family=True, sliding_window=sliding, mod_layers=[], gate_layers=[],
+    view.update(model_type="condcomp_llama", sliding_window=sliding, mod_layers=[], gate_layers=[],
                 attention_bias=bool(getattr(text, "attention_bias", False)), qkv_bias=True if source == "qwen2" else None,
                 mlp_bias=bool(getattr(text, "mlp_bias", False)), qk_norm=source == "qwen3")
     view["upcycling"] = {**(view["upcycling"] or {}), "source_model_type": source}
