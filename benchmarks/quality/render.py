@@ -50,8 +50,8 @@ DIALOGUE_LABELS = {
     "dense_lora": "dense (1 expert, top-1)",
     "moe_lora": "MoE copy, 4 experts top-2, every other layer",
     "mod_c0.5_lora": "MoD, capacity 0.5, every other layer (causal predictor at eval)",
-    # Before 30fbcf5 the LoRA keep-list missed `mod_router` / `mod_predictor`: PEFT froze them.
-    "mod_c0.5_lora_frozen": "the same, routers and predictors frozen by LoRA (run before 30fbcf5)",
+    # LoRA's keep-list did not include `mod_router` / `mod_predictor` in this run: PEFT froze them.
+    "mod_c0.5_lora_frozen": "the same, routers and causal predictors frozen (not trained)",
 }
 FOLDERS = {"classification": LABELS, "classification_long": LABELS, "classification_sst2": LABELS,
            "translation": TRANSLATION_LABELS,
