@@ -1,7 +1,7 @@
 """What differs between the transformers releases this code runs on, decided once, here.
 
 This file travels to the Hub with every saved model, so it must work on whatever release the
-person who downloads the model has installed (see the README's "Supported versions").
+person who downloads the model has installed (see "Supported versions" in docs/sharing.md).
 
 transformers 5.24 renamed the cache in every `ModelOutput` from `past_key_values` to `cache`
 (a metaclass renames the keyword in each output's `__init__`), and `generate()` now passes
@@ -16,12 +16,11 @@ from dataclasses import fields
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-
 # The transformers releases `benchmarks/compat.py` checks saved models on in CI (oldest, newest),
-# and the torch the package is tested with; the model card quotes them. Before 5.10.4 the
-# remote-code loader fails to copy some of a model's sibling files (see the README).
-TESTED_TRANSFORMERS = ("5.11.0", "5.24.0")
-TESTED_TORCH = "2.13.0"
+# and the torch releases the package is tested with (oldest, newest); the model card quotes them.
+# Before 5.10.4 the remote-code loader fails to copy some of a model's sibling files (docs/sharing.md).
+TESTED_TRANSFORMERS = ("5.11.0", "5.25.0")
+TESTED_TORCH = ("2.13.0", "2.14.1")
 MINIMUM_TORCH = "2.6"  # transformers 5's own floor
 
 
@@ -87,7 +86,7 @@ def _compilable_grouped_mm():
     function for it accepts bf16 only (torch 2.13), so an fp32 graph could not be traced. Eager
     calls use `F.grouped_mm` directly. Defined once per process: every copy of this file loaded
     as remote code (one per repository) finds the op the first one defined."""
-    namespace = getattr(torch.ops, "hf_condcomp")
+    namespace = torch.ops.hf_condcomp
     if hasattr(namespace, "grouped_mm"):
         return namespace.grouped_mm
     if getattr(torch.nn.functional, "grouped_mm", None) is None or not hasattr(torch.library, "custom_op"):

@@ -106,7 +106,7 @@ def write_model_card(args, config, results, *, task_type, task_name, dataset_nam
         extra_results={k: v for k, v in results.items() if isinstance(v, (int, float)) and k not in metrics},
         routing_rows=_routing_rows(results.get("routing")),
         transformers_range=" to ".join(TESTED_TRANSFORMERS),
-        torch_tested=TESTED_TORCH,
+        torch_tested=" and ".join(TESTED_TORCH),
         torch_minimum=MINIMUM_TORCH,
         compute_fraction=(results.get("routing") or {}).get("compute_fraction", results.get("eval_compute_fraction")),
         auto_class=config.auto_map.get(_auto_class_for(task_type), "AutoModel").split(".")[-1] if getattr(config, "auto_map", None) else "",
