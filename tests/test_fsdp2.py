@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_clean_python
+from conftest import DATA, run_clean_python
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
-SST2 = ROOT.parent / "shared" / "data" / "classification" / "sst2"
+SST2 = DATA / "sst2"
 
-pytestmark = pytest.mark.skipif(not SST2.is_dir(), reason="needs ../shared/data")
 
 FSDP2_CPU = """\
 compute_environment: LOCAL_MACHINE

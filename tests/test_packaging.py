@@ -12,10 +12,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SST2 = ROOT.parent / "shared" / "data" / "classification" / "sst2"
+SST2 = Path(__file__).resolve().parent / "data" / "sst2"
 
 
-@pytest.mark.skipif(not SST2.is_dir(), reason="needs ../shared/data")
 def test_non_editable_install_writes_a_model_card(tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 

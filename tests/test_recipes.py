@@ -3,7 +3,8 @@ budgets: metrics in all_results.json, exact resume, a 2-process CPU DDP run, the
 loading without hf_condcomp, the model card, the Hub upload (intercepted) and bad inputs.
 
 Runs in process (`recipe.main(argv)`) except where a clean interpreter or two processes are the
-point. Tiny random GPT-2 models with the real GPT-2 tokenizer keep the decoder runs fast.
+point. Tiny random GPT-2 models with a small BPE tokenizer keep the decoder runs fast. The data
+are the committed samples in tests/data.
 """
 
 import importlib.util
@@ -15,17 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA, ROOT, sample_bpe_tokenizer
 from safetensors.torch import load_file
 
 from hf_condcomp.modeling.compat import TESTED_TORCH, TESTED_TRANSFORMERS
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
-GPT2_TOKENIZER = ROOT.parent / "shared" / "assets" / "gpt2-tokenizer"
-BANKING77 = DATA / "classification" / "banking77"
-MULTI30K = DATA / "translation" / "multi30k"
-
-pytestmark = pytest.mark.skipif(not BANKING77.is_dir() or not MULTI30K.is_dir(), reason="needs ../shared/data")
+BANKING77 = DATA / "banking77"
+MULTI30K = DATA / "multi30k"
 
 # Measured on a 2-core CPU: 100 steps reach 0.30-0.41 accuracy (chance 1/77 = 0.013; a model whose
 # head or experts do not learn stays near chance).
@@ -57,18 +54,10 @@ def run(name, *args):
     return load_recipe(name).main([str(a) for a in args])
 
 
-def gpt2_tokenizer():
-    """The real GPT-2 tokenizer, from ../shared."""
-    from transformers import GPT2TokenizerFast
-
-    merges = [tuple(line.split()) for line in (GPT2_TOKENIZER / "merges.txt").read_text().splitlines()[1:] if line.strip()]
-    return GPT2TokenizerFast(vocab=json.loads((GPT2_TOKENIZER / "vocab.json").read_text()), merges=merges)
-
-
 def make_tiny_gpt2(folder, dropout):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = gpt2_tokenizer()
+    tokenizer = sample_bpe_tokenizer()
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=len(tokenizer),
                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
@@ -174,7 +163,7 @@ print("RESULT " + json.dumps({{"shape": list(logits.shape), "module": type(model
     assert "trust_remote_code=True" in card.text and "| num_experts | 4 |" in card.text
     assert "| 1 | [" in card.text  # routing statistics table
     oldest, newest = TESTED_TRANSFORMERS
-    assert f"tested with transformers {oldest} to {newest}\nand torch {TESTED_TORCH}" in card.text
+    assert f"tested with transformers {oldest} to {newest}\nand torch {' and '.join(TESTED_TORCH)}" in card.text
 
 
 # --- translation: metrics, LoRA, push --------------------------------------------------------------
@@ -362,10 +351,10 @@ def test_generate_folds_lora_in_while_decoding_and_restores_the_adapters():
 # --- native export from a recipe ------------------------------------------------------------------
 
 def make_tiny_decoder(folder, architecture, **extra):
-    """A tiny random decoder of a transformers architecture with the real GPT-2 tokenizer."""
+    """A tiny random decoder of a transformers architecture with the samples' BPE tokenizer."""
     import transformers
 
-    tokenizer = gpt2_tokenizer()
+    tokenizer = sample_bpe_tokenizer()
     torch.manual_seed(0)
     config = getattr(transformers, f"{architecture}Config")(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
