@@ -1,7 +1,7 @@
 """Forward and training-step time of gated models next to their dense parent, on the CPU.
 
     python benchmarks/bench_gated.py --out outputs/bench_gated.json
-    # what the README's "Gated layers" table reports (one thread is steadier on a small shared machine)
+    # what benchmarks/README.md's "Gated layers" table reports (one thread is steadier on a small shared machine)
     python benchmarks/bench_gated.py --threads 1 --capacities 1.0,0.75,0.5,0.25 --thresholds 0.3,0.7 \
         --repeats 5 --train-repeats 2 --out benchmarks/results/bench_gated.json
 
@@ -126,7 +126,8 @@ def main():
     step, step_all = bench(models, ids, mask, args.train_repeats, "train")
 
     rows = []
-    header = f"{'model':<12} {'exec frac':>9} {'fwd s':>7} {'fwd x':>6} | {'train frac':>10} {'step s':>7} {'step x':>6}"
+    header = (f"{'model':<12} {'exec frac':>9} {'fwd s':>7} {'fwd x':>6} | "
+              f"{'train frac':>10} {'step s':>7} {'step x':>6}")
     print(f"all-MiniLM-L6-v2, batch {args.batch} x seq {args.seq_len}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} forward / {args.train_repeats} training-step rounds")
     print(header)

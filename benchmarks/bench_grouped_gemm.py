@@ -46,12 +46,12 @@ def main():
         counts = torch.full((experts,), rows // experts)
         offsets = counts.cumsum(0).to(torch.int32)
         groups = list(zip(x.split(counts.tolist()), w.unbind(0)))
-        fns = {
-            "dense": lambda: x @ w_dense.t(),
-            "forward": lambda: F.grouped_mm(x, w.transpose(-2, -1), offs=offsets),
-            "grad_x": lambda: F.grouped_mm(dy, w, offs=offsets),
-            "grad_w": lambda: F.grouped_mm(dy.t(), x, offs=offsets),
-            "loop": lambda: torch.cat([xe @ we.t() for xe, we in groups]),
+        fns = {  # called only within this iteration; the defaults bind this iteration's tensors
+            "dense": lambda x=x, w_dense=w_dense: x @ w_dense.t(),
+            "forward": lambda x=x, w=w, offsets=offsets: F.grouped_mm(x, w.transpose(-2, -1), offs=offsets),
+            "grad_x": lambda dy=dy, w=w, offsets=offsets: F.grouped_mm(dy, w, offs=offsets),
+            "grad_w": lambda dy=dy, x=x, offsets=offsets: F.grouped_mm(dy.t(), x, offs=offsets),
+            "loop": lambda groups=groups: torch.cat([xe @ we.t() for xe, we in groups]),
         }
         med = interleaved_medians(fns, args.repeats)
         row = {"in": fin, "out": fout, "experts": experts, "rows": rows, "rows_per_expert": rows // experts,

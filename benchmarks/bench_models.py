@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, interleaved_times, machine_info, paired_ratios, print_table, write_json  # noqa: E402
-
 import hf_condcomp  # noqa: E402
 from hf_condcomp.assets import minilm_path, smollm2_path  # noqa: E402
+
+from common import interleaved_medians, interleaved_times, machine_info, paired_ratios, print_table, write_json  # noqa: E402
 
 
 def mixtral_from_llama(dense):
@@ -94,8 +94,8 @@ def build(name):
 
 
 def train_step(model, batch, seq, causal, optimizer=True):
-    """Forward + backward (+ fused AdamW step, as the recipes run it). Without `optimizer` gradients are dropped after each step:
-    the every-layer SmolLM2 MoEs hold ~1.3 B expert parameters and AdamW state for two of them
+    """Forward + backward (+ fused AdamW step, as the recipes run it). Without `optimizer` gradients are dropped after
+    each step: the every-layer SmolLM2 MoEs hold ~1.3 B expert parameters and AdamW state for two of them
     does not fit this machine's memory next to each other."""
     torch.manual_seed(0)
     ids = torch.randint(5, 1000, (batch, seq))
@@ -179,7 +179,8 @@ def main():
     parser.add_argument("--mixtral-repeats", type=int, default=None,
                         help="rounds of the groups with Mixtral (default 7, 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's choice); 1 avoids oversubscription on small shared machines")
+                        help="torch threads (default: torch's choice); "
+                             "1 avoids oversubscription on small shared machines")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--memory-child", nargs=4, metavar=("NAME", "BATCH", "SEQ", "STEPS"), help=argparse.SUPPRESS)
@@ -260,9 +261,11 @@ def main():
     print(f"\nWhole models, CPU fp32, repeats={repeats}; machine: {info}")
     table = print_table(rows, ["bench", "shape", "group", "dense_s", "moe_s", "moe/dense", "target"])
     print("(decode rows: dense_s / moe_s columns hold tokens/s)")
-    mem_table = print_table(memory, ["model", "shape", "dense_MiB", "moe_MiB", "budget_MiB", "within"]) if memory else ""
+    mem_table = (print_table(memory, ["model", "shape", "dense_MiB", "moe_MiB", "budget_MiB", "within"])
+                 if memory else "")
     print("ours / Mixtral, round by round (time ratios, < 1: ours faster):", json.dumps(vs_mixtral, indent=1))
-    write_json(args.out, {"machine": info, "repeats": repeats, "mixtral_repeats": mixtral_repeats, "rows": rows, "memory": memory, "vs_mixtral": vs_mixtral,
+    write_json(args.out, {"machine": info, "repeats": repeats, "mixtral_repeats": mixtral_repeats, "rows": rows,
+                          "memory": memory, "vs_mixtral": vs_mixtral,
                           "param_counts": counts, "table": table, "memory_table": mem_table})
 
 

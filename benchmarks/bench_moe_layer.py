@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_peak_bytes, interleaved_medians, machine_info, print_table, write_json  # noqa: E402
-
 from hf_condcomp.modeling.moe import MoEFeedForward  # noqa: E402
+
+from common import cpu_peak_bytes, interleaved_medians, machine_info, print_table, write_json  # noqa: E402
 
 
 def moe_layer(hidden, ffn, experts, top_k, implementation):
@@ -56,7 +56,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="one small shape, few repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's choice); 1 avoids oversubscription on small shared machines")
+                        help="torch threads (default: torch's choice); "
+                             "1 avoids oversubscription on small shared machines")
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--no-eager", action="store_true", help="skip the (slow) eager loop")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass (CPU: the profiler)")
@@ -73,7 +74,8 @@ def main():
         grid = [(384, 1536, 8, 2048), (384, 1536, 32, 2048)]
         repeats = args.repeats or 3
     else:
-        grid = [(h, f, e, n) for (h, f), e, n in itertools.product([(384, 1536), (768, 3072)], [8, 32, 64], [2048, 4096])]
+        grid = [(h, f, e, n)
+                for (h, f), e, n in itertools.product([(384, 1536), (768, 3072)], [8, 32, 64], [2048, 4096])]
         repeats = args.repeats or 5
     impls = ["grouped"] + ([] if args.no_eager else ["eager"])
     if cuda:

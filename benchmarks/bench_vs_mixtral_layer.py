@@ -23,9 +23,9 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, machine_info, print_table, write_json  # noqa: E402
-
 from hf_condcomp.modeling.moe import MoEFeedForward  # noqa: E402
+
+from common import interleaved_medians, machine_info, print_table, write_json  # noqa: E402
 
 
 def build(hidden=576, ffn=1536, experts=8, top_k=2):

@@ -28,8 +28,8 @@ def machine_info() -> dict:
         commit += "+dirty" if dirty else ""
     except OSError:
         commit = "unknown"
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit,
-            "python": platform.python_version()}
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "commit": commit, "python": platform.python_version()}
     try:
         info["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
     except OSError:

@@ -34,7 +34,8 @@ def check_case(folder: Path) -> dict:
     auto = getattr(transformers, ref["auto"])
     model = auto.from_pretrained(folder, trust_remote_code=True).eval()
     result = {"module": type(model).__module__}
-    assert type(model).__module__.startswith("transformers_modules"), f"loaded {type(model).__module__}, not remote code"
+    assert type(model).__module__.startswith("transformers_modules"), (
+        f"loaded {type(model).__module__}, not remote code")
     ids, mask = ref["input_ids"], ref["attention_mask"]
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask)

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import build, train_step  # noqa: E402
+
 from common import cpu_peak_bytes, machine_info, write_json  # noqa: E402
 
 
@@ -34,7 +35,8 @@ def main():
         model = build(name)
         step = train_step(model, args.batch, args.seq, causal=not name.startswith("minilm"), optimizer=False)
         peak = cpu_peak_bytes(step)
-        rows.append({"model": name, "shape": f"{args.batch}x{args.seq}", "peak_MiB": None if peak is None else peak / 2**20})
+        rows.append({"model": name, "shape": f"{args.batch}x{args.seq}",
+                     "peak_MiB": None if peak is None else peak / 2**20})
         print(rows[-1])
         del model, step
     write_json(args.out, {"machine": info, "rows": rows})

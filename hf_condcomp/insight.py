@@ -233,7 +233,8 @@ def routing_summary(model, batches) -> dict:
     never counted. The model runs in eval mode under `torch.no_grad`; its mode is restored after.
     """
     totals = _Totals()
-    moe = run_recorded(model, batches, lambda inputs, outputs, records, executed, top1: totals.add(inputs, outputs, records))
+    moe = run_recorded(model, batches,
+                       lambda inputs, outputs, records, executed, top1: totals.add(inputs, outputs, records))
     return totals.summary(moe, _gated_layers_configured(model))
 
 
@@ -252,7 +253,8 @@ def _expert_sets(rec: dict, num_rows: int, num_experts: int) -> torch.Tensor:
 def _prepare_tokenizer(tokenizer):
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError("`tokenizer` has neither a pad nor an eos token: set `tokenizer.pad_token` before inspecting.")
+            raise ValueError("`tokenizer` has neither a pad nor an eos token: "
+                             "set `tokenizer.pad_token` before inspecting.")
         tokenizer.pad_token = tokenizer.eos_token  # decoders (GPT-2, Llama) ship without one
     return tokenizer
 
@@ -274,7 +276,8 @@ def text_batches(texts, tokenizer, batch_size: int = 16, max_length: int | None 
     if max_length is None:
         limits = [getattr(tokenizer, "model_max_length", None)]
         if model is not None:
-            limits += [getattr(model.config, "max_position_embeddings", None), getattr(model.config, "n_positions", None)]
+            limits += [getattr(model.config, "max_position_embeddings", None),
+                       getattr(model.config, "n_positions", None)]
         max_length = min(x for x in limits + [4096] if isinstance(x, int) and x > 0)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     for start in range(0, len(order), batch_size):
@@ -382,7 +385,8 @@ def inspect(
     num_texts = None
     if texts is not None:
         if tokenizer is None:
-            raise ValueError("`texts` need a `tokenizer`: pass the one saved with the model (AutoTokenizer.from_pretrained(folder)).")
+            raise ValueError("`texts` need a `tokenizer`: "
+                             "pass the one saved with the model (AutoTokenizer.from_pretrained(folder)).")
         texts = _check_texts(texts)
         num_texts = len(texts)
         total = math.ceil(len(texts) / batch_size) if batch_size >= 1 else 0
@@ -424,7 +428,8 @@ def _routing_per_token(model, batches) -> dict[int, tuple[torch.Tensor, torch.Te
             rec = records.get(layer)  # None: the layer's block ran on no token of this batch
             top1.setdefault(layer, []).append(choice[layer][real] if rec else torch.full((int(real.sum()),), -1))
             num_rows, num_experts = real.numel(), module.num_experts
-            served = _expert_sets(rec, num_rows, num_experts) if rec else torch.zeros(num_rows, num_experts, dtype=torch.bool)
+            served = (_expert_sets(rec, num_rows, num_experts) if rec
+                      else torch.zeros(num_rows, num_experts, dtype=torch.bool))
             sets.setdefault(layer, []).append(served[real])
 
     moe = run_recorded(model, batches, keep)
@@ -433,7 +438,8 @@ def _routing_per_token(model, batches) -> dict[int, tuple[torch.Tensor, torch.Te
     return {layer: (torch.cat(top1[layer]), torch.cat(sets[layer])) for layer in top1}
 
 
-def compare(model_a, model_b, texts, tokenizer, batch_size: int = 16, max_length: int | None = None, progress=None) -> dict:
+def compare(model_a, model_b, texts, tokenizer, batch_size: int = 16, max_length: int | None = None,
+            progress=None) -> dict:
     """How routing differs between two models with the same MoE layout on the same `texts`.
 
     Per MoE layer present in both (over real tokens):
@@ -455,7 +461,8 @@ def compare(model_a, model_b, texts, tokenizer, batch_size: int = 16, max_length
     a, b = per_model
     layers = sorted(set(a) & set(b))
     if not layers:
-        raise ValueError(f"the models share no MoE layer (model_a: {sorted(a)}, model_b: {sorted(b)}): compare upcycles of the same layout.")
+        raise ValueError(f"the models share no MoE layer (model_a: {sorted(a)}, model_b: {sorted(b)}): "
+                         "compare upcycles of the same layout.")
     out = {"moe_layers": {}}
     for layer in layers:
         (top1_a, sets_a), (top1_b, sets_b) = a[layer], b[layer]
@@ -488,7 +495,8 @@ _DPI = 100
 _CELLS = (0.16, 0.22, 0.66, 0.62)  # axes box (left, bottom, width, height) as figure fractions
 
 
-def _grid_figure(matrix, rows, cols, path, title, cmap, vmin, vmax, annotations=None, width_per_col=0.7, colorbar=True, xlabel=None):
+def _grid_figure(matrix, rows, cols, path, title, cmap, vmin, vmax, annotations=None, width_per_col=0.7, colorbar=True,
+                 xlabel=None):
     """Draw `matrix` (rows x cols) as cells in an axes box at a fixed place in the figure and save a
     PNG of exactly (width, height) pixels. Returns where the cells are, so the picture can be read
     back: `cells_px` = [x0, y0, x1, y1] of the cell area in pixels, origin top-left, row 0 on top."""
@@ -504,7 +512,8 @@ def _grid_figure(matrix, rows, cols, path, title, cmap, vmin, vmax, annotations=
     ax = fig.add_axes([left, bottom, w, h])
     im = ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     ax.set_yticks(range(len(rows)), rows)
-    ax.set_xticks(range(len(cols)), cols, rotation=60 if width_per_col > 0.5 else 0, fontsize=8, ha="right" if width_per_col > 0.5 else "center")
+    ax.set_xticks(range(len(cols)), cols, rotation=60 if width_per_col > 0.5 else 0, fontsize=8,
+                  ha="right" if width_per_col > 0.5 else "center")
     ax.set_title(title, fontsize=9)
     if xlabel:
         ax.set_xlabel(xlabel, fontsize=8)
@@ -571,8 +580,10 @@ def plot_token_map(sample: dict, path) -> dict | None:
         kind, vmin, title = "experts", 0, "router's top-1 expert per token"
     else:
         return None
-    notes = None if kind == "compute" else {(i, j): (str(v), "k") for i, row in enumerate(values) for j, v in enumerate(row)}
-    info = _grid_figure(values, [f"layer {l}" for l in layers], sample["tokens"], path, title, cmap, vmin, vmax, notes, colorbar=False)
+    notes = None if kind == "compute" else {(i, j): (str(v), "k")
+                                            for i, row in enumerate(values) for j, v in enumerate(row)}
+    info = _grid_figure(values, [f"layer {l}" for l in layers], sample["tokens"], path, title, cmap, vmin, vmax, notes,
+                        colorbar=False)
     return {**info, "kind": kind, "matrix": values, "rows": layers}
 
 
@@ -605,7 +616,8 @@ def load_model_folder(folder, what="MODEL"):
     import transformers
 
     if not Path(folder).is_dir():
-        raise ValueError(f"{what} {str(folder)!r} is not a folder: pass the folder written by `hf-condcomp upcycle` or `save_pretrained`.")
+        raise ValueError(f"{what} {str(folder)!r} is not a folder: "
+                         "pass the folder written by `hf-condcomp upcycle` or `save_pretrained`.")
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
     arch = (getattr(config, "architectures", None) or [None])[0]
     auto = transformers.AutoModel
@@ -616,7 +628,8 @@ def load_model_folder(folder, what="MODEL"):
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as err:
-        raise ValueError(f"{what} {str(folder)!r} holds no tokenizer ({err}): save one there with `tokenizer.save_pretrained`.") from err
+        raise ValueError(f"{what} {str(folder)!r} holds no tokenizer ({err}): "
+                         "save one there with `tokenizer.save_pretrained`.") from err
     return model, tokenizer
 
 
@@ -631,7 +644,8 @@ def _read_column(path, column):
             rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",", quoting=quoting))
     elif suffix in (".jsonl", ".json"):
         text = path.read_text(encoding="utf-8")
-        rows = json.loads(text) if suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = (json.loads(text) if suffix == ".json"
+                else [json.loads(line) for line in text.splitlines() if line.strip()])
         if isinstance(rows, dict):
             rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
     elif suffix == ".parquet":
@@ -639,7 +653,8 @@ def _read_column(path, column):
 
         rows = pd.read_parquet(path).to_dict("records")
     else:
-        raise ValueError(f"--data-file {str(path)!r} has suffix {suffix!r}: use .csv, .tsv, .json, .jsonl or .parquet (or --text-file for plain text).")
+        raise ValueError(f"--data-file {str(path)!r} has suffix {suffix!r}: "
+                         "use .csv, .tsv, .json, .jsonl or .parquet (or --text-file for plain text).")
     if rows and column not in rows[0]:
         raise ValueError(f"--column {column!r} is not in --data-file {str(path)!r}: its columns are {sorted(rows[0])}.")
     return [row[column] for row in rows]
@@ -658,7 +673,8 @@ def read_texts(args) -> list[str]:
     elif args.data_file is not None:
         source, path = f"--data-file {args.data_file!r}", Path(args.data_file)
         if not path.is_file():
-            raise ValueError(f"{source} does not exist (or is not a file): pass a .csv, .tsv, .json, .jsonl or .parquet file.")
+            raise ValueError(f"{source} does not exist (or is not a file): "
+                             "pass a .csv, .tsv, .json, .jsonl or .parquet file.")
         texts = _read_column(path, args.column)
     else:
         source = f"--dataset {args.dataset!r} (split {args.split!r})"
@@ -690,7 +706,8 @@ def format_inspect(result: dict) -> str:
         dead = ", ".join(map(str, s["dead_experts"])) or "none"
         lines.append(
             f"MoE layer {layer}: {s['num_tokens']} tokens, load entropy {s['load_entropy']:.3f} "
-            f"({s['load_entropy_raw']:.3f} nats), max/mean {s['max_over_mean']:.2f}, dropped {s['dropped']}, dead experts: {dead}"
+            f"({s['load_entropy_raw']:.3f} nats), max/mean {s['max_over_mean']:.2f}, dropped {s['dropped']}, "
+            f"dead experts: {dead}"
         )
         lines.append(f"  {'expert':>6}  {'tokens':>7}  {'share':>6}  most frequent tokens")
         for e, count in enumerate(s["tokens_per_expert"]):
@@ -729,7 +746,8 @@ def _write_json(result, path):
 def cmd_inspect(args):
     texts = read_texts(args)
     model, tokenizer = load_model_folder(args.model)
-    result = inspect(model, texts, tokenizer, batch_size=args.batch_size, max_length=args.max_length, top_tokens=args.top_tokens, sample_text=args.sample_text)
+    result = inspect(model, texts, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+                     top_tokens=args.top_tokens, sample_text=args.sample_text)
     if args.plots:
         result["plots"] = save_plots(result, args.plots)
     print(format_inspect(result))
@@ -746,7 +764,8 @@ def cmd_compare(args):
     model_a, tokenizer = load_model_folder(args.model_a, "MODEL_A")
     model_b, tokenizer_b = load_model_folder(args.model_b, "MODEL_B")
     if tokenizer.get_vocab() != tokenizer_b.get_vocab():
-        raise ValueError(f"MODEL_A {args.model_a!r} and MODEL_B {args.model_b!r} have different tokenizers: compare models of one family.")
+        raise ValueError(f"MODEL_A {args.model_a!r} and MODEL_B {args.model_b!r} have different tokenizers: "
+                         "compare models of one family.")
     result = compare(model_a, model_b, texts, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
     print(format_compare(result))
     if args.json:
@@ -764,14 +783,16 @@ def _add_text_arguments(p):
     p.add_argument("--split", default="train", help="--dataset split; default: train")
     p.add_argument("--max-texts", type=int, default=None, help="use only the first N texts")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=None, help="truncate texts to N tokens (default: the model's limit)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate texts to N tokens (default: the model's limit)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT")
 
 
 def add_inspect_parsers(sub):
     """Register `inspect` and `compare` on the `hf-condcomp` subparsers."""
     p = sub.add_parser("inspect", help="show where a model routes tokens and spends compute")
-    p.add_argument("model", help="folder of an upcycled model (loaded with trust_remote_code, tokenizer from the folder)")
+    p.add_argument("model",
+                   help="folder of an upcycled model (loaded with trust_remote_code, tokenizer from the folder)")
     _add_text_arguments(p)
     p.add_argument("--plots", default=None, metavar="DIR", help="write expert_load.png and token_map.png into DIR")
     p.add_argument("--top-tokens", type=int, default=5, help="most frequent tokens listed per expert")

@@ -74,7 +74,8 @@ class UpcycleSpec:
         MOE_IMPLEMENTATIONS))
     router_aux_loss_coef: float = _config_field("router_aux_loss_coef", "weight of the Switch load-balancing loss")
     router_z_loss_coef: float = _config_field("router_z_loss_coef", "weight of the ST-MoE router z-loss")
-    router_jitter_noise: float = _config_field("router_jitter_noise", "multiplicative jitter on router inputs (training)")
+    router_jitter_noise: float = _config_field("router_jitter_noise",
+                                               "multiplicative jitter on router inputs (training)")
     gate_init_bias: float = _config_field("gate_init_bias", "gate: initial bias; sigmoid(bias) is the first allocation")
     gate_straight_through: bool = _config_field(
         "gate_straight_through", "gate: train on the inference decision (False: soft gates only)")

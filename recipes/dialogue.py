@@ -24,7 +24,8 @@ from hf_condcomp import assets, training  # noqa: E402
 
 # For tokenizers without a chat template (GPT-2): ChatML, as SmolLM2 and many others use.
 CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -38,11 +39,13 @@ def check_conversations(ds, where):
     training.require_columns(ds, ["messages"], where, ["--train_file"])
     for i, messages in enumerate(ds["messages"]):
         if not messages or not isinstance(messages, list):
-            raise training.RecipeError(f"{where}: row {i} has an empty `messages` list; every row needs a conversation.")
+            raise training.RecipeError(f"{where}: row {i} has an empty `messages` list; "
+                                       "every row needs a conversation.")
         for m in messages:
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise training.RecipeError(
-                    f"{where}: row {i} has a message {m!r}; messages are {{\"role\": one of {ROLES}, \"content\": str}}."
+                    f"{where}: row {i} has a message {m!r}; "
+                    f"messages are {{\"role\": one of {ROLES}, \"content\": str}}."
                 )
         if not any(m["role"] == "assistant" for m in messages):
             raise training.RecipeError(f"{where}: row {i} has no `assistant` message, so nothing to learn from.")
@@ -54,7 +57,8 @@ def chitchat_conversations(limit=None):
     joined into one turn."""
     folder = assets._package_folder("chitchat_dataset")
     if folder is None:
-        raise training.RecipeError("`--dataset_name chitchat` needs the package: pip install --no-deps chitchat-dataset==0.9.0")
+        raise training.RecipeError("`--dataset_name chitchat` needs the package: "
+                                   "pip install --no-deps chitchat-dataset==0.9.0")
     with open(folder / "dataset.json") as f:
         raw = json.load(f)
     conversations = []
@@ -64,7 +68,8 @@ def chitchat_conversations(limit=None):
             continue
         first = turns[0][0]["sender"]
         messages = [
-            {"role": "user" if t[0]["sender"] == first else "assistant", "content": " ".join(m["text"].strip() for m in t)}
+            {"role": "user" if t[0]["sender"] == first else "assistant",
+             "content": " ".join(m["text"].strip() for m in t)}
             for t in turns
         ]
         conversations.append({"messages": messages})
@@ -138,10 +143,13 @@ def main(argv=None):
     with accelerator.main_process_first():
         processed = {name: ds.map(tokenize, remove_columns=ds.column_names, desc=f"tokenize {name}")
                      for name, ds in splits.items()}
-        processed = {name: ds.filter(lambda e: any(t != -100 for t in e["labels"][1:])) for name, ds in processed.items()}
+        processed = {name: ds.filter(lambda e: any(t != -100 for t in e["labels"][1:]))
+                     for name, ds in processed.items()}
     collate = training.pad_collate(tokenizer.pad_token_id)
-    train_dataloader = DataLoader(processed["train"], shuffle=True, collate_fn=collate, batch_size=args.per_device_train_batch_size)
-    eval_dataloader = DataLoader(processed["validation"], collate_fn=collate, batch_size=args.per_device_eval_batch_size)
+    train_dataloader = DataLoader(processed["train"], shuffle=True, collate_fn=collate,
+                                  batch_size=args.per_device_train_batch_size)
+    eval_dataloader = DataLoader(processed["validation"], collate_fn=collate,
+                                 batch_size=args.per_device_eval_batch_size)
 
     # 3. Optimizer, schedule, prepare.
     optimizer = training.make_optimizer(model, args, accelerator)
@@ -163,7 +171,8 @@ def main(argv=None):
         contexts.append(messages[:last])
         references.append(messages[last]["content"])
     prompts = [render(c, add_generation_prompt=True)[-args.max_length:] for c in contexts]
-    replies = training.generate(accelerator, model, tokenizer, prompts, args.max_new_tokens, args.per_device_eval_batch_size)
+    replies = training.generate(accelerator, model, tokenizer, prompts, args.max_new_tokens,
+                                args.per_device_eval_batch_size)
     results.update(
         eval_loss_before=before["loss"],
         perplexity_before=before["perplexity"],

@@ -64,7 +64,8 @@ def load_translation_file(path, flag, source_lang, target_lang):
             f"`{flag}`: {files[source_lang]} has {len(lines[source_lang])} lines but {files[target_lang]} has "
             f"{len(lines[target_lang])}; line-aligned files must match line for line."
         )
-    pairs = [{source_lang: s, target_lang: t} for s, t in zip(lines[source_lang], lines[target_lang]) if s.strip() and t.strip()]
+    pairs = [{source_lang: s, target_lang: t} for s, t in zip(lines[source_lang], lines[target_lang])
+             if s.strip() and t.strip()]
     if not pairs:
         raise training.RecipeError(f"`{flag}` {path}: no non-empty line pairs.")
     return datasets.Dataset.from_dict({"translation": pairs})
@@ -130,8 +131,10 @@ def main(argv=None):
         processed = {name: ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
                      for name, ds in splits.items()}
     collate = training.pad_collate(tokenizer.pad_token_id)
-    train_dataloader = DataLoader(processed["train"], shuffle=True, collate_fn=collate, batch_size=args.per_device_train_batch_size)
-    eval_dataloader = DataLoader(processed["validation"], collate_fn=collate, batch_size=args.per_device_eval_batch_size)
+    train_dataloader = DataLoader(processed["train"], shuffle=True, collate_fn=collate,
+                                  batch_size=args.per_device_train_batch_size)
+    eval_dataloader = DataLoader(processed["validation"], collate_fn=collate,
+                                 batch_size=args.per_device_eval_batch_size)
 
     # 3. Optimizer, schedule, prepare.
     optimizer = training.make_optimizer(model, args, accelerator)
@@ -164,12 +167,14 @@ def main(argv=None):
         eval_bleu_split=bleu_split,
         eval_compute_fraction=teacher_forced["compute_fraction"],
         num_processes=accelerator.num_processes,
-        samples=[{"source": p[src], "reference": r, "translation": h} for p, r, h in zip(pairs[:3], references, hypotheses)],
+        samples=[{"source": p[src], "reference": r, "translation": h}
+                 for p, r, h in zip(pairs[:3], references, hypotheses)],
         routing=training.routing_stats(accelerator, model, eval_dataloader, args.routing_eval_batches),
     )
     accelerator.print(json.dumps({k: results[k] for k in ("eval_bleu", "eval_chrf", "eval_loss", "train_loss")}))
     if args.with_tracking:
-        accelerator.log({"eval/bleu": results["eval_bleu"], "eval/chrf": results["eval_chrf"]}, step=results["train_steps"])
+        accelerator.log({"eval/bleu": results["eval_bleu"], "eval/chrf": results["eval_chrf"]},
+                        step=results["train_steps"])
 
     # 6. Save a complete Hub repository and its model card.
     saved = training.save_model(accelerator, model, tokenizer, args)
@@ -177,10 +182,12 @@ def main(argv=None):
     training.write_predictions(args, [{"source": p[src], "reference": r, "translation": h}
                                       for p, r, h in zip(pairs, references, hypotheses)], accelerator)
     if accelerator.is_main_process:
-        data = args.dataset_name or ", ".join(str(getattr(args, f"{s}_file")) for s in ("train", "validation") if getattr(args, f"{s}_file"))
+        data = args.dataset_name or ", ".join(str(getattr(args, f"{s}_file")) for s in ("train", "validation")
+                                              if getattr(args, f"{s}_file"))
         training.write_model_card(
             args, saved.config, results, task_type="translation", task_name=f"Translation {src}-{tgt}",
-            dataset_name=args.dataset_name or Path(args.train_file).parent.name, dataset_type=args.dataset_name or "text",
+            dataset_name=args.dataset_name or Path(args.train_file).parent.name,
+            dataset_type=args.dataset_name or "text",
             metrics={"eval_bleu": "bleu", "eval_chrf": "chrf", "eval_loss": "loss"},
             data_text=f"{data}; {src} -> {tgt}, {len(processed['train'])} training pairs. Prompt: "
                       f"`{args.prompt_template!r}`, target after a space, loss on target tokens only.",

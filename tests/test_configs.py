@@ -45,7 +45,8 @@ def test_config_is_headed_by_its_launch_command(path):
 @pytest.mark.parametrize("path", [p for p in CONFIGS if recipe_of(p)], ids=lambda p: p.name)
 def test_recipe_config_is_valid(path, tmp_path):
     recipe = recipe_of(path)
-    args = training.parse_args(load_recipe(recipe).build_parser(), ["--config", str(path), "--output_dir", str(tmp_path)])
+    args = training.parse_args(load_recipe(recipe).build_parser(),
+                               ["--config", str(path), "--output_dir", str(tmp_path)])
     assert args.model_name_or_path
     up = args.upcycling
     assert up, "every recipe config has an `upcycling:` section for dense checkpoints"

@@ -9,10 +9,11 @@ import sys
 
 import pytest
 import torch
-from conftest import VOCAB, run_clean_python, tiny_source
 
 import hf_condcomp
 from hf_condcomp.export import ExportError, choose_format
+
+from conftest import VOCAB, run_clean_python, tiny_source
 
 PROMPT = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])  # left-padded, as generation batches are
 PROMPT_MASK = (torch.arange(6) >= torch.tensor([[2], [0]])).long()
@@ -40,7 +41,8 @@ def assert_native_matches(model, native_dir, tmp_path, architecture, ids, mask=N
 import torch, transformers
 inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
 model = transformers.AutoModelForCausalLM.from_pretrained({str(native_dir)!r}).eval()  # trust_remote_code off
-assert type(model).__name__ == {architecture!r} and type(model).__module__.startswith("transformers.models"), type(model)
+assert (type(model).__name__ == {architecture!r}
+        and type(model).__module__.startswith("transformers.models")), type(model)
 with torch.no_grad():
     logits = model(inputs["ids"]).logits
 greedy = model.generate(inputs["prompt"], attention_mask=inputs["mask"], max_new_tokens={max_new_tokens},

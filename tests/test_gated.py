@@ -423,8 +423,10 @@ def test_skipped_tokens_as_keys_give_routed_tokens_the_dense_update(variant):
 
     ids, mask = batch("bert", B=3, T=10, seed=4)
     real = mask.bool()
-    kwargs = dict(variant="mod", capacity=0.5) if variant == "mod" else dict(variant="gate", threshold=0.5, gate_init_bias=0.0)
-    model = hf_condcomp.upcycle(without_dropout(dense_source("bert")), layers=[1], skipped_tokens_as_keys=True, **kwargs)
+    kwargs = (dict(variant="mod", capacity=0.5) if variant == "mod"
+              else dict(variant="gate", threshold=0.5, gate_init_bias=0.0))
+    model = hf_condcomp.upcycle(without_dropout(dense_source("bert")), layers=[1], skipped_tokens_as_keys=True,
+                                **kwargs)
     model.eval()
     randomize_decisions(model, std=0.5, seed=2)
     layer = layers_of(model)[1]
@@ -463,7 +465,8 @@ def test_skipped_tokens_as_keys_give_routed_tokens_the_dense_update(variant):
 
 
 def test_skipped_tokens_as_keys_is_refused_for_decoders():
-    with pytest.raises(ValueError, match=r"`skipped_tokens_as_keys`=True is supported for BERT-family encoders only.*leave it False"):
+    with pytest.raises(ValueError, match=r"`skipped_tokens_as_keys`=True is supported for BERT-family encoders only"
+                                         r".*leave it False"):
         hf_condcomp.upcycle(dense_source("gpt2"), variant="mod", skipped_tokens_as_keys=True)
 
 

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, run_clean_python, tiny_source
 
 import hf_condcomp
+
+from conftest import VOCAB, run_clean_python, tiny_source
 
 CASES = [
     ("bert", "sequence-classification", "AutoModelForSequenceClassification"),
@@ -93,7 +94,8 @@ def test_peft_lora_on_attention_and_experts(family, attention, experts):
         return o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
 
     reference = out(moe)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=attention, target_parameters=experts, modules_to_save=["router"])
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=attention, target_parameters=experts,
+                        modules_to_save=["router"])
     peft_model = get_peft_model(moe, config)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert any("lora_A" in n and "experts" in n for n in trainable)

@@ -35,7 +35,8 @@ def tiny_bert(vocab_size=99, num_layers=2, seed=0):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    return BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4, intermediate_size=36))
+    return BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=num_layers,
+                                num_attention_heads=4, intermediate_size=36))
 
 
 def moe_modules(model):
@@ -186,7 +187,8 @@ def test_gated_layers_compute_fraction_and_most_skipped_tokens(tmp_path):
     # token 3 is seen 3 times and always skipped; 2 seen twice, never skipped; padding (9) not counted
     assert result["gated_layers"]["1"]["most_skipped_tokens"] == [["3", 1.0, 3], ["2", 0.0, 2]]
     assert result["moe_layers"] == {}
-    plots = save_plots({**result, "sample": {"tokens": ["a", "b", "c", "d"], "executed": {"1": [1, 0, 1, 0]}, "top1_expert": {}}}, tmp_path)
+    plots = save_plots({**result, "sample": {"tokens": ["a", "b", "c", "d"], "executed": {"1": [1, 0, 1, 0]},
+                                             "top1_expert": {}}}, tmp_path)
     assert plots["token_map"]["kind"] == "compute" and (tmp_path / "token_map.png").is_file()
 
 
@@ -225,14 +227,15 @@ def test_cli_inspect_json_table_and_plots_read_back(folders, tmp_path, capsys):
     from PIL import Image
 
     rc, out, err = run_cli(
-        ["inspect", folders / "moe", "--text-file", folders / "texts.txt", "--json", tmp_path / "r.json", "--plots", tmp_path / "plots"],
+        ["inspect", folders / "moe", "--text-file", folders / "texts.txt", "--json", tmp_path / "r.json",
+         "--plots", tmp_path / "plots"],
         capsys,
     )
     assert rc == 0, err
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["num_texts"] == len(TEXTS) and sorted(result["moe_layers"]) == ["0", "1", "2"]
     assert "MoE layer 0" in out and "load entropy" in out and "expert_load.png" in out
-    for layer, s in result["moe_layers"].items():
+    for _layer, s in result["moe_layers"].items():
         assert sum(s["tokens_per_expert"]) == 2 * s["num_tokens"]  # top-2, dropless
 
     heat = result["plots"]["expert_load"]
@@ -261,7 +264,8 @@ def test_cli_inspect_json_table_and_plots_read_back(folders, tmp_path, capsys):
 
 
 def test_cli_compare_with_itself_is_100_percent(folders, tmp_path, capsys):
-    rc, out, err = run_cli(["compare", folders / "moe", folders / "moe", "--text-file", folders / "texts.txt", "--json", tmp_path / "c.json"], capsys)
+    rc, out, err = run_cli(["compare", folders / "moe", folders / "moe", "--text-file", folders / "texts.txt",
+                            "--json", tmp_path / "c.json"], capsys)
     assert rc == 0, err
     result = json.loads((tmp_path / "c.json").read_text())
     assert result["top1_kept"] == 1.0 and result["topk_overlap"] == 1.0
@@ -274,8 +278,10 @@ def test_compare_sees_a_permuted_router():
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(assets.minilm_path())
-    a = hf_condcomp.upcycle(tiny_bert(vocab_size=tokenizer.vocab_size), num_experts=4, top_k=1, layers=[1], init="noise")
-    b = hf_condcomp.upcycle(tiny_bert(vocab_size=tokenizer.vocab_size), num_experts=4, top_k=1, layers=[1], init="noise")
+    a = hf_condcomp.upcycle(tiny_bert(vocab_size=tokenizer.vocab_size), num_experts=4, top_k=1, layers=[1],
+                            init="noise")
+    b = hf_condcomp.upcycle(tiny_bert(vocab_size=tokenizer.vocab_size), num_experts=4, top_k=1, layers=[1],
+                            init="noise")
     (router,) = [m.router for m in moe_modules(b)]
     with torch.no_grad():
         router.weight.copy_(torch.roll(moe_modules(a)[0].router.weight, 1, dims=0))
@@ -301,7 +307,8 @@ def test_cli_missing_or_empty_text_file_is_named(folders, tmp_path, capsys, cont
 def test_cli_data_file_column(folders, tmp_path, capsys):
     csv = tmp_path / "d.csv"
     csv.write_text('text,category\n"How do I locate my card?",card\nWhat is the rate?,rate\n')
-    rc, out, err = run_cli(["inspect", folders / "moe", "--data-file", csv, "--column", "text", "--json", tmp_path / "r.json"], capsys)
+    rc, out, err = run_cli(["inspect", folders / "moe", "--data-file", csv, "--column", "text",
+                            "--json", tmp_path / "r.json"], capsys)
     assert rc == 0, err
     assert json.loads((tmp_path / "r.json").read_text())["num_texts"] == 2
     rc, _, err = run_cli(["inspect", folders / "moe", "--data-file", csv, "--column", "sentence"], capsys)
@@ -316,7 +323,8 @@ model = transformers.AutoModel.from_pretrained({str(folders / 'moe')!r}, trust_r
 moe = [m for m in model.modules() if hasattr(m, "record_routing")]
 from hf_condcomp.insight import routing_summary
 ids = torch.arange(1, 13).reshape(2, 6) * 7
-print(json.dumps({{"module": type(moe[0]).__module__, "summary": routing_summary(model, [{{"input_ids": ids, "attention_mask": torch.ones_like(ids)}}])}}))
+print(json.dumps({{"module": type(moe[0]).__module__,
+                  "summary": routing_summary(model, [{{"input_ids": ids, "attention_mask": torch.ones_like(ids)}}])}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -357,7 +365,8 @@ def test_moe_inside_a_routed_block_maps_tokens_back():
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(assets.minilm_path())
-    model = upcycle_or_skip(tiny_bert(vocab_size=tokenizer.vocab_size), num_experts=4, top_k=2, layers=[1], mod_layers=[1], capacity=0.5)
+    model = upcycle_or_skip(tiny_bert(vocab_size=tokenizer.vocab_size), num_experts=4, top_k=2, layers=[1],
+                            mod_layers=[1], capacity=0.5)
     with torch.no_grad():
         model.encoder.layer[1].mod_router.weight.normal_()
     result = inspect(model, TEXTS, tokenizer)

@@ -15,7 +15,8 @@ def test_classification_metrics_equal_scikit_learn(monkeypatch, tmp_path):
     rng = random.Random(0)
     refs = [rng.randrange(5) for _ in range(200)]
     preds = [r if rng.random() < 0.6 else rng.randrange(5) for r in refs]
-    assert metrics.load("accuracy").compute(predictions=preds, references=refs)["accuracy"] == accuracy_score(refs, preds)
+    assert (metrics.load("accuracy").compute(predictions=preds, references=refs)["accuracy"]
+            == accuracy_score(refs, preds))
     for average in ("macro", "micro", "weighted"):
         got = metrics.load("f1").compute(predictions=preds, references=refs, average=average)["f1"]
         assert got == pytest.approx(f1_score(refs, preds, average=average), abs=1e-12)

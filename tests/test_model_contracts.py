@@ -13,9 +13,10 @@ with graph breaks."""
 
 import pytest
 import torch
-from conftest import LAYERS, VOCAB, tiny_source
 
 import hf_condcomp
+
+from conftest import LAYERS, VOCAB, tiny_source
 
 FAMILIES = {"bert": "sequence-classification", "gpt2": None, "llama": None}
 VARIANTS = {
@@ -227,7 +228,8 @@ def test_left_padded_batch_equals_the_dense_parent_without_position_ids(family):
     real = mask.bool()
     torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=0)
     greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(ids, attention_mask=mask, **greedy), dense.generate(ids, attention_mask=mask, **greedy))
+    assert torch.equal(model.generate(ids, attention_mask=mask, **greedy),
+                       dense.generate(ids, attention_mask=mask, **greedy))
 
 
 def test_gpt2_token_type_ids_are_embedded_as_in_the_dense_parent():

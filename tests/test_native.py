@@ -12,12 +12,13 @@ import json
 import pytest
 import torch
 import transformers as T
-from conftest import run_clean_python
 
 from hf_condcomp import upcycle
 from hf_condcomp.modeling import architectures
 from hf_condcomp.modeling.modeling_condcomp import CondCompPreTrainedModel, NativeMoEFeedForward
 from hf_condcomp.modeling.routing import load_balancing_loss
+
+from conftest import run_clean_python
 
 V, H, I, L, NH = 99, 32, 64, 2, 4
 _LM = dict(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=NH)
@@ -335,7 +336,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name):
             assert model.backbone.is_gradient_checkpointing
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        results.append((out.loss.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=0)
     assert grads_a.keys() == grads_b.keys() and any("router" in n for n in grads_a)
@@ -434,7 +436,8 @@ def test_lora_targets_attention_and_experts_and_keeps_routers_trainable(name):
     modules, parameters = training.lora_targets(model, {"attention", "experts"})
     assert modules and all(m.split(".")[0] in ("attention", "attn", "self_attn") for m in modules)
     block = model.config.ffn_layout["module"]
-    assert parameters == [f"{block}.experts.down_proj", f"{block}.experts.{'gate_up_proj' if name == 'modernbert' else 'up_proj'}"]
+    assert parameters == [f"{block}.experts.down_proj",
+                          f"{block}.experts.{'gate_up_proj' if name == 'modernbert' else 'up_proj'}"]
     args = types.SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets="attention,experts",
                                  lora_trainable="classifier,score")
     peft_model = training.apply_lora(model, args)

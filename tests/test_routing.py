@@ -6,7 +6,12 @@ import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from hf_condcomp.modeling.experts import Experts, eager_experts_forward, get_experts_implementation, grouped_experts_forward
+from hf_condcomp.modeling.experts import (
+    Experts,
+    eager_experts_forward,
+    get_experts_implementation,
+    grouped_experts_forward,
+)
 from hf_condcomp.modeling.routing import (
     expert_choice,
     expert_choice_capacity,
@@ -71,7 +76,8 @@ def test_load_balancing_loss_equals_transformers(top_k):
     ours = load_balancing_loss(layers, 8, top_k)
     ref = load_balancing_loss_func(layers, 8, top_k)
     torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(load_balancing_loss(layers, 8, top_k, mask), load_balancing_loss_func(layers, 8, top_k, mask))
+    torch.testing.assert_close(load_balancing_loss(layers, 8, top_k, mask),
+                               load_balancing_loss_func(layers, 8, top_k, mask))
 
 
 def test_losses_ignore_masked_padding():

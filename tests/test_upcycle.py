@@ -6,10 +6,11 @@ import sys
 
 import pytest
 import torch
-from conftest import LAYERS, VOCAB, tiny_source
 
 import hf_condcomp
 from hf_condcomp.cli import main as cli_main
+
+from conftest import LAYERS, VOCAB, tiny_source
 
 TOL = 1e-4
 
@@ -75,7 +76,8 @@ def test_upcycled_decoder_with_and_without_kv_cache_agree(routing, top_k):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_expert_choice_decoder_does_not_leak_future_tokens_at_inference(family):
-    moe = hf_condcomp.upcycle(tiny_source(family), routing="expert_choice", capacity_factor=2.0, init="noise", noise_std=0.5)
+    moe = hf_condcomp.upcycle(tiny_source(family), routing="expert_choice", capacity_factor=2.0, init="noise",
+                              noise_std=0.5)
     ids = _ids(batch=2, seq=10)[0]
     changed = ids.clone()
     changed[:, 6:] = (changed[:, 6:] + 7) % VOCAB
@@ -185,7 +187,8 @@ def test_real_minilm_copy_upcycle_reproduces_the_dense_model(minilm_path):
 
     tok = AutoTokenizer.from_pretrained(minilm_path)
     dense = AutoModel.from_pretrained(minilm_path).eval()
-    batch = tok(["A short sentence.", "A somewhat longer sentence that needs no padding at all here."], padding=True, return_tensors="pt")
+    batch = tok(["A short sentence.", "A somewhat longer sentence that needs no padding at all here."], padding=True,
+                return_tensors="pt")
     mask = batch["attention_mask"].bool()
     for kwargs in (dict(), dict(init="split-kmeans", top_k=8)):
         moe = hf_condcomp.upcycle("all-MiniLM-L6-v2", **kwargs)

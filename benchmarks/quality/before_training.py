@@ -37,8 +37,10 @@ def embed(model, tokenizer, texts, batch_size=64):
     hidden, masks, pooled = [], [], []
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-            h = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+            batch = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=MAX_LENGTH,
+                              return_tensors="pt")
+            # (B, T, H)
+            h = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)  # (B, T, 1)
             hidden.append(h)
             masks.append(m)

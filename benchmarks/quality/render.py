@@ -43,7 +43,8 @@ GATED = [a for a in LABELS if a.startswith(("mod_", "gate_"))]
 MOE = [a for a in LABELS if a not in GATED]  # dense and the MoE arms: the accuracy tables
 TRANSLATION_LABELS = {
     "dense_lora": ("dense (1 expert, top-1)", "LoRA r=16 on attention + FFN, lr 2e-4"),
-    "moe_lora": ("MoE copy, 4 experts top-2, every other layer", "LoRA r=16 on attention + experts, routers full, lr 2e-4"),
+    "moe_lora": ("MoE copy, 4 experts top-2, every other layer",
+                 "LoRA r=16 on attention + experts, routers full, lr 2e-4"),
     "dense_full": ("dense (1 expert, top-1)", "full fine-tuning, lr 5e-5"),
 }
 DIALOGUE_LABELS = {
@@ -77,7 +78,8 @@ def before_table():
     if not path.exists():
         return "_Not run._\n", None
     data = json.loads(path.read_text())
-    lines = ["| model | layers | top-k of 8 | relative error of final hidden states | cosine of mean-pooled embeddings | 1-NN intent accuracy |",
+    lines = ["| model | layers | top-k of 8 | relative error of final hidden states | "
+             "cosine of mean-pooled embeddings | 1-NN intent accuracy |",
              "|---|---|---|---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['init'] or 'dense parent'} | {r['layers'] or '-'} | {r['top_k'] or '-'} | "
@@ -86,7 +88,8 @@ def before_table():
 
 
 def classification_table(runs, arms=MOE):
-    lines = ["| arm | seeds | accuracy per seed | accuracy mean ± std | macro-F1 mean | eval compute fraction | wall s (whole run) | wall ratio to dense |",
+    lines = ["| arm | seeds | accuracy per seed | accuracy mean ± std | macro-F1 mean | eval compute fraction | "
+             "wall s (whole run) | wall ratio to dense |",
              "|---|---|---|---|---|---|---|---|"]
     dense_wall = statistics.mean(r["wall_seconds"] for r in runs["dense"]) if "dense" in runs else None
     for arm in arms:
@@ -100,7 +103,8 @@ def classification_table(runs, arms=MOE):
         std = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else " (1 seed)"
         lines.append(
             f"| {LABELS[arm]} | {','.join(str(r['seed']) for r in rs)} | {', '.join(f'{a:.3f}' for a in acc)} | "
-            f"{statistics.mean(acc):.3f}{std} | {statistics.mean(f1):.3f} | {fmt(statistics.mean(c for c in cf if c is not None) if any(c is not None for c in cf) else None)} | "
+            f"{statistics.mean(acc):.3f}{std} | {statistics.mean(f1):.3f} | "
+            f"{fmt(statistics.mean(c for c in cf if c is not None) if any(c is not None for c in cf) else None)} | "
             f"{wall:.0f} | {fmt(wall / dense_wall if dense_wall else None, 2)} |")
     return "\n".join(lines) + "\n"
 
@@ -129,7 +133,8 @@ def meets_gated_target(compute_fraction, gap_points):
 
 def target_table(runs, arms):
     """The gated target judged on the mean over seeds: paired gap to dense and executed compute."""
-    lines = ["| arm | seeds | executed compute, mean | accuracy, mean | minus dense, paired by seed (points) | mean gap | <= 60% compute and within 2 points |",
+    lines = ["| arm | seeds | executed compute, mean | accuracy, mean | minus dense, paired by seed (points) | "
+             "mean gap | <= 60% compute and within 2 points |",
              "|---|---|---|---|---|---|---|"]
     for arm in arms:
         if arm not in runs:
@@ -146,7 +151,8 @@ def target_table(runs, arms):
 
 def balance_table(runs):
     """Seed 0 of every MoE arm, and every seed of expert choice (whose unrouted tokens it shows)."""
-    lines = ["| arm | seed | MoE layer | tokens per expert | max/mean load | dropped share | tokens no expert processed | dead experts |",
+    lines = ["| arm | seed | MoE layer | tokens per expert | max/mean load | dropped share | "
+             "tokens no expert processed | dead experts |",
              "|---|---|---|---|---|---|---|---|"]
     for arm in ("moe_copy_tc", "moe_copy_tc_noaux", "moe_copy_ec", "moe_split_kmeans", "moe_split_random"):
         rs = sorted(runs.get(arm, []), key=lambda r: r["seed"])
@@ -155,8 +161,10 @@ def balance_table(runs):
             for layer, s in sorted(layers.items(), key=lambda kv: int(kv[0])):
                 total = sum(s["tokens_per_expert"]) + s["dropped"]
                 unrouted = s.get("unrouted_tokens")
-                unrouted = "not recorded" if unrouted is None else f"{unrouted} of {s['num_tokens']} ({unrouted / s['num_tokens']:.1%})"
-                lines.append(f"| {LABELS[arm]} | {r['seed']} | {layer} | {s['tokens_per_expert']} | {s['max_over_mean']:.3f} | "
+                unrouted = ("not recorded" if unrouted is None
+                            else f"{unrouted} of {s['num_tokens']} ({unrouted / s['num_tokens']:.1%})")
+                lines.append(f"| {LABELS[arm]} | {r['seed']} | {layer} | {s['tokens_per_expert']} | "
+                             f"{s['max_over_mean']:.3f} | "
                              f"{s['dropped'] / total if total else 0:.3f} | {unrouted} | {s['dead_experts']} |")
     return "\n".join(lines) + "\n"
 
@@ -164,14 +172,16 @@ def balance_table(runs):
 def tradeoff_table(runs):
     """Gated arms on seed 0 against dense seed 0: executed compute, accuracy, the target test."""
     dense = {r["seed"]: r["results"]["eval_accuracy"] for r in runs.get("dense", [])}
-    lines = ["| arm | seed | executed compute (eval) | per-layer executed fraction | accuracy | minus dense (points) | <= 60% compute and within 2 points |",
+    lines = ["| arm | seed | executed compute (eval) | per-layer executed fraction | accuracy | minus dense (points) | "
+             "<= 60% compute and within 2 points |",
              "|---|---|---|---|---|---|---|"]
     for arm in ["dense", *GATED]:
         for r in sorted(runs.get(arm, []), key=lambda r: r["seed"]):
             res = r["results"]
             cf = res.get("eval_compute_fraction", 1.0)
             layers = res.get("routing", {}).get("gated_layers", {})
-            per_layer = ", ".join(f"{float(v['compute_fraction']):.2f}" for _, v in sorted(layers.items(), key=lambda kv: int(kv[0]))) or "-"
+            per_layer = ", ".join(f"{float(v['compute_fraction']):.2f}"
+                                  for _, v in sorted(layers.items(), key=lambda kv: int(kv[0]))) or "-"
             gap = 100 * (res["eval_accuracy"] - dense[r["seed"]]) if r["seed"] in dense else None
             ok = "-" if arm == "dense" or gap is None else ("yes" if meets_gated_target(cf, gap) else "no")
             lines.append(f"| {LABELS[arm]} | {r['seed']} | {cf:.3f} | {per_layer} | {res['eval_accuracy']:.3f} | "
@@ -180,13 +190,16 @@ def tradeoff_table(runs):
 
 
 def translation_table(runs):
-    lines = ["| model | fine-tuning | steps | sacreBLEU | chrF | validation loss | test sentences | compute fraction | wall s |",
+    lines = ["| model | fine-tuning | steps | sacreBLEU | chrF | validation loss | test sentences | compute fraction | "
+             "wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for arm, (model, tuning) in TRANSLATION_LABELS.items():
         for r in runs.get(arm, []):
             res = r["results"]
-            lines.append(f"| {model} | {tuning} | {res['train_steps']} | {res['eval_bleu']:.2f} | {res['eval_chrf']:.2f} | "
-                         f"{res['eval_loss']:.3f} | {res['eval_samples']} ({res.get('eval_bleu_split', 'validation')}) | "
+            lines.append(f"| {model} | {tuning} | {res['train_steps']} | {res['eval_bleu']:.2f} | "
+                         f"{res['eval_chrf']:.2f} | "
+                         f"{res['eval_loss']:.3f} | {res['eval_samples']} "
+                         f"({res.get('eval_bleu_split', 'validation')}) | "
                          f"{res['eval_compute_fraction']:.3f} | {r['wall_seconds']:.0f} |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else "_Not run._\n"
 
@@ -208,7 +221,8 @@ def dialogue_table(runs):
     for arm, label in DIALOGUE_LABELS.items():
         for r in runs.get(arm, []):
             res = r["results"]
-            lines.append(f"| {label} | {res['train_steps']} | {res['perplexity_before']:.2f} | {res['perplexity']:.2f} | "
+            lines.append(f"| {label} | {res['train_steps']} | {res['perplexity_before']:.2f} | "
+                         f"{res['perplexity']:.2f} | "
                          f"{res['eval_compute_fraction']:.3f} | {r['wall_seconds']:.0f} |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else "_Not run._\n"
 
@@ -267,7 +281,8 @@ def main():
     before, before_data = before_table()
     ec_ok = None
     if "moe_copy_ec" in runs:
-        ratios = [s["max_over_mean"] for r in runs["moe_copy_ec"] for s in r["results"]["routing"]["moe_layers"].values()]
+        ratios = [s["max_over_mean"] for r in runs["moe_copy_ec"]
+                  for s in r["results"]["routing"]["moe_layers"].values()]
         ec_ok = (min(ratios), max(ratios))
     text = (HERE / "RESULTS.template.md").read_text()
     fields = {
@@ -286,7 +301,8 @@ def main():
         "long_target": target_table(all_runs["classification_long"], GATED),
         "short_target": target_table(runs, GATED),
         "tradeoff_table": tradeoff_table(runs),
-        "sst2_table": classification_table(all_runs["classification_sst2"]) if all_runs["classification_sst2"] else "_Not run._\n",
+        "sst2_table": (classification_table(all_runs["classification_sst2"]) if all_runs["classification_sst2"]
+                       else "_Not run._\n"),
         "sst2_gap": gap_text(all_runs["classification_sst2"]),
         "translation_table": translation_table(all_runs["translation"]),
         "translation_samples": translation_samples(all_runs["translation"]),

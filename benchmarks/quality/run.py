@@ -128,7 +128,8 @@ LOCAL_DATA = {
                          f"test_file={SHARED}/translation/multi30k/test_2016_flickr"],
     DIALOGUE_CONFIG: [],  # chitchat comes from its PyPI package
 }
-# table -> (results folder, whose first word names the recipe; config, budget, arms, [(arm, seed)] in priority order, metric printed)
+# table -> (results folder, whose first word names the recipe; config, budget, arms, [(arm, seed)] in priority order,
+#           metric printed)
 TABLES = {
     # The target comparison first, seeds interleaved.
     "classification": ("classification", CONFIG, BUDGET, ARMS,
@@ -148,7 +149,8 @@ TABLES = {
                        "eval_accuracy"),
     # Does the routed-depth gap close with training? Dense vs MoD on all layers, 600 steps.
     "long": ("classification_long", CONFIG, LONG_BUDGET, ARMS,
-             [(a, s) for s in (0, 1, 2) for a in ("mod_c0.55_all", "dense")] + [("mod_c0.75_all", s) for s in (0, 1, 2)],
+             [(a, s) for s in (0, 1, 2) for a in ("mod_c0.55_all", "dense")]
+             + [("mod_c0.75_all", s) for s in (0, 1, 2)],
              "eval_accuracy"),
     # Does the MoE verdict of the 120-step table hold when dense has learned the task? 3 seeds each.
     "long_moe": ("classification_long", CONFIG, LONG_BUDGET, ARMS,

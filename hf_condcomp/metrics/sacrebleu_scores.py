@@ -16,7 +16,8 @@ class SacreBleuScores(evaluate.Metric):
             description="sacrebleu corpus BLEU (Post 2018) and chrF (Popovic 2015), scores in [0, 100].",
             citation="",
             inputs_description="predictions: list of str; references: list of str (one reference each)",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features({"predictions": datasets.Value("string"),
+                                        "references": datasets.Value("string")}),
         )
 
     def _compute(self, predictions, references):

@@ -108,7 +108,8 @@ def detect_layout(model_type: str, layer: nn.Module, causal: bool) -> FFNLayout:
         if mlp is not None and all(isinstance(getattr(mlp, c, None), nn.Linear) for c in children):
             return FFNLayout(**{**layout.__dict__, "causal": causal})
     intermediate, output = getattr(layer, "intermediate", None), getattr(layer, "output", None)
-    if isinstance(getattr(intermediate, "dense", None), nn.Linear) and isinstance(getattr(output, "dense", None), nn.Linear):
+    if (isinstance(getattr(intermediate, "dense", None), nn.Linear)
+            and isinstance(getattr(output, "dense", None), nn.Linear)):
         return FFNLayout(**{**_BERT.__dict__, "causal": causal})
     raise ValueError(
         f"unsupported source architecture `model_type`={model_type!r}: supported are {', '.join(sorted(LAYOUTS))}, "

@@ -294,7 +294,8 @@ def use_return_dict(config, return_dict) -> bool:
 
 def output_hidden_states_of(config, output_hidden_states) -> bool:
     """The call's `output_hidden_states`, else the config's (`from_pretrained(..., output_hidden_states=True)`)."""
-    return bool(getattr(config, "output_hidden_states", False) if output_hidden_states is None else output_hidden_states)
+    return bool(getattr(config, "output_hidden_states", False) if output_hidden_states is None
+                else output_hidden_states)
 
 
 def head_output(config, base, loss, logits, return_dict):

@@ -34,7 +34,8 @@ class CondCompDecoderMixin:
         output_hidden_states = output_hidden_states_of(self.config, output_hidden_states)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        output_router_logits = (self.config.output_router_logits if output_router_logits is None
+                                else output_router_logits)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:

@@ -11,7 +11,7 @@ padded to a capacity and no row is computed twice.
 - `eager`: a Python loop over experts; the reference the others are tested against.
 - `grouped`: one `torch.nn.functional.grouped_mm` per projection (CPU and CUDA), the default;
   the loop where this torch has no working `grouped_mm` (compat.py).
-- `megablocks`: MegaBlocks' grouped GEMM (CUDA only; `pip install megablocks`, see README).
+- `megablocks`: MegaBlocks' grouped GEMM (CUDA only; `pip install megablocks`, see docs/speed.md).
 """
 
 import torch
@@ -185,7 +185,7 @@ def megablocks_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.
     if _megablocks_gg is None or not _megablocks_gg.grouped_gemm_is_available():
         raise ImportError(
             "`moe_implementation='megablocks'` needs the `megablocks` package with its grouped GEMM "
-            "(CUDA only; see the README's GPU section). Use `moe_implementation='grouped'` otherwise."
+            "(CUDA only; see the GPU section of docs/speed.md). Use `moe_implementation='grouped'` otherwise."
         )
     if not x.is_cuda:
         raise ValueError("`moe_implementation='megablocks'` runs on CUDA tensors only; move the model to a GPU.")

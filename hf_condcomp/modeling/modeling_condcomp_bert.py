@@ -70,7 +70,8 @@ class CondCompBertSelfAttention(nn.Module):
     def forward(self, x, ctx: ForwardContext):
         src = x if ctx.kv_states is None else ctx.kv_states  # (B, L, H): keys may include skipped tokens
         q = self.query(x).view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = (proj(src).view(*src.shape[:2], self.num_heads, self.head_dim).transpose(1, 2) for proj in (self.key, self.value))
+        k, v = (proj(src).view(*src.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
+                for proj in (self.key, self.value))
         return attention(q, k, v, ctx, self.dropout if self.training else 0.0)  # (B, T, H)
 
 
@@ -128,7 +129,8 @@ class CondCompBertLayer(GradientCheckpointingLayer):
         self.attention = CondCompBertAttention(config)
         self.is_moe = layer_idx in config.moe_layers
         if self.is_moe:
-            self.mlp = MoEFeedForward(config, config.hidden_size, gated=False, bias=True, hidden_act=config.hidden_act, causal=False)
+            self.mlp = MoEFeedForward(config, config.hidden_size, gated=False, bias=True, hidden_act=config.hidden_act,
+                                      causal=False)
         else:
             self.intermediate = CondCompBertIntermediate(config)
         self.output = CondCompBertOutput(config, with_dense=not self.is_moe)
@@ -203,7 +205,8 @@ class CondCompBertModel(CondCompBertPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         output_hidden_states = output_hidden_states_of(self.config, output_hidden_states)
-        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        output_router_logits = (self.config.output_router_logits if output_router_logits is None
+                                else output_router_logits)
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, H)
         B, T = x.shape[:2]
         ctx = make_context(attention_mask, T, 0, causal=False, device=x.device, batch_size=B)
@@ -253,8 +256,10 @@ class CondCompBertForSequenceClassification(CondCompBertPreTrainedModel):
                                                                                              config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, labels=None, return_dict=None, **kwargs):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, return_dict=None, **kwargs):
+        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True,
+                         **kwargs)
         if self.config.classifier_head == "roberta":
             logits = self.classifier(base.last_hidden_state)  # (B, num_labels)
         else:
@@ -264,7 +269,8 @@ class CondCompBertForSequenceClassification(CondCompBertPreTrainedModel):
             problem = self.config.problem_type
             if problem is None:
                 problem = "regression" if self.num_labels == 1 else (
-                    "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+                    "single_label_classification" if labels.dtype in (torch.long, torch.int)
+                    else "multi_label_classification"
                 )
             if problem == "regression":
                 loss = F.mse_loss(logits.squeeze(-1), labels.squeeze(-1).to(logits.dtype))
@@ -285,8 +291,10 @@ class CondCompBertForTokenClassification(CondCompBertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, labels=None, return_dict=None, **kwargs):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, return_dict=None, **kwargs):
+        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True,
+                         **kwargs)
         logits = self.classifier(self.dropout(base.last_hidden_state))  # (B, T, num_labels)
         loss = None
         if labels is not None:
@@ -344,8 +352,10 @@ class CondCompBertForMaskedLM(CondCompBertPreTrainedModel):
         self.cls.predictions.decoder = value
         self.cls.predictions.bias = value.bias
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None, labels=None, return_dict=None, **kwargs):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, return_dict=None, **kwargs):
+        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True,
+                         **kwargs)
         logits = self.cls(base.last_hidden_state)  # (B, T, V)
         loss = None
         if labels is not None:

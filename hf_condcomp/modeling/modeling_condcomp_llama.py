@@ -1,7 +1,8 @@
 """Llama-family decoders (SwiGLU FFN, RoPE, RMSNorm, grouped-query attention: Llama, SmolLM2,
 Mistral without sliding window, Qwen2 with q/k/v biases, Qwen3 with per-head q/k norms) with
 Mixture-of-Experts FFNs and gated layers. Parameter names match `transformers`' Llama
-(`model.layers.0.self_attn.q_proj.weight`); an MoE layer holds `mlp.router` and `mlp.experts.gate_up_proj` ([gate; up] stacked)."""
+(`model.layers.0.self_attn.q_proj.weight`); an MoE layer holds `mlp.router` and `mlp.experts.gate_up_proj`
+([gate; up] stacked)."""
 
 import torch.nn as nn
 from transformers import GenerationMixin, PreTrainedModel

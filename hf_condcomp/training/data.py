@@ -12,7 +12,8 @@ from .arguments import RecipeError
 def check_file(path, flag):
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"`{flag}` {path}: no such file. Check the path (relative paths start at the current folder).")
+        raise RecipeError(f"`{flag}` {path}: no such file. "
+                          "Check the path (relative paths start at the current folder).")
     if path.stat().st_size == 0:
         raise RecipeError(f"`{flag}` {path}: the file is empty. Point `{flag}` at a file with data rows.")
     return path

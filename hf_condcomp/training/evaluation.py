@@ -22,7 +22,8 @@ def evaluate_loss(accelerator, model, dataloader):
         fractions.append(float(outputs.compute_fraction))
     total = accelerator.reduce(total, reduction="sum")
     loss = (total[0] / total[1].clamp(min=1)).item()
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "compute_fraction": sum(fractions) / max(1, len(fractions))}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "compute_fraction": sum(fractions) / max(1, len(fractions))}
 
 
 def generate(accelerator, model, tokenizer, prompts, max_new_tokens, batch_size, num_beams=1, stop_strings=None):
@@ -37,7 +38,8 @@ def generate(accelerator, model, tokenizer, prompts, max_new_tokens, batch_size,
     if merge:
         net.merge_adapter()
     try:
-        texts = _generate_texts(accelerator, net, tokenizer, prompts, max_new_tokens, batch_size, num_beams, stop_strings)
+        texts = _generate_texts(accelerator, net, tokenizer, prompts, max_new_tokens, batch_size, num_beams,
+                                stop_strings)
     finally:
         if merge:
             net.unmerge_adapter()

@@ -20,7 +20,8 @@ def find_checkpoint(value, output_dir):
         folder = Path(output_dir or ".") / CHECKPOINT_DIR
         found = sorted(folder.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if folder.is_dir() else []
         if not found:
-            raise RecipeError(f"`--resume_from_checkpoint latest`: no checkpoint in {folder}; pass a checkpoint folder.")
+            raise RecipeError(f"`--resume_from_checkpoint latest`: no checkpoint in {folder}; "
+                              "pass a checkpoint folder.")
         value = found[-1]
     path = Path(value)
     state = path / STATE_FILE
@@ -32,8 +33,10 @@ def find_checkpoint(value, output_dir):
     try:
         json.loads(state.read_text())["completed_steps"]
     except (ValueError, KeyError) as err:
-        raise RecipeError(f"`--resume_from_checkpoint` {path}: {STATE_FILE} is unreadable ({err}); pick another checkpoint.") from err
-    if not any(path.glob("model*.safetensors")) and not any(path.glob("pytorch_model*")) and not any(path.glob("*.bin")):
+        raise RecipeError(f"`--resume_from_checkpoint` {path}: {STATE_FILE} is unreadable ({err}); "
+                          "pick another checkpoint.") from err
+    if (not any(path.glob("model*.safetensors")) and not any(path.glob("pytorch_model*"))
+            and not any(path.glob("*.bin"))):
         raise RecipeError(f"`--resume_from_checkpoint` {path}: no model weights in it; pick another checkpoint.")
     return path
 
@@ -119,10 +122,12 @@ def train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, c
     for epoch in range(starting_epoch, args.num_train_epochs):
         model.train()
         train_dataloader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_dataloader, skip) if epoch == starting_epoch and skip else train_dataloader
+        batches = (accelerator.skip_first_batches(train_dataloader, skip) if epoch == starting_epoch and skip
+                   else train_dataloader)
         first = skip if epoch == starting_epoch else 0
         for index, batch in enumerate(batches, start=first):
-            torch.manual_seed((args.seed * 1_000_003 + epoch * batches_per_epoch + index) * 64 + accelerator.process_index)
+            torch.manual_seed((args.seed * 1_000_003 + epoch * batches_per_epoch + index) * 64
+                              + accelerator.process_index)
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 loss = outputs.loss
@@ -144,7 +149,8 @@ def train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, c
             completed_steps += 1
             progress.update(1)
             if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
-                means = accelerator.reduce(sums, reduction="mean") / max(1, args.gradient_accumulation_steps * _since(completed_steps, args.logging_steps))
+                means = accelerator.reduce(sums, reduction="mean") / max(
+                    1, args.gradient_accumulation_steps * _since(completed_steps, args.logging_steps))
                 logs = {
                     "train/loss": means[0].item(), "train/task_loss": means[1].item(),
                     "train/aux_loss": means[2].item(), "train/z_loss": means[3].item(),
@@ -163,7 +169,8 @@ def train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, c
             break
     progress.close()
     seen = accelerator.gather(torch.tensor([examples_seen], device=accelerator.device)).tolist()
-    loss_sum = accelerator.reduce(torch.tensor([epoch_loss, float(epoch_batches)], device=accelerator.device), reduction="sum")
+    loss_sum = accelerator.reduce(torch.tensor([epoch_loss, float(epoch_batches)], device=accelerator.device),
+                                  reduction="sum")
     return {
         "train_loss": (loss_sum[0] / loss_sum[1].clamp(min=1)).item(),  # over every process's batches
         "train_steps": completed_steps,
