@@ -38,7 +38,7 @@ from hf_condcomp.modeling.compat import TESTED_TRANSFORMERS  # noqa: E402
 
 from common import machine_info  # noqa: E402
 
-# The oldest supported release and the newest tested (5.24.0 renamed the cache in every output).
+# The oldest supported release and the newest tested, which the tests' matrix runs.
 OLDEST_SUPPORTED = TESTED_TRANSFORMERS[0]
 DEFAULT_VERSIONS = TESTED_TRANSFORMERS
 VARIANTS = {
@@ -200,12 +200,60 @@ def latest_release() -> str:
     return re.search(r"transformers \(([^)]+)\)", out).group(1)
 
 
-def ensure_venv(venvs: Path, version: str) -> Path:
-    """A venv whose only own package is transformers==version (and what it needs that the running
-    interpreter lacks); torch and the rest come from this interpreter's site-packages via a .pth
-    path line, which adds the folder without running its .pth files, so the editable
-    hf_condcomp install there stays invisible."""
-    venv = venvs / f"transformers-{version}"
+LOCKS = HERE / "compat_locks"
+
+
+def torch_only_site(venvs: Path, torch_version: str | None) -> Path:
+    """A folder that holds torch and nothing else (links to its installed files), for the venvs'
+    path file: the running interpreter's torch, or with `torch_version` that release installed
+    once into a venv of its own under `venvs`."""
+    if torch_version is None:
+        source = Path(torch.__file__).resolve().parents[1]
+        tag = torch.__version__
+    else:
+        base = venvs / f"torch-{torch_version}"
+        python = base / "bin" / "python"
+        if not (base / ".ready").exists():
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(base)], check=True)
+            subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                            f"torch=={torch_version}"], check=True)
+            (base / ".ready").touch()
+        source = Path(subprocess.run([str(python), "-c", "import torch, pathlib; "
+                                      "print(pathlib.Path(torch.__file__).resolve().parents[1])"],
+                                     capture_output=True, text=True, check=True).stdout.strip())
+        tag = torch_version
+    site = venvs / f"torch-only-{tag}"
+    if not site.is_dir():
+        site.mkdir(parents=True)
+        for entry in source.iterdir():  # torch's own top-level folders and its metadata, nothing else
+            if entry.name in ("torch", "torchgen", "functorch") or (
+                    entry.name.startswith("torch-") and entry.name.endswith(".dist-info")):
+                (site / entry.name).symlink_to(entry)
+    return site
+
+
+def torch_requirements(site: Path) -> list[str]:
+    """What the linked torch itself needs (its Requires-Dist without extras), to install beside it."""
+    from importlib.metadata import PathDistribution
+
+    from packaging.requirements import Requirement
+
+    info = next(site.glob("torch-*.dist-info"))
+    needs = []
+    for line in PathDistribution(info).requires or []:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            needs.append(str(req))
+    return needs
+
+
+def ensure_venv(venvs: Path, version: str, torch_version: str | None = None) -> Path:
+    """A hermetic venv for one transformers release: it shares nothing with the project's venv but
+    torch (linked through a path file, see `torch_only_site`); transformers and every package it
+    and torch need are installed into it, at the versions of `compat_locks/transformers-VERSION.txt`
+    where that lock exists, so that the matrix gives the same answer next month."""
+    site_torch = torch_only_site(venvs, torch_version)
+    venv = venvs / f"transformers-{version}-torch-{site_torch.name.removeprefix('torch-only-')}"
     python = venv / "bin" / "python"
     marker = venv / ".ready"
     if marker.exists():
@@ -213,16 +261,28 @@ def ensure_venv(venvs: Path, version: str) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    torch_site = Path(torch.__file__).resolve().parents[1]
-    (Path(site) / "_compat_base.pth").write_text(f"{torch_site}\n")
-    # transformers itself always lands in this venv, even when the shared site-packages hold the
-    # same release (they may be upgraded later); then pip sees the shared packages, and one it must
-    # replace for this release's requirements is installed here, shadowing the shared one.
+    (Path(site) / "_compat_torch.pth").write_text(f"{site_torch.resolve()}\n")
+    lock = LOCKS / f"transformers-{version}.txt"
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "--ignore-installed", "--no-deps", f"transformers=={version}"], check=True)
-    subprocess.run([*pip, f"transformers=={version}"], check=True)
+    constraints = ["-c", str(lock)] if lock.exists() else []
+    subprocess.run([*pip, *constraints, f"transformers=={version}", *torch_requirements(site_torch)], check=True)
     marker.touch()
     return python
+
+
+def write_locks(venvs: Path, versions: list[str]) -> None:
+    """Lock each release's venv at what the index gives today (the venvs are rebuilt unconstrained)."""
+    LOCKS.mkdir(exist_ok=True)
+    for version in versions:
+        (LOCKS / f"transformers-{version}.txt").unlink(missing_ok=True)
+        python = venvs / f"transformers-{version}-torch-{torch.__version__}" / "bin" / "python"
+        (python.parent.parent / ".ready").unlink(missing_ok=True)
+        python = ensure_venv(venvs, version)
+        frozen = subprocess.run([str(python), "-m", "pip", "freeze", "--all", "--disable-pip-version-check"],
+                                capture_output=True, text=True, check=True).stdout.splitlines()
+        (LOCKS / f"transformers-{version}.txt").write_text(
+            f"# The compatibility venv for transformers {version}: everything but torch, written by make lock.\n"
+            + "".join(f"{line}\n" for line in frozen if not line.lower().startswith("torch==")))
 
 
 def check_in_venv(python: Path, models_dir: Path) -> dict:
@@ -254,10 +314,19 @@ def main(argv=None) -> int:
     p.add_argument("--versions", nargs="+", default=list(DEFAULT_VERSIONS),
                    help="transformers releases to test, 'latest' for the newest on the index "
                         f"(default: {DEFAULT_VERSIONS})")
+    p.add_argument("--torch", default=None, metavar="VERSION",
+                   help="load the models with this torch release, installed once into a venv of its own under "
+                        "--venvs (default: the running interpreter's torch)")
     p.add_argument("--venvs", type=Path, default=HERE.parent / ".compat", help="where the environments are kept")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--lock", action="store_true",
+                   help=f"rewrite compat_locks/ for the default releases {DEFAULT_VERSIONS} "
+                        "from today's index, then exit")
     args = p.parse_args(argv)
 
+    if args.lock:
+        write_locks(args.venvs, list(DEFAULT_VERSIONS))
+        return 0
     versions = list(dict.fromkeys(latest_release() if v == "latest" else v for v in args.versions))
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="compat_models_") as tmp:
@@ -265,7 +334,8 @@ def main(argv=None) -> int:
         names = save_cases(models_dir)
         results = {}
         for version in versions:
-            results[version] = check_in_venv(ensure_venv(args.venvs, version), models_dir)
+            results[version] = check_in_venv(ensure_venv(args.venvs, version, args.torch), models_dir)
+            results[version]["locked"] = (LOCKS / f"transformers-{version}.txt").exists()
             got = results[version]["transformers"]
             if got != version:
                 raise RuntimeError(f"the venv for transformers {version} imported transformers {got}")
@@ -279,8 +349,9 @@ def main(argv=None) -> int:
     failures = [(v, n, c.get("error", c)) for v, r in results.items() for n, c in r["cases"].items() if not c["ok"]]
     for version, name, detail in failures:
         print(f"FAIL transformers {version} {name}: {detail}")
-    print(f"saved with transformers {transformers.__version__}, torch {torch.__version__}; "
-          f"checked in {report['seconds']} s")
+    loaded_with = {r.get("torch") for r in results.values()}
+    print(f"saved with transformers {transformers.__version__}, torch {torch.__version__}; loaded with torch "
+          f"{', '.join(sorted(map(str, loaded_with)))}; checked in {report['seconds']} s")
     print(table(results, names))
     return 1 if failures else 0
 

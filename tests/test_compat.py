@@ -1,7 +1,7 @@
-"""Shared models keep working across transformers and torch releases (issue "Shared models keep working").
+"""Shared models keep working across transformers and torch releases.
 
 - The compatibility matrix (`benchmarks/compat.py`): saved models of every family and variant, in
-  venvs with the oldest supported transformers and 5.24.0 (the release that renamed the cache).
+  hermetic venvs with the oldest and the newest supported transformers, each locked.
 - Both cache keyword conventions through the forward and the outputs.
 - The experts fall back to the loop where `grouped_mm` is missing or refuses the tensors.
 - `pip install .` keeps a torch that satisfies the package's range.
@@ -22,6 +22,7 @@ import hf_condcomp
 from hf_condcomp.modeling import compat
 from hf_condcomp.modeling import experts as experts_module
 from hf_condcomp.modeling.common import CondCompOutput
+from hf_condcomp.modeling.compat import TESTED_TRANSFORMERS
 from hf_condcomp.modeling.experts import Experts, eager_experts_forward, grouped_experts_forward
 
 from conftest import ROOT, VOCAB, tiny_source
@@ -30,17 +31,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import compat as compat_matrix  # noqa: E402  (benchmarks/compat.py)
 
 
-def test_compatibility_matrix_oldest_supported_and_5_24(tmp_path):
+def test_compatibility_matrix_oldest_and_newest_supported(tmp_path):
     out = tmp_path / "compat.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compat.py"), "--out", str(out)],
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert list(report["results"]) == [compat_matrix.OLDEST_SUPPORTED, "5.24.0"]
+    assert list(report["results"]) == list(TESTED_TRANSFORMERS)
     expected = ({f"{f}_{v}" for f in compat_matrix.FAMILIES for v in compat_matrix.VARIANTS}
                 | set(compat_matrix.EXTRA_CASES))
     for version, result in report["results"].items():
         assert result["transformers"] == version
+        assert result["locked"], f"no compat_locks/transformers-{version}.txt: run `make lock`"
         assert set(result["cases"]) == expected
         for name, case in result["cases"].items():
             assert case["ok"], (version, name, case)

@@ -17,10 +17,10 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 # The transformers releases `benchmarks/compat.py` checks saved models on in CI (oldest, newest),
-# and the torch the package is tested with; the model card quotes them. Before 5.10.4 the
-# remote-code loader fails to copy some of a model's sibling files (see the README).
-TESTED_TRANSFORMERS = ("5.11.0", "5.24.0")
-TESTED_TORCH = "2.13.0"
+# and the torch releases the package is tested with (oldest, newest); the model card quotes them.
+# Before 5.10.4 the remote-code loader fails to copy some of a model's sibling files (docs/sharing.md).
+TESTED_TRANSFORMERS = ("5.11.0", "5.25.0")
+TESTED_TORCH = ("2.13.0", "2.14.1")
 MINIMUM_TORCH = "2.6"  # transformers 5's own floor
 
 
