@@ -10,7 +10,7 @@ side by side in rotated rounds (`common.interleaved_medians`):
 
 This isolates the experts, routing, dispatch and combine from the rest of a model, to tell whether
 transformers' own experts implementation (whatever `MixtralExperts` runs by default on the
-installed release) is faster than ours for these shapes, which the issue asks to use if so.
+installed release) is faster than ours for these shapes, so that the faster one is used.
 
     python benchmarks/bench_vs_mixtral_layer.py --threads 1 --out bench_vs_mixtral_layer.json
 """

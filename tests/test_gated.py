@@ -1,4 +1,4 @@
-"""Gated-layer variants (issue 3): Mixture-of-Depths routed blocks and compute-allocation gates.
+"""Gated-layer variants: Mixture-of-Depths routed blocks and compute-allocation gates.
 
 Checked against references: the dense parent (capacity 1, gates open), the exact per-token count
 ceil(c * n) of tokens reaching a routed block (forward hooks), teacher-forced eval forwards vs
@@ -176,10 +176,7 @@ def test_minilm_routed_at_capacity_one_equals_parent(minilm):
 
 @pytest.fixture(scope="module")
 def minilm():
-    try:
-        return hf_condcomp.assets.minilm_path()
-    except FileNotFoundError as err:  # pragma: no cover - the Makefile installs it
-        pytest.skip(str(err))
+    return hf_condcomp.assets.minilm_path()
 
 
 # --- Routed blocks run on exactly ceil(c * n) tokens per sequence -----------------------------------

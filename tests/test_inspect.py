@@ -1,4 +1,4 @@
-"""Routing insight (issue 6): exact statistics on hand-set routers, figures that read back to the
+"""Routing insight: exact statistics on hand-set routers, figures that read back to the
 JSON numbers, `compare` of a model with itself, and clear errors on bad input."""
 
 import json
@@ -339,16 +339,9 @@ def test_hub_dataset_offline_fails_with_a_clear_message(folders, capsys):
     assert rc == 2 and "--dataset 'no-such-user/no-such-dataset'" in err and "--data-file" in err
 
 
-def upcycle_or_skip(source, **kwargs):
-    try:
-        return hf_condcomp.upcycle(source, **kwargs)
-    except (NotImplementedError, TypeError) as err:  # gated variants (issue 3) not in this tree
-        pytest.skip(f"gated layers unavailable: {err}")
-
-
 def test_real_mixture_of_depths_compute_fraction_is_exact():
     """Encoder MoD at capacity 0.5 runs ceil(0.5 * n) tokens of each sequence of n real tokens."""
-    model = upcycle_or_skip(tiny_bert(num_layers=3), variant="mod", capacity=0.5, layers=[1])
+    model = hf_condcomp.upcycle(tiny_bert(num_layers=3), variant="mod", capacity=0.5, layers=[1])
     with torch.no_grad():
         model.encoder.layer[1].mod_router.weight.normal_()
     b = batch([7, 4, 1], 7)
@@ -365,8 +358,8 @@ def test_moe_inside_a_routed_block_maps_tokens_back():
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(assets.minilm_path())
-    model = upcycle_or_skip(tiny_bert(vocab_size=tokenizer.vocab_size), num_experts=4, top_k=2, layers=[1],
-                            mod_layers=[1], capacity=0.5)
+    model = hf_condcomp.upcycle(tiny_bert(vocab_size=tokenizer.vocab_size), num_experts=4, top_k=2, layers=[1],
+                                mod_layers=[1], capacity=0.5)
     with torch.no_grad():
         model.encoder.layer[1].mod_router.weight.normal_()
     result = inspect(model, TEXTS, tokenizer)

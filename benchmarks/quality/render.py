@@ -127,7 +127,7 @@ def gap_text(runs, arm="moe_copy_tc"):
 
 
 def meets_gated_target(compute_fraction, gap_points):
-    """Issue 7's gated target: at most 60% executed compute, at most 2 accuracy points below dense."""
+    """The gated target: at most 60% executed compute, at most 2 accuracy points below dense."""
     return compute_fraction <= 0.60 and gap_points >= -2.0
 
 

@@ -1,4 +1,4 @@
-"""Run one results table of issue 7 (see RESULTS.md at the repo root).
+"""Run one results table (see RESULTS.md at the repo root).
 
     python benchmarks/quality/run.py before_training   # no training: split-upcycled vs dense parent
     python benchmarks/quality/run.py classification    # Banking77: dense vs copy-MoE, 3 seeds
