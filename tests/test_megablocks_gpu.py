@@ -12,7 +12,8 @@ from hf_condcomp.modeling.experts import Experts
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.skipif(experts_mod._megablocks_gg is None, reason="needs megablocks (see the GPU section of docs/speed.md)"),
+    pytest.mark.skipif(experts_mod._megablocks_gg is None,
+                       reason="needs megablocks (see the GPU section of docs/speed.md)"),
 ]
 
 
