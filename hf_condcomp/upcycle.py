@@ -23,6 +23,7 @@ import difflib
 import inspect
 import re
 import typing
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -39,6 +40,11 @@ from transformers.initialization import no_init_weights
 
 from . import assets
 from .modeling.architectures import LAYOUTS, activation_of, detect_layout, find_layers, layout_to_dict
+from .modeling.common import (
+    SENTENCE_TRANSFORMERS_FILES,
+    SENTENCE_TRANSFORMERS_SOURCE,
+    sentence_transformers_modules,
+)
 from .modeling.configuration_condcomp import (
     CondCompBertConfig,
     CondCompConfig,
@@ -492,7 +498,33 @@ def upcycle(source, **settings):
         # that `save_pretrained` writes once.
         target.tie_weights()
     target.to(dense.dtype)
+    # `save_pretrained` copies the source's pooling, `Normalize`, ... next to the upcycled model.
+    st_name = source if not isinstance(source, PreTrainedModel) else getattr(source, "name_or_path", "")
+    st_folder = sentence_transformers_folder(st_name)
+    if st_folder is not None:
+        setattr(target, SENTENCE_TRANSFORMERS_SOURCE, st_folder)
     return target.eval()
+
+
+def sentence_transformers_folder(source) -> str | None:
+    """The local folder holding the sentence-transformers files (`modules.json`, ...) of `source`: the folder
+    itself, an embedded name's folder, or for a Hub id its snapshot, into which those files and the module
+    folders are fetched. None for a source without them (a plain transformers checkpoint)."""
+    if not source:
+        return None
+    name = assets.resolve(str(source))
+    if Path(name).is_dir():
+        return str(Path(name).resolve()) if sentence_transformers_modules(name) is not None else None
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        modules = sentence_transformers_modules(Path(hf_hub_download(name, "modules.json")).parent)
+        if modules is None:
+            return None
+        return snapshot_download(name, allow_patterns=[*SENTENCE_TRANSFORMERS_FILES, *(f"{m}/*" for m in modules)])
+    except (OSError, ValueError, EntryNotFoundError):  # not on the Hub, offline and not cached, no modules.json
+        return None
 
 
 def _native_layout(dense, task):

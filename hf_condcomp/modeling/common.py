@@ -1,7 +1,11 @@
 """Pieces shared by the three model families: the per-forward context, attention masks,
-scaled-dot-product attention, the output dataclass and the conditional-computation losses."""
+scaled-dot-product attention, the output dataclass, the conditional-computation losses, and the
+sentence-transformers files that `save_pretrained` carries over from a sentence-transformers source."""
 
+import json
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import torch
 import torch.nn.functional as F
@@ -327,6 +331,51 @@ def _refuse_reentrant(kwargs):
         )
 
 
+# The model attribute that names the local sentence-transformers folder a model was upcycled from.
+SENTENCE_TRANSFORMERS_SOURCE = "_sentence_transformers_source"
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def sentence_transformers_modules(folder) -> list[str] | None:
+    """The module folders (`1_Pooling`, `2_Normalize`, ...) of a sentence-transformers checkpoint whose
+    transformer is the folder's own model (the `modules.json` entry at path ""), or None for any other
+    folder (no or unreadable `modules.json`, the transformer in a subfolder, a path leaving the folder)."""
+    try:
+        entries = json.loads((Path(folder) / "modules.json").read_text(encoding="utf-8"))
+        paths = [str(entry.get("path", "")) for entry in entries]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    for path in paths:
+        posix = PurePosixPath(path.replace("\\", "/"))
+        if posix.is_absolute() or ".." in posix.parts or ":" in path:
+            return None
+    if "" not in paths:
+        return None
+    return [path for path in paths if path]
+
+
+def copy_sentence_transformers_files(source, save_directory) -> list[str]:
+    """Copies `modules.json`, `sentence_bert_config.json`, `config_sentence_transformers.json` and every
+    module folder but the transformer's from the sentence-transformers folder `source` into
+    `save_directory`; returns what was copied (nothing when `source` is not such a folder)."""
+    if not source or not Path(source).is_dir():
+        return []
+    source, target = Path(source), Path(save_directory)
+    modules = sentence_transformers_modules(source)
+    if modules is None or source.resolve() == target.resolve():
+        return []
+    copied = []
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+            copied.append(name)
+    for path in modules:
+        if (source / path).is_dir():  # a module without settings (`Normalize`) may have no folder
+            shutil.copytree(source / path, target / path, dirs_exist_ok=True)
+            copied.append(path)
+    return copied
+
+
 class CondCompInitMixin:
     """Initialisation of the modules this package adds (experts, routers, gates), and an
     `auto_map` that lists every head of the family, so a saved base model also loads with
@@ -344,13 +393,21 @@ class CondCompInitMixin:
         _refuse_reentrant(gradient_checkpointing_kwargs)
         return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
-    def save_pretrained(self, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also writes the sentence-transformers files (`modules.json`, pooling, `Normalize`, ...) of the
+        checkpoint this model was upcycled or loaded from, so `SentenceTransformer(save_directory,
+        trust_remote_code=True)` keeps that checkpoint's modules and settings."""
         module = type(self).__module__.rsplit(".", 1)[-1]
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map["AutoConfig"] = f"configuration_condcomp.{type(self.config).__name__}"
         auto_map.update({auto: f"{module}.{name}" for auto, name in self._auto_heads.items()})
         self.config.auto_map = auto_map
-        return super().save_pretrained(*args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            # `upcycle` sets the attribute; a model loaded from a folder has that folder as `name_or_path`.
+            source = getattr(self, SENTENCE_TRANSFORMERS_SOURCE, None) or self.name_or_path
+            copy_sentence_transformers_files(source, save_directory)
+        return result
 
     def _init_weights(self, module):
         super()._init_weights(module)
