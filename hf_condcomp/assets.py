@@ -10,6 +10,7 @@ are left alone and go to the Hub as usual.
 """
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -81,3 +82,149 @@ def resolve(source):
     if source == "SmolLM2-135M-Instruct":
         return str(smollm2_path())
     return source
+
+
+# --- reading a checkpoint -------------------------------------------------------------------------
+# A source that is there but cannot be read (truncated weights, config.json that is no JSON or holds a
+# value of the wrong type, no tokenizer) is a user error: one line naming the file, what is wrong and
+# the fix, not the loader's traceback. Only the errors of those reads are converted, at the read.
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read. `detail` starts with the file (or folder) and says what is
+    wrong and what to do; the message is `detail` after the name of the argument that gave the
+    checkpoint (`source`, `--model_name_or_path`, MODEL_DIR)."""
+
+    def __init__(self, detail: str, what: str = "`source`"):
+        self.detail = detail
+        super().__init__(f"{what} {detail}")
+
+
+_CAUSE_CHARS = 300
+
+
+def one_line(err) -> str:
+    """An error's message on one line, cut to a few hundred characters (some list every model type)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= _CAUSE_CHARS else text[:_CAUSE_CHARS] + " ..."
+
+
+def _causes(err):
+    seen = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
+
+
+def _file(path, name) -> str:
+    """`name` in the checkpoint `path`: a path in a local folder, else `hub id/name`."""
+    return str(Path(path) / name) if Path(path).is_dir() else f"{path}/{name}"
+
+
+def _config_problem(err, path) -> str | None:
+    """What is wrong with the contents of `path`'s config.json, from an error raised while reading or
+    building the config; None when `err` is not about its contents (no such folder or Hub id)."""
+    from huggingface_hub.errors import HFValidationError, StrictDataclassError
+
+    chain = _causes(err)
+    decode = next((e for e in chain if isinstance(e, json.JSONDecodeError)), None)
+    if decode is not None:
+        return f"it is not valid JSON ({decode.msg}: line {decode.lineno} column {decode.colno})"
+    if any(isinstance(e, StrictDataclassError) for e in chain):
+        return f"a value has the wrong type or is invalid ({one_line(chain[-1])})"
+    if isinstance(err, TypeError):
+        return f"a value has the wrong type ({one_line(err)})"
+    there = Path(_file(path, "config.json")).is_file()
+    if isinstance(err, ValueError) and not isinstance(err, HFValidationError) and there:
+        return f"a value is invalid ({one_line(err)})"
+    return None
+
+
+def load_config(path, what: str = "`source`", **kwargs):
+    """`AutoConfig.from_pretrained(path, **kwargs)`; a config.json that is there but cannot be read
+    raises `CheckpointError` naming it. Other errors (no such folder or Hub id) are the caller's to word."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, TypeError, StrictDataclassError) as err:
+        problem = _config_problem(err, path)
+        if problem is None:
+            raise
+        raise CheckpointError(f"{_file(path, 'config.json')} cannot be read: {problem}. Correct the file or re-save "
+                              "the checkpoint with `save_pretrained`.", what) from err
+
+
+def _unreadable_weights(path) -> str:
+    """The safetensors file of `path` whose header does not read (a local folder, or a Hub id's cached
+    `model.safetensors`), else the checkpoint's weights in general."""
+    from safetensors import SafetensorError, safe_open
+
+    if Path(path).is_dir():
+        files = sorted(Path(path).glob("*.safetensors"))
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(str(path), "model.safetensors")
+        except ValueError:  # not a Hub id
+            cached = None
+        files = [Path(cached)] if isinstance(cached, str) else []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return str(file)
+    return f"{path} (its *.safetensors weights)"
+
+
+def load_pretrained(model_class, path, what: str = "`source`", **kwargs):
+    """`model_class.from_pretrained(path, **kwargs)` (an Auto class or a model class) of a checkpoint whose
+    config `load_config` has read: weights that cannot be read (a truncated or corrupt safetensors file)
+    raise `CheckpointError` naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        return model_class.from_pretrained(path, **kwargs)
+    except SafetensorError as err:
+        reason = str(err).rpartition("header: ")[2] or str(err)
+        raise CheckpointError(f"{_unreadable_weights(path)} cannot be read: the file is truncated or not safetensors "
+                              f"({one_line(reason)}). Re-download or re-save the checkpoint.", what) from err
+
+
+_TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece", "special_tokens_map")
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any(f.name.startswith(_TOKENIZER_FILES) or f.suffix in (".model", ".tiktoken", ".gguf")
+               for f in folder.iterdir())
+
+
+def load_tokenizer(path, what: str = "`source`", fix: str = "save one there with `tokenizer.save_pretrained`",
+                   **kwargs):
+    """`AutoTokenizer.from_pretrained(path, **kwargs)` for a checkpoint that needs one: its config.json
+    read as `load_config` reads it, and a folder without tokenizer files, or whose tokenizer has no
+    vocabulary beside its special tokens (what transformers builds for some models when the files are
+    missing), raises `CheckpointError` naming the folder, with `fix`."""
+    from transformers import AutoTokenizer
+
+    try:
+        load_config(path, what, **kwargs)  # the tokenizer loader reads config.json too: a broken one is named
+    except CheckpointError:
+        raise
+    except (OSError, ValueError):
+        pass  # a tokenizer-only folder has no config.json
+    missing = CheckpointError(f"{path} has no tokenizer (no tokenizer.json, vocabulary or tokenizer model file): "
+                              f"{fix}.", what)
+    if Path(path).is_dir() and not _has_tokenizer_files(Path(path)):
+        raise missing
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path} has no tokenizer that loads ({one_line(err)}): {fix}.", what) from err
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise missing
+    return tokenizer

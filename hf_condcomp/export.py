@@ -238,11 +238,17 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
     compared with ours on a random batch before anything is written (<= 1e-4 in float32).
     Returns {"format": ..., "architecture": ..., "max_abs_diff": ...}.
     """
-    from transformers import (AutoConfig, AutoTokenizer, GenerationConfig, MixtralForCausalLM, Qwen2MoeForCausalLM,
-                              Qwen3MoeForCausalLM)
+    from transformers import (
+        AutoTokenizer,
+        GenerationConfig,
+        MixtralForCausalLM,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeForCausalLM,
+    )
     from transformers.initialization import no_init_weights
 
     from . import CondCompLlamaForCausalLM
+    from .assets import load_config, load_pretrained
     from .cli import save_atomically
     from .modeling.modeling_condcomp import CondCompForCausalLM
 
@@ -252,12 +258,12 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(f"OUTPUT_DIR {str(output_dir)!r} exists and is not empty: choose a new folder or pass --overwrite.")
-    config = AutoConfig.from_pretrained(model_dir)
+    config = load_config(model_dir, "MODEL_DIR")  # a config.json that does not read: one line naming it
     fmt = choose_format(config, format)  # refuses before any weight is read
 
     native_family = getattr(config, "model_type", None) == "condcomp"
     ours_cls = CondCompForCausalLM if native_family else CondCompLlamaForCausalLM
-    ours = ours_cls.from_pretrained(model_dir, dtype="auto").eval()
+    ours = load_pretrained(ours_cls, model_dir, "MODEL_DIR", dtype="auto").eval()
     state = ours.state_dict()
     if native_family:  # transformers' own Llama / Mistral / Qwen under `backbone.`: the native names
         state = {key.removeprefix("backbone."): value for key, value in state.items()}

@@ -618,18 +618,17 @@ def load_model_folder(folder, what="MODEL"):
     if not Path(folder).is_dir():
         raise ValueError(f"{what} {str(folder)!r} is not a folder: "
                          "pass the folder written by `hf-condcomp upcycle` or `save_pretrained`.")
-    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    from . import assets
+
+    # A config.json or weights file that does not read, or no tokenizer: one line naming the file.
+    config = assets.load_config(folder, what, trust_remote_code=True)
+    tokenizer = assets.load_tokenizer(folder, what, "save one there with `tokenizer.save_pretrained`")
     arch = (getattr(config, "architectures", None) or [None])[0]
     auto = transformers.AutoModel
     for auto_name, ref in (getattr(config, "auto_map", None) or {}).items():
         if arch and str(ref).endswith("." + arch) and auto_name.startswith("AutoModel"):
             auto = getattr(transformers, auto_name)
-    model = auto.from_pretrained(folder, trust_remote_code=True).eval()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as err:
-        raise ValueError(f"{what} {str(folder)!r} holds no tokenizer ({err}): "
-                         "save one there with `tokenizer.save_pretrained`.") from err
+    model = assets.load_pretrained(auto, folder, what, trust_remote_code=True).eval()
     return model, tokenizer
 
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
@@ -51,6 +50,7 @@ from .modeling.configuration_condcomp import (
     CondCompGPT2Config,
     CondCompLlamaConfig,
     intermediate_size_of,
+    is_condcomp_config,
 )
 from .modeling.modeling_condcomp_bert import (
     CondCompBertForMaskedLM,
@@ -185,6 +185,7 @@ def _load_source(source, task, num_labels, family_choice="auto"):
     """Returns (dense model, family, task, source name)."""
     if isinstance(source, PreTrainedModel):
         model, name = source, getattr(source.config, "_name_or_path", "") or type(source).__name__
+        _refuse_upcycled(model.config, name)
         family = _family(model.config, family_choice)
         source_task = _task_of_architecture(type(model).__name__, family)
         task = task or source_task
@@ -200,12 +201,15 @@ def _load_source(source, task, num_labels, family_choice="auto"):
     name = str(source)
     path = assets.resolve(name)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = assets.load_config(path, "`source`")  # config.json there but unreadable: CheckpointError naming it
+    except assets.CheckpointError:
+        raise
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"`source`={name!r} could not be read as a Transformers checkpoint ({err}). Pass a Hub id, a folder "
-            "with config.json and weights, or one of the embedded names: " + ", ".join(assets.EMBEDDED)
+            f"`source`={name!r} could not be read as a Transformers checkpoint ({assets.one_line(err)}). Pass a Hub "
+            "id, a folder with config.json and weights, or one of the embedded names: " + ", ".join(assets.EMBEDDED)
         ) from err
+    _refuse_upcycled(config, name)
     family = _family(config, family_choice)
     architecture = (config.architectures or [None])[0]
     task = task or _task_of_architecture(architecture, family)
@@ -222,10 +226,22 @@ def _load_source(source, task, num_labels, family_choice="auto"):
     if num_labels is not None and task in ("sequence-classification", "token-classification"):
         kwargs["num_labels"] = num_labels
     try:
-        model = _AUTO_SOURCE[task].from_pretrained(path, **kwargs)
+        model = assets.load_pretrained(_AUTO_SOURCE[task], path, "`source`", **kwargs)
+    except assets.CheckpointError:
+        raise
     except (OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"`source`={name!r}: loading its weights failed ({err}).") from err
+        raise ValueError(f"`source`={name!r}: loading its weights failed ({assets.one_line(err)}).") from err
     return model, family, task, name
+
+
+def _refuse_upcycled(config, name):
+    if is_condcomp_config(config):
+        source = (getattr(config, "upcycling", None) or {}).get("source_model_type")
+        raise ValueError(
+            f"`source`={name!r} is already an upcycled model (model type {config.model_type!r}"
+            f"{f', upcycled from {source!r}' if source else ''}): upcycle its dense parent instead, or load it "
+            "with `from_pretrained` to fine-tune it further (the recipes do so when given it)."
+        )
 
 
 def _family(config, choice="auto") -> str:

@@ -279,3 +279,16 @@ def intermediate_size_of(config) -> int:
 
 def expert_intermediate_size(config) -> int:
     return config.moe_expert_intermediate_size or intermediate_size_of(config)
+
+
+def is_condcomp_config(config) -> bool:
+    """Whether `config` (a config, or config.json read as a dict) is that of a model of this package,
+    of any family: one of the config classes above (also as the remote-code copy that travels with a
+    saved model), a config carrying the `upcycling` record that `hf_condcomp.upcycle` writes, or one
+    saved under their model types (`condcomp`, `condcomp_<family>`)."""
+    if isinstance(config, CondCompFields) or type(config).__module__.rpartition(".")[2] == __name__.rpartition(".")[2]:
+        return True
+    get = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
+    model_type = str(get("model_type") or "")
+    own = CondCompConfig.model_type
+    return isinstance(get("upcycling"), dict) or model_type == own or model_type.startswith(own + "_")

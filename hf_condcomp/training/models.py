@@ -10,35 +10,46 @@ from .arguments import RecipeError
 
 
 def load_model(args, auto_class, task, **head_kwargs):
-    """Returns (model, source description). `head_kwargs`: num_labels, id2label, label2id."""
-    from transformers import AutoConfig
-
+    """The model to train: `--model_name_or_path` loaded as it is when it is already a model of this
+    package (of any family: upcycled and perhaps fine-tuned, from a folder or the Hub), else upcycled
+    from it with `args.upcycling`. `head_kwargs`: num_labels, id2label, label2id."""
+    from ..modeling.configuration_condcomp import is_condcomp_config
     from ..upcycle import upcycle
 
     name = args.model_name_or_path
     path = assets.resolve(name)
+    what = "`--model_name_or_path`"
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        config = assets.load_config(path, what, trust_remote_code=args.trust_remote_code)
+    except assets.CheckpointError as err:
+        raise RecipeError(str(err)) from err
     except (OSError, ValueError) as err:
         raise RecipeError(
-            f"`--model_name_or_path` {name!r} could not be read ({err}). Pass a Hub id, a folder with config.json, "
+            f"{what} {name!r} could not be read ({assets.one_line(err)}). Pass a Hub id, a folder with config.json, "
             f"or one of {list(assets.EMBEDDED)}."
         ) from err
-    if config.model_type.startswith("condcomp_"):
-        kwargs = dict(head_kwargs)
-        if "num_labels" in kwargs and kwargs["num_labels"] != config.num_labels:
-            kwargs["ignore_mismatched_sizes"] = True  # a new label set: fresh head, everything else kept
-        model = auto_class.from_pretrained(path, trust_remote_code=args.trust_remote_code, **kwargs)
+    if is_condcomp_config(config):
+        kwargs = {}
+        if "num_labels" in head_kwargs:
+            heads = _label_configs(config)
+            if any(c.num_labels != head_kwargs["num_labels"] for c in heads):
+                kwargs["ignore_mismatched_sizes"] = True  # a new label set: fresh head, everything else kept
+            _set_labels(config, head_kwargs)
+            kwargs["config"] = config
+        try:
+            model = assets.load_pretrained(auto_class, path, what, trust_remote_code=args.trust_remote_code, **kwargs)
+        except assets.CheckpointError as err:
+            raise RecipeError(str(err)) from err
     else:
         try:  # `args.upcycling` holds fields of UpcycleSpec only (parse_args checks the keys)
             model = upcycle(path, task=task, num_labels=head_kwargs.get("num_labels"), **args.upcycling)
+        except assets.CheckpointError as err:  # the source cannot be read, whatever the upcycling settings
+            raise RecipeError(f"{what} {err.detail}") from err
         except ValueError as err:  # upcycle names the setting; here it is an `upcycling.` key
             raise RecipeError(f"`upcycling`: {err}") from None
         if isinstance(getattr(model.config, "upcycling", None), dict):
             model.config.upcycling["source"] = name
-    for key in ("id2label", "label2id"):
-        if key in head_kwargs:
-            setattr(model.config, key, head_kwargs[key])
+    _set_labels(model.config, head_kwargs)
     if args.export_format == "native":  # refuse now, not after hours of training
         from ..export import ExportError, choose_format
 
@@ -50,14 +61,31 @@ def load_model(args, auto_class, task, **head_kwargs):
     return model
 
 
-def load_tokenizer(args):
-    from transformers import AutoTokenizer
+def _label_configs(config):
+    """The configs that hold a classifier's labels: the model's, and for a native-family model the
+    source's `text_config` too, from which transformers builds the head."""
+    text = getattr(config, "text_config", None)
+    return [config] + ([text] if text is not None and hasattr(text, "num_labels") else [])
 
-    path = args.tokenizer_name or assets.resolve(args.model_name_or_path)
+
+def _set_labels(config, head_kwargs):
+    for target in _label_configs(config):
+        if "num_labels" in head_kwargs and target.num_labels != head_kwargs["num_labels"]:
+            target.num_labels = head_kwargs["num_labels"]
+        for key in ("id2label", "label2id"):
+            if key in head_kwargs:
+                setattr(target, key, head_kwargs[key])
+
+
+def load_tokenizer(args):
+    if args.tokenizer_name:
+        path, what, fix = args.tokenizer_name, "`--tokenizer_name`", "pass a tokenizer folder or Hub id"
+    else:
+        path, what, fix = assets.resolve(args.model_name_or_path), "`--model_name_or_path`", "pass `--tokenizer_name`"
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise RecipeError(f"no tokenizer at {path!r} ({err}): pass `--tokenizer_name`.") from err
+        return assets.load_tokenizer(path, what, fix, trust_remote_code=args.trust_remote_code)
+    except assets.CheckpointError as err:
+        raise RecipeError(str(err)) from err
 
 
 _ATTENTION = re.compile(r"(self_)?att(n|ention)")
