@@ -9,6 +9,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from .insight import compare, inspect, routing_summary
 from .modeling.configuration_condcomp import CondCompBertConfig, CondCompConfig, CondCompGPT2Config, CondCompLlamaConfig
 from .modeling.modeling_condcomp import (
     CondCompForCausalLM,
@@ -25,7 +26,6 @@ from .modeling.modeling_condcomp_bert import (
 )
 from .modeling.modeling_condcomp_gpt2 import CondCompGPT2ForCausalLM, CondCompGPT2Model
 from .modeling.modeling_condcomp_llama import CondCompLlamaForCausalLM, CondCompLlamaModel
-from .insight import compare, inspect, routing_summary
 from .upcycle import upcycle
 
 __version__ = "0.1.0"

@@ -68,7 +68,8 @@ def save_atomically(output_dir: Path, write, overwrite: bool = False):
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(f"OUTPUT_DIR {str(output_dir)!r} exists and is not empty: choose a new folder or pass --overwrite.")
+        raise ValueError(f"OUTPUT_DIR {str(output_dir)!r} exists and is not empty: choose a new folder or pass "
+                         "--overwrite.")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
@@ -104,7 +105,8 @@ def cmd_upcycle(args):
 
     model = upcycle(args.source, **upcycle_kwargs(args))
     save_atomically(Path(args.output_dir), lambda tmp: save_with_tokenizer(model, args.source, tmp), args.overwrite)
-    print(json.dumps({"output_dir": str(args.output_dir), "architecture": type(model).__name__, "upcycling": model.config.upcycling}, indent=2))
+    print(json.dumps({"output_dir": str(args.output_dir), "architecture": type(model).__name__,
+                      "upcycling": model.config.upcycling}, indent=2))
 
 
 def cmd_export(args):
@@ -141,7 +143,8 @@ def cmd_demo(args):
     dense_params = sum(p.numel() for p in dense.parameters())
     moe_params = sum(p.numel() for p in moe.parameters())
     print(f"source              : {DEMO_SOURCE} ({path})")
-    print(f"MoE layers          : {moe.config.moe_layers}, {moe.config.num_local_experts} experts, top-{moe.config.num_experts_per_tok}")
+    print(f"MoE layers          : {moe.config.moe_layers}, {moe.config.num_local_experts} experts, "
+          f"top-{moe.config.num_experts_per_tok}")
     print(f"parameters          : dense {dense_params / 1e6:.1f}M -> upcycled {moe_params / 1e6:.1f}M")
     print(f"max |MoE - dense|   : {diff:.2e} (copy-upcycling starts at the dense model)")
     print(f"saved to            : {output_dir} (reloaded with trust_remote_code, max diff {reload_diff:.1e})")

@@ -80,7 +80,8 @@ def _llama_family_view(config):
         raise _refuse(f"{source!r} sliding-window attention in some layers (`max_window_layers`)",
                       "Keep this model as remote code (trust_remote_code=True).")
     view.update(model_type="condcomp_llama", sliding_window=sliding, mod_layers=[], gate_layers=[],
-                attention_bias=bool(getattr(text, "attention_bias", False)), qkv_bias=True if source == "qwen2" else None,
+                attention_bias=bool(getattr(text, "attention_bias", False)),
+                qkv_bias=True if source == "qwen2" else None,
                 mlp_bias=bool(getattr(text, "mlp_bias", False)), qk_norm=source == "qwen3")
     view["upcycling"] = {**(view["upcycling"] or {}), "source_model_type": source}
     return SimpleNamespace(**view)
@@ -127,7 +128,8 @@ def choose_format(config, requested: str = "auto") -> str:
         if blocked:
             raise _refuse(feature, "Keep this model as remote code (trust_remote_code=True).")
     if not config.moe_layers:
-        raise _refuse("the model has no MoE layer", "Export applies to upcycled MoE models; a dense model is its source.")
+        raise _refuse("the model has no MoE layer",
+                      "Export applies to upcycled MoE models; a dense model is its source.")
     if qk_norm:
         if _qkv_bias(config) != bool(config.attention_bias):
             raise _refuse("q/k/v biases apart from the output projection's (Qwen3-MoE has one `attention_bias`)",
@@ -257,7 +259,8 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
         raise FileNotFoundError(f"MODEL_DIR {str(model_dir)!r} has no config.json: pass a folder saved by hf_condcomp.")
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(f"OUTPUT_DIR {str(output_dir)!r} exists and is not empty: choose a new folder or pass --overwrite.")
+        raise ValueError(f"OUTPUT_DIR {str(output_dir)!r} exists and is not empty: choose a new folder or pass "
+                         "--overwrite.")
     config = load_config(model_dir, "MODEL_DIR")  # a config.json that does not read: one line naming it
     fmt = choose_format(config, format)  # refuses before any weight is read
 
@@ -267,7 +270,8 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
     state = ours.state_dict()
     if native_family:  # transformers' own Llama / Mistral / Qwen under `backbone.`: the native names
         state = {key.removeprefix("backbone."): value for key, value in state.items()}
-    native_cls = {"mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM}[fmt]
+    native_cls = {"mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM,
+                  "qwen3_moe": Qwen3MoeForCausalLM}[fmt]
     with no_init_weights():
         native = native_cls(native_config(ours.config, fmt))
     native.load_state_dict(native_state_dict(state, native), strict=True)
@@ -287,7 +291,8 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
             diff = float((native(ids).logits.float() - ours(ids).logits.float()).abs().max())
         tolerance = 1e-4 if ours.dtype == torch.float32 else 5e-2
         if not diff <= tolerance:
-            raise AssertionError(f"the {fmt} export differs from the model by {diff:.3g} (> {tolerance}); nothing written")
+            raise AssertionError(f"the {fmt} export differs from the model by {diff:.3g} (> {tolerance}); "
+                                 "nothing written")
 
     def write(folder):
         native.save_pretrained(folder)

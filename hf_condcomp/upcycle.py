@@ -52,12 +52,6 @@ from .modeling.configuration_condcomp import (
     intermediate_size_of,
     is_condcomp_config,
 )
-from .modeling.modeling_condcomp_bert import (
-    CondCompBertForMaskedLM,
-    CondCompBertForSequenceClassification,
-    CondCompBertForTokenClassification,
-    CondCompBertModel,
-)
 from .modeling.modeling_condcomp import (
     CondCompForCausalLM,
     CondCompForMaskedLM,
@@ -65,10 +59,15 @@ from .modeling.modeling_condcomp import (
     CondCompForTokenClassification,
     CondCompModel,
 )
+from .modeling.modeling_condcomp_bert import (
+    CondCompBertForMaskedLM,
+    CondCompBertForSequenceClassification,
+    CondCompBertForTokenClassification,
+    CondCompBertModel,
+)
 from .modeling.modeling_condcomp_gpt2 import CondCompGPT2ForCausalLM, CondCompGPT2Model
 from .modeling.modeling_condcomp_llama import CondCompLlamaForCausalLM, CondCompLlamaModel
 from .spec import SPEC_FIELDS, UpcycleSpec, split_kwargs
-
 
 _AUTO_SOURCE = {
     "base": AutoModel,
@@ -162,7 +161,8 @@ def parse_layers(layers, num_layers: int, argument: str = "layers") -> list[int]
         try:
             layers = [int(part) for part in layers.split(",") if part.strip()]
         except ValueError:
-            raise _error(argument, layers, "'every_other', 'all' or comma-separated layer indices like '0,2,4'") from None
+            raise _error(argument, layers,
+                         "'every_other', 'all' or comma-separated layer indices like '0,2,4'") from None
     layers = [int(i) for i in layers]
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad or not layers:
@@ -329,7 +329,8 @@ def _as_floats_where_expected(config_class, values):
 
 def _reinit_like(t, rows, gen):
     """Values drawn from N(mean, std) of `t`, for the given rows (dim 0)."""
-    fresh = torch.randn((len(rows),) + tuple(t.shape[1:]), generator=gen, dtype=torch.float32) * t.float().std() + t.float().mean()
+    fresh = torch.randn((len(rows),) + tuple(t.shape[1:]), generator=gen, dtype=torch.float32)
+    fresh = fresh * t.float().std() + t.float().mean()
     return fresh.to(t.dtype)
 
 
@@ -384,7 +385,8 @@ def _experts_from_dense(ffn, num_experts, top_k, init, gen, noise_std, drop_rati
         router = torch.stack([ins[0][g].float().mean(0) for g in groups]).to(ins[0].dtype)  # (E, H)
     else:
         for _ in range(num_experts):
-            e_in, e_in_b, e_out = [w.clone() for w in ins], None if in_b is None else [b.clone() for b in in_b], out.clone()
+            e_in, e_out = [w.clone() for w in ins], out.clone()
+            e_in_b = None if in_b is None else [b.clone() for b in in_b]
             if init == "noise":
                 e_in = [w + torch.randn(w.shape, generator=gen).to(w.dtype) * noise_std * w.float().std() for w in e_in]
                 e_out = e_out + torch.randn(e_out.shape, generator=gen).to(e_out.dtype) * noise_std * out.float().std()
@@ -619,7 +621,8 @@ def _check_native_ffn(layer, layout, ffn, activation, model_type):
         expected = x
         for module in modules:
             expected = module(expected)
-        h = [torch.nn.functional.linear(x, w, None if in_b is None else b) for w, b in zip(ins, in_b or [None] * len(ins))]
+        h = [torch.nn.functional.linear(x, w, None if in_b is None else b)
+             for w, b in zip(ins, in_b or [None] * len(ins))]
         act = ACT2FN[activation]
         h = act(h[0]) * h[1] if layout.gated else act(h[0])
         got = torch.nn.functional.linear(h, out, out_b)
@@ -695,12 +698,14 @@ def _copy_rest(src_state, target, target_keys, out, consumed, config, gen, sourc
             out[key] = fresh
             continue
         if tuple(src_state[src_key].shape) != tuple(param.shape):
-            raise ValueError(f"upcycling: shape of {key!r} is {tuple(src_state[src_key].shape)} in the source, {tuple(param.shape)} in the target")
+            raise ValueError(f"upcycling: shape of {key!r} is {tuple(src_state[src_key].shape)} in the source, "
+                             f"{tuple(param.shape)} in the target")
         out[key] = src_state[src_key]
         consumed.add(src_key)
     for key, tensor in out.items():
         if tuple(tensor.shape) != tuple(target_keys[key].shape):
-            raise ValueError(f"upcycling: {key!r} built with shape {tuple(tensor.shape)}, expected {tuple(target_keys[key].shape)}")
+            raise ValueError(f"upcycling: {key!r} built with shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(target_keys[key].shape)}")
     left = [k for k in src_state if k not in consumed and not _ignorable(k)]
     if left:
         raise ValueError(f"upcycling would drop source weights {left[:5]}{'...' if len(left) > 5 else ''}: refusing")

@@ -82,8 +82,10 @@ def main(argv=None):
             for name, ds in splits.items()
         }
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
-    train_dataloader = DataLoader(processed["train"], shuffle=True, collate_fn=collator, batch_size=args.per_device_train_batch_size)
-    eval_dataloader = DataLoader(processed["validation"], collate_fn=collator, batch_size=args.per_device_eval_batch_size)
+    train_dataloader = DataLoader(processed["train"], shuffle=True, collate_fn=collator,
+                                  batch_size=args.per_device_train_batch_size)
+    eval_dataloader = DataLoader(processed["validation"], collate_fn=collator,
+                                 batch_size=args.per_device_eval_batch_size)
 
     # 3. Optimizer, schedule, prepare.
     optimizer = training.make_optimizer(model, args, accelerator)
@@ -91,7 +93,8 @@ def main(argv=None):
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
-    training.start_run(accelerator, args, model, "classification", f"{len(processed['train'])} train examples, {len(label_list)} labels")
+    training.start_run(accelerator, args, model, "classification",
+                       f"{len(processed['train'])} train examples, {len(label_list)} labels")
 
     # 4. Train (router aux and z losses are part of the model's loss in training mode).
     results = training.train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, config)
@@ -126,10 +129,12 @@ def main(argv=None):
     training.write_predictions(args, [{"label": label_list[r], "prediction": label_list[p]}
                                       for p, r in zip(predictions, references)], accelerator)
     if accelerator.is_main_process:
-        data = args.dataset_name or ", ".join(str(getattr(args, f"{s}_file")) for s in ("train", "validation") if getattr(args, f"{s}_file"))
+        data = args.dataset_name or ", ".join(
+            str(getattr(args, f"{s}_file")) for s in ("train", "validation") if getattr(args, f"{s}_file"))
         training.write_model_card(
             args, saved.config, results, task_type="text-classification", task_name="Text Classification",
-            dataset_name=args.dataset_name or Path(args.train_file).parent.name, dataset_type=args.dataset_name or "csv",
+            dataset_name=args.dataset_name or Path(args.train_file).parent.name,
+            dataset_type=args.dataset_name or "csv",
             metrics={"eval_accuracy": "accuracy", "eval_macro_f1": "f1"},
             data_text=f"{data}; text column `{args.text_column}`, label column `{args.label_column}`, "
                       f"{len(label_list)} labels, {len(processed['train'])} training examples.",

@@ -45,8 +45,9 @@ def test_cpu_peak_bytes_sees_autograd_buffers():
 def test_probe_routing_reads_a_saved_mod_classifier(tmp_path, capsys):
     """The RESULTS.md routing probe loads a saved MoD classifier through its remote code and reports
     [CLS] computed in every routed block (pinned by default), with the router weight norms."""
-    import hf_condcomp
     from transformers import AutoTokenizer
+
+    import hf_condcomp
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
     from probe_routing import main as probe

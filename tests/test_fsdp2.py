@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, run_clean_python
 from safetensors.torch import load_file
+
+from conftest import DATA, run_clean_python
 
 ROOT = Path(__file__).resolve().parent.parent
 SST2 = DATA / "sst2"

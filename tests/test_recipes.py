@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, ROOT, sample_bpe_tokenizer
 from safetensors.torch import load_file
 
 from hf_condcomp.modeling.compat import TESTED_TORCH, TESTED_TRANSFORMERS
+
+from conftest import DATA, ROOT, sample_bpe_tokenizer
 
 BANKING77 = DATA / "banking77"
 MULTI30K = DATA / "multi30k"
@@ -144,7 +145,8 @@ tok = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)
 batch = tok(["I lost my card", "How do I top up?"], return_tensors="pt", padding=True)
 with torch.no_grad():
     logits = model(**batch).logits
-print("RESULT " + json.dumps({{"shape": list(logits.shape), "module": type(model).__module__, "label": model.config.id2label[0]}}))
+print("RESULT " + json.dumps({{"shape": list(logits.shape), "module": type(model).__module__,
+                              "label": model.config.id2label[0]}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": ""}, cwd=out.parent)
@@ -287,9 +289,11 @@ def test_bad_input_stops_before_training(case, tmp_path, monkeypatch):
     good_csv = _write(tmp_path / "good.csv", "text,label\nhello,a\nbye,b\n")
     cls = ("--model_name_or_path", "all-MiniLM-L6-v2", "--output_dir", out)
     if case == "missing_column":
-        recipe, args, match = "classification", (*cls, "--train_file", good_csv, "--text_column", "sentence"), r"sentence.*--text_column"
+        recipe, args = "classification", (*cls, "--train_file", good_csv, "--text_column", "sentence")
+        match = r"sentence.*--text_column"
     elif case == "empty_file":
-        recipe, args, match = "classification", (*cls, "--train_file", _write(tmp_path / "empty.csv", "")), r"empty\.csv.*empty"
+        recipe, args = "classification", (*cls, "--train_file", _write(tmp_path / "empty.csv", ""))
+        match = r"empty\.csv.*empty"
     elif case == "one_class":
         one = _write(tmp_path / "one.csv", "text,label\nhello,a\nbye,a\n")
         recipe, args, match = "classification", (*cls, "--train_file", one), r"one\.csv.*one class"
@@ -301,7 +305,8 @@ def test_bad_input_stops_before_training(case, tmp_path, monkeypatch):
         bad = tmp_path / "step_5"
         bad.mkdir()
         _write(bad / "training_state.json", "{not json")
-        recipe, args, match = "classification", (*cls, "--train_file", good_csv, "--resume_from_checkpoint", bad), r"--resume_from_checkpoint.*step_5"
+        recipe, args = "classification", (*cls, "--train_file", good_csv, "--resume_from_checkpoint", bad)
+        match = r"--resume_from_checkpoint.*step_5"
     with pytest.raises(training.RecipeError, match=match):
         run(recipe, *args)
     assert not (out / "model.safetensors").exists()
@@ -315,8 +320,9 @@ def test_generate_folds_lora_in_while_decoding_and_restores_the_adapters():
     from accelerate import Accelerator
 
     import hf_condcomp
-    from conftest import tiny_source
     from hf_condcomp import training
+
+    from conftest import tiny_source
 
     model = hf_condcomp.upcycle(tiny_source("llama"), num_experts=4, top_k=2, layers="all")
     args = types.SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets="attention,experts",
@@ -328,13 +334,16 @@ def test_generate_folds_lora_in_while_decoding_and_restores_the_adapters():
                 param.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     tokenizer = types.SimpleNamespace(pad_token_id=0, eos_token_id=None,
-                                      batch_decode=lambda ids, skip_special_tokens: [" ".join(map(str, r.tolist())) for r in ids])
+                                      batch_decode=lambda ids, skip_special_tokens: [
+                                          " ".join(map(str, r.tolist())) for r in ids])
     prompts = [[5, 7, 9, 11], [3, 4]]
     model.eval()
     with torch.no_grad():  # reference: the unmerged model, prompt by prompt
-        expected = [" ".join(map(str, model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                                     max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(p):].tolist()))
-                    for p in prompts]
+        expected = []
+        for p in prompts:
+            tokens = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                    max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(p):]
+            expected.append(" ".join(map(str, tokens.tolist())))
     with torch.no_grad():
         model.base_model.disable_adapter_layers()
         plain = model.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -394,8 +403,9 @@ def test_translation_exports_natively_and_pushes_the_native_folder(tiny_llama, t
     assert "native `MixtralForCausalLM`" in card and "trust_remote_code" not in card
     assert "trust_remote_code=True" in (out / "README.md").read_text()  # the remote-code folder keeps its card
 
-    from hf_condcomp import CondCompLlamaForCausalLM
     from transformers import AutoModelForCausalLM
+
+    from hf_condcomp import CondCompLlamaForCausalLM
 
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
@@ -407,7 +417,8 @@ def test_translation_exports_natively_and_pushes_the_native_folder(tiny_llama, t
 def test_native_export_of_an_inexpressible_model_is_refused_before_training(tiny_gpt2, tmp_path, capsys):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "translation.py"),
-                           *map(str, translation_args(tiny_gpt2, out, "--max_train_steps", 2, "--export_format", "native"))],
+                           *map(str, translation_args(tiny_gpt2, out, "--max_train_steps", 2,
+                                                      "--export_format", "native"))],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -5,10 +5,11 @@ import types
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_source
 
 import hf_condcomp
 from hf_condcomp import training
+
+from conftest import VOCAB, tiny_source
 
 VARIANTS = {
     "moe": dict(variant="moe", num_experts=4, top_k=2, init="noise", layers="all"),

@@ -25,7 +25,8 @@ def save_model(accelerator, model, tokenizer, args):
     else:
         state_dict = accelerator.get_state_dict(model)
     net.save_pretrained(
-        args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
+        args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+        state_dict=state_dict
     )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(args.output_dir)
@@ -109,7 +110,8 @@ def write_model_card(args, config, results, *, task_type, task_name, dataset_nam
         torch_tested=" and ".join(TESTED_TORCH),
         torch_minimum=MINIMUM_TORCH,
         compute_fraction=(results.get("routing") or {}).get("compute_fraction", results.get("eval_compute_fraction")),
-        auto_class=config.auto_map.get(_auto_class_for(task_type), "AutoModel").split(".")[-1] if getattr(config, "auto_map", None) else "",
+        auto_class=(config.auto_map.get(_auto_class_for(task_type), "AutoModel").split(".")[-1]
+                    if getattr(config, "auto_map", None) else ""),
         auto_name=_auto_class_for(task_type),
     )
     card = ModelCard.from_template(card_data, template_path=str(template_path), native=False, **card_kwargs)
