@@ -242,6 +242,10 @@ def torch_requirements(site: Path) -> list[str]:
     needs = []
     for line in PathDistribution(info).requires or []:
         req = Requirement(line)
+        # A CUDA build's own libraries (nvidia-*, cuda-*, triton) stay beside that torch, where
+        # its libraries find them; the venvs get only the Python packages torch imports.
+        if req.name.startswith(("nvidia-", "cuda-", "triton")):
+            continue
         if req.marker is None or req.marker.evaluate({"extra": ""}):
             needs.append(str(req))
     return needs
