@@ -33,6 +33,13 @@ def cache_key_of(output_class) -> str:
 CACHE_KEY = cache_key_of(BaseModelOutputWithPast)
 
 
+def is_custom_code(model) -> bool:
+    """The flag transformers hands `_initialize_weights` (which then skips a module of custom code
+    whose every tensor is loaded): `is_custom_code()` from 5.13 on, `is_remote_code()` before."""
+    method = getattr(model, "is_custom_code", None) or model.is_remote_code
+    return bool(method())
+
+
 def cache_argument(past_key_values, cache):
     """The cache a forward was given, under either name (callers and `generate()` use both)."""
     if past_key_values is not None and cache is not None and past_key_values is not cache:

@@ -218,6 +218,30 @@ class CondCompLlamaConfig(LlamaConfig, CondCompFields):
         _post_init(self)
 
 
+# Fields of every config that the source's own model reads off `text_config`: the head's labels and loss
+# (`problem_type`, `num_labels` through `id2label`), FFN chunking, tied embeddings. Set on a
+# `CondCompConfig` (as transformers' tests, `from_pretrained(..., num_labels=5)` and training code do,
+# also after the model is built), they are set on its `text_config` too.
+_SHARED_WITH_TEXT_CONFIG = ("id2label", "label2id", "problem_type", "chunk_size_feed_forward", "tie_word_embeddings")
+
+
+def _text_config_field(name):
+    """A special token id, read and written on `text_config`, where `generate()` and the source's
+    model find it: a `CondCompConfig` has the same `bos_token_id`, ... as its dense parent."""
+
+    def get(self):
+        return getattr(self.text_config, name, None) if self.text_config is not None else None
+
+    def set_(self, value):
+        if self.text_config is None:
+            if value is None:
+                return
+            raise ValueError(f"`{name}` is read from `text_config`, which this config does not have.")
+        setattr(self.text_config, name, value)
+
+    return property(get, set_, doc=f"`text_config.{name}`.")
+
+
 @strict
 class CondCompConfig(PreTrainedConfig, CondCompFields):
     """A native conditional-computation model (modeling_condcomp.py): the source's own
@@ -231,19 +255,33 @@ class CondCompConfig(PreTrainedConfig, CondCompFields):
     model_type = "condcomp"
     sub_configs = {"text_config": AutoConfig}
 
-    text_config: dict | PreTrainedConfig | None = None
     ffn_layout: dict | None = None
     ffn_activation: str | None = None
     tie_word_embeddings: bool = False
+    # The last field: the dataclass `__init__` assigns the others first, so that `__setattr__`, which
+    # mirrors the shared fields onto `text_config`, leaves it alone until `__post_init__` decides.
+    text_config: dict | PreTrainedConfig | None = None
 
     def __post_init__(self, **kwargs):
         if isinstance(self.text_config, dict):
             values = dict(self.text_config)
             self.text_config = AutoConfig.for_model(values.pop("model_type"), **values)
+        text = self.text_config
+        # What the source's config says, unless this config was given its own value (`num_labels=5`).
+        given = {name for name in _SHARED_WITH_TEXT_CONFIG if getattr(self, name) not in (None, 0)}
+        given |= {"id2label", "label2id"} if kwargs.get("num_labels") is not None else set()
+        given.discard("tie_word_embeddings")  # always the source's: its head is tied or not
+        kept = {} if text is None else {name: getattr(text, name, None) for name in _SHARED_WITH_TEXT_CONFIG}
         super().__post_init__(**kwargs)
-        if self.text_config is None:  # `CondCompConfig()`, as transformers builds for defaults; no model from it
+        if text is None:  # `CondCompConfig()`, as transformers builds for defaults; no model from it
             return
-        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        for name in _SHARED_WITH_TEXT_CONFIG:
+            value = getattr(self, name) if name in given else kept[name]
+            if name == "tie_word_embeddings":
+                value = bool(value)
+            elif name == "chunk_size_feed_forward":
+                value = value or 0
+            setattr(self, name, value)  # and on `text_config` (`__setattr__`)
         for name in ("mod_layers", "gate_layers"):
             if getattr(self, name):
                 raise ValueError(
@@ -252,6 +290,17 @@ class CondCompConfig(PreTrainedConfig, CondCompFields):
                     "BERT, GPT-2 and Llama families. Upcycle with `variant='moe'`."
                 )
         _post_init(self)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in _SHARED_WITH_TEXT_CONFIG:
+            text = self.__dict__.get("text_config")
+            if isinstance(text, PreTrainedConfig) and getattr(text, name, None) != value:
+                setattr(text, name, value)
+
+    bos_token_id = _text_config_field("bos_token_id")
+    eos_token_id = _text_config_field("eos_token_id")
+    pad_token_id = _text_config_field("pad_token_id")
 
     @property
     def num_hidden_layers(self) -> int | None:

@@ -28,7 +28,7 @@ from transformers import (
 
 from .architectures import find_layers, layout_from_dict
 from .common import CondCompInitMixin, ForwardContext, condcomp_losses, use_return_dict
-from .compat import CACHE_KEY, cache_argument
+from .compat import CACHE_KEY, cache_argument, is_custom_code
 from .configuration_condcomp import CondCompConfig
 from .moe import MoEFeedForward
 
@@ -69,7 +69,12 @@ class NativeMoEFeedForward(MoEFeedForward):
 
 
 def install_moe_blocks(model: nn.Module, config) -> list:
-    """Swap the FFN of every layer in `config.moe_layers` for an MoE block; returns the blocks."""
+    """Swap the FFN of every layer in `config.moe_layers` for an MoE block; returns the blocks.
+
+    An MoE layer runs its FFN over the whole batch at once, whatever `chunk_size_feed_forward` says
+    (BERT-type layers): capacity limits and expert choice rank all the tokens together, and the
+    router losses read one logits tensor per layer. Dropless token choice gives the same outputs
+    either way, so the setting only saves memory in the dense layers, where it still applies."""
     layout = layout_from_dict(config.ffn_layout)
     _, layers = find_layers(model, config.num_hidden_layers)
     blocks = []
@@ -79,8 +84,44 @@ def install_moe_blocks(model: nn.Module, config) -> list:
         _set_submodule(layer, layout.module, block)
         for name in layout.identity:
             _set_submodule(layer, name, nn.Identity())
+        if getattr(layer, "chunk_size_feed_forward", 0):
+            layer.chunk_size_feed_forward = 0
         blocks.append(block)
     return blocks
+
+
+_PARALLEL_PLANS = ("_tp_plan", "_ep_plan", "_pp_plan", "_fsdp_plan")
+
+
+def drop_stale_plan_entries(model: nn.Module) -> None:
+    """Keep, in the parallel plans of `model` and of every model inside it, only the entries that
+    name a module or parameter in every layer their `*` stands for.
+
+    The source's plans name its FFN modules in every layer (Llama: `layers.*.mlp.gate_proj`
+    colwise, ..., `down_proj` rowwise), which an MoE layer no longer has; a plan matches its
+    patterns against each layer's modules, so those entries cannot be kept for the dense layers
+    alone. Dropping them is a valid plan: each FFN then runs unsharded on every rank, while the
+    attention, embeddings and head keep their sharding (each colwise / rowwise pair is whole)."""
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        for attr in _PARALLEL_PLANS:
+            plan = module.__dict__.get(attr)
+            if plan:
+                setattr(module, attr, {k: v for k, v in plan.items() if _names_everywhere(module, k.split("."))})
+
+
+def _names_everywhere(module: nn.Module, parts: list) -> bool:
+    if not parts:
+        return True
+    head, rest = parts[0], parts[1:]
+    if head == "*":
+        children = list(module.children())
+        return bool(children) and all(_names_everywhere(child, rest) for child in children)
+    child = getattr(module, head, None)
+    if isinstance(child, nn.Module):
+        return _names_everywhere(child, rest)
+    return not rest and isinstance(child, torch.Tensor)
 
 
 def _set_submodule(root, dotted, module):
@@ -106,7 +147,29 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         self.backbone = self._auto_class_of_task.from_config(config.text_config)
         self._moe_blocks = install_moe_blocks(self.backbone, config)
         self._no_split_modules = list(getattr(self.backbone, "_no_split_modules", None) or [])
+        drop_stale_plan_entries(self.backbone)
+        # The backbone's tied keys under `backbone.`, where transformers looks for a class's own
+        # (`post_init` collects its ignore-on-save keys the same way).
+        tied = getattr(self.backbone, "_tied_weights_keys", None)
+        if isinstance(tied, dict):
+            self._tied_weights_keys = {f"backbone.{k}": f"backbone.{v}" for k, v in tied.items()}
+        elif tied:
+            self._tied_weights_keys = [f"backbone.{k}" for k in tied]
         self.post_init()
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """transformers initialises every module under a model inside this one (the backbone) by
+        that model's `_init_weights`, which knows the source's modules but not the MoE blocks'
+        experts: they would keep whatever memory they were given. The blocks are drawn here first,
+        by this class's `_init_weights` (experts and routers at `initializer_range`, biases zero), and
+        marked done; then transformers initialises the rest. It runs on every path: construction,
+        `from_config`, and `from_pretrained`'s missing keys (loaded tensors are marked and kept)."""
+        custom = is_custom_code(self)
+        for block in self._moe_blocks:
+            for module in block.modules():
+                self._initialize_weights(module, custom)
+        super().initialize_weights()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
