@@ -3,10 +3,10 @@
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from .saving import save_atomically
 
 DEMO_SOURCE = "all-MiniLM-L6-v2"
 DEMO_TEXTS = [
@@ -59,31 +59,6 @@ def upcycle_kwargs(args) -> dict:
             raise ValueError(f"`--set {name}={value}`: `{name}` has its own flag, use --{name.replace('_', '-')}.")
         kwargs[name] = value
     return kwargs
-
-
-def save_atomically(output_dir: Path, write, overwrite: bool = False):
-    """Run `write(tmp_dir)` and move the result to `output_dir` only if it succeeded.
-
-    A failure leaves `output_dir` as it was (absent or untouched): no half-written checkpoint.
-    """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(f"OUTPUT_DIR {str(output_dir)!r} exists and is not empty: choose a new folder or pass "
-                         "--overwrite.")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        write(tmp)
-        if output_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, old / "x")
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_with_tokenizer(model, source, folder):

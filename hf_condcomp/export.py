@@ -32,6 +32,8 @@ from types import SimpleNamespace
 
 import torch
 
+from .saving import check_output_dir, save_atomically
+
 FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
 SOURCES = ("llama", "mistral", "qwen2", "qwen3")  # source model types of the Llama family
 
@@ -249,18 +251,14 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
     )
     from transformers.initialization import no_init_weights
 
-    from . import CondCompLlamaForCausalLM
     from .assets import load_config, load_pretrained
-    from .cli import save_atomically
     from .modeling.modeling_condcomp import CondCompForCausalLM
+    from .modeling.modeling_condcomp_llama import CondCompLlamaForCausalLM
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"MODEL_DIR {str(model_dir)!r} has no config.json: pass a folder saved by hf_condcomp.")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(f"OUTPUT_DIR {str(output_dir)!r} exists and is not empty: choose a new folder or pass "
-                         "--overwrite.")
+    output_dir = check_output_dir(output_dir, overwrite)
     config = load_config(model_dir, "MODEL_DIR")  # a config.json that does not read: one line naming it
     fmt = choose_format(config, format)  # refuses before any weight is read
 

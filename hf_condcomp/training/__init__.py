@@ -3,7 +3,9 @@
 - `arguments`: flags, YAML configs, `key=value` overrides, `RecipeError` and `run_recipe`;
 - `data`: data files, Hub datasets, splits, column checks, padding;
 - `models`: the model (upcycled on the fly or loaded), tokenizer, LoRA, routing parameters, optimizer;
-- `loop`: accelerator, schedule, the training loop with exact resume, checkpoints;
+- `loop`: accelerator, schedule, the training loop with exact resume, saving checkpoints;
+- `checkpoints`: where checkpoints live and how `--resume_from_checkpoint` finds one;
+- `errors`: `RecipeError`, raised by all of them;
 - `evaluation`: held-out loss, generation, routing statistics;
 - `publish`: the output folder, native export, results, model card, Hub upload.
 
@@ -23,12 +25,10 @@ from .arguments import (
     validate_args,
     yaml_value,
 )
+from .checkpoints import CHECKPOINT_DIR, STATE_FILE, find_checkpoint
 from .data import check_file, load_splits, load_table, pad_collate, require_columns, split_source
 from .evaluation import evaluate_loss, generate, routing_stats
 from .loop import (
-    CHECKPOINT_DIR,
-    STATE_FILE,
-    find_checkpoint,
     make_accelerator,
     router_loss_parts,
     save_checkpoint,

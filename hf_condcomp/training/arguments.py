@@ -11,10 +11,8 @@ from pathlib import Path
 import yaml
 
 from ..spec import RECIPE_KEYS
-
-
-class RecipeError(ValueError):
-    """A user mistake found before training: the message names the flag or file and the fix."""
+from .checkpoints import find_checkpoint
+from .errors import RecipeError
 
 
 def run_recipe(main, argv=None) -> int:
@@ -176,6 +174,4 @@ def validate_args(args):
     if bad:
         raise RecipeError(f"`--lora_targets` has {sorted(bad)}: allowed are `attention` and `experts`.")
     if args.resume_from_checkpoint:
-        from .loop import find_checkpoint
-
         args.resume_from_checkpoint = str(find_checkpoint(args.resume_from_checkpoint, args.output_dir))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .arguments import RecipeError
+from .errors import RecipeError
 
 
 def check_file(path, flag):

@@ -6,7 +6,7 @@ import re
 import torch
 
 from .. import assets
-from .arguments import RecipeError
+from .errors import RecipeError
 
 
 def load_model(args, auto_class, task, **head_kwargs):

@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..modeling.compat import MINIMUM_TORCH, TESTED_TORCH, TESTED_TRANSFORMERS
-from .loop import CHECKPOINT_DIR
+from .checkpoints import CHECKPOINT_DIR
 
 # Folders in the output that are not part of the shared model.
 NATIVE_DIR = "native"
