@@ -32,6 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .modeling.routing import get_routing_method
 from .saving import check_output_dir, save_atomically
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
@@ -115,7 +116,7 @@ def choose_format(config, requested: str = "auto") -> str:
             "Use --format qwen3_moe (or auto).",
         )
     blockers = [
-        (config.moe_routing != "token_choice",
+        (not get_routing_method(config.moe_routing).exports_natively,
          f"`moe_routing`={config.moe_routing!r}: native MoE models route by token choice"),
         (config.moe_capacity_factor is not None,
          f"`moe_capacity_factor`={config.moe_capacity_factor!r}: native MoE models are dropless"),

@@ -1,11 +1,24 @@
-"""The package's shape: no import cycle between its modules, and relative imports that resolve."""
+"""The package's shape: no import cycle between its modules, and routing methods chosen by name
+from one registry (a new method plugs in without editing the MoE block)."""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+
+from hf_condcomp.modeling.configuration_condcomp import ROUTING_TYPES
+from hf_condcomp.modeling.moe import MoEFeedForward
+from hf_condcomp.modeling.routing import (
+    ROUTING_METHODS,
+    Dispatch,
+    RoutingMethod,
+    get_routing_method,
+    register_routing,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "hf_condcomp"
@@ -146,3 +159,86 @@ def test_export_and_cli_import_in_either_order(order):
     code = "; ".join(f"import {m}" for m in order) + "; import hf_condcomp.export as e; print(e.export_native.__name__)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing methods: one registry, looked up by name.
+# ---------------------------------------------------------------------------------------------
+
+
+def _moe_block(routing, top_k=2, capacity_factor=None, causal=False):
+    config = SimpleNamespace(num_local_experts=4, num_experts_per_tok=top_k, moe_routing=routing,
+                             moe_capacity_factor=capacity_factor, norm_topk_prob=True, router_unit_weights=False,
+                             router_jitter_noise=0.0, moe_implementation="eager", moe_expert_intermediate_size=8)
+    torch.manual_seed(0)
+    block = MoEFeedForward(config, 16, gated=False, bias=False, hidden_act="gelu", causal=causal)
+    for p in block.parameters():  # the experts' weights start uninitialised
+        torch.nn.init.normal_(p, std=0.2)
+    return block
+
+
+def test_the_configs_routing_names_are_registered_methods():
+    assert set(ROUTING_TYPES) <= set(ROUTING_METHODS)
+    assert get_routing_method("token_choice").exports_natively and get_routing_method("token_choice").balance_loss
+    assert not get_routing_method("expert_choice").exports_natively
+    assert not get_routing_method("expert_choice").balance_loss
+
+
+def test_unknown_routing_name_raises_listing_the_valid_ones():
+    with pytest.raises(ValueError, match="`moe_routing` must be one of .*'token_choice'.*'expert_choice'.*'nope'"):
+        get_routing_method("nope")
+    with pytest.raises(ValueError, match="must be one of .*'token_choice'.*'expert_choice'"):
+        _moe_block("nope")
+
+
+@pytest.mark.parametrize("routing, capacity_factor, causal, training, alone", [
+    ("token_choice", None, False, True, True),
+    ("token_choice", 1.5, False, False, False),
+    ("expert_choice", None, False, False, False),
+    ("expert_choice", None, True, True, False),
+    ("expert_choice", None, True, False, True),
+])
+def test_block_asks_its_routing_method(routing, capacity_factor, causal, training, alone):
+    block = _moe_block(routing, capacity_factor=capacity_factor, causal=causal).train(training)
+    assert block.routing_method is ROUTING_METHODS[routing]
+    assert block.routes_each_token_alone() is alone
+
+
+@pytest.fixture
+def first_k():
+    """A trivial routing method registered for one test: every token goes to experts 0..k-1, equal weights."""
+
+    @register_routing("first_k")
+    class FirstK(RoutingMethod):
+        def route(self, block, logits):
+            num_tokens = logits.shape[0]
+            k = block.top_k
+            token_index = torch.arange(num_tokens, device=logits.device).repeat(k)  # expert-major
+            counts = torch.zeros(block.num_experts, dtype=torch.long, device=logits.device)
+            counts[:k] = num_tokens
+            weights = torch.full((k * num_tokens,), 1.0 / k, device=logits.device)
+            return Dispatch(token_index, weights, counts, torch.zeros((), dtype=torch.long))
+
+        def routes_each_token_alone(self, block):
+            return True
+
+    yield FirstK
+    ROUTING_METHODS.pop("first_k")
+
+
+def test_a_registered_routing_method_runs_in_the_moe_block(first_k):
+    block = _moe_block("first_k", top_k=2)
+    assert isinstance(block.routing_method, first_k) and "first_k" in ROUTING_METHODS
+    block.record_routing = True
+    hidden = torch.randn(2, 5, 16)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    out, logits = block(hidden, mask)
+    assert block.last_routing["counts"].tolist() == [8, 8, 0, 0]  # 8 real tokens, each to experts 0 and 1
+    x = hidden.reshape(-1, 16)
+    expected = torch.stack([block.experts(x, torch.tensor([len(x), 0, 0, 0])),
+                            block.experts(x, torch.tensor([0, len(x), 0, 0]))]).mean(0)  # experts 0 and 1
+    expected = expected * mask.reshape(-1, 1)
+    torch.testing.assert_close(out.reshape(-1, 16), expected)
+    with pytest.raises(ValueError, match="already registered"):
+        register_routing("first_k")(type("Other", (RoutingMethod,), {}))

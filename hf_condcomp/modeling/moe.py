@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from .configuration_condcomp import expert_intermediate_size
 from .experts import Experts
-from .routing import expert_choice, token_choice
+from .routing import get_routing_method
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -74,6 +74,7 @@ class MoEFeedForward(nn.Module):
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
         self.routing = config.moe_routing
+        get_routing_method(self.routing)  # an unknown name: ValueError naming the registered ones
         self.capacity_factor = config.moe_capacity_factor
         self.norm_topk_prob = config.norm_topk_prob
         self.unit_weights = config.router_unit_weights
@@ -93,21 +94,19 @@ class MoEFeedForward(nn.Module):
         self.record_routing = False
         self.last_routing = None
 
+    @property
+    def routing_method(self):
+        """The registered `RoutingMethod` named by `self.routing` (routing.py's `ROUTING_METHODS`)."""
+        return get_routing_method(self.routing)
+
     def routes_each_token_alone(self) -> bool:
-        """Dropless token choice (as expert choice decodes in causal evaluation): no token's
-        experts depend on the other tokens."""
-        if self.routing == "expert_choice":
-            return self.causal and not self.training  # `route` then takes token choice, dropless
-        return self.capacity_factor is None
+        """No token's experts depend on the other tokens (dropless token choice, or expert choice
+        as it decodes in causal evaluation): see `RoutingMethod.routes_each_token_alone`."""
+        return self.routing_method.routes_each_token_alone(self)
 
     def route(self, logits: torch.Tensor):
-        if self.routing == "expert_choice":
-            factor = self.capacity_factor if self.capacity_factor is not None else float(self.top_k)
-            if self.causal and not self.training:
-                k = min(self.num_experts, max(1, round(factor)))
-                return token_choice(logits, k, self.norm_topk_prob, None, self.unit_weights)
-            return expert_choice(logits, factor, self.norm_topk_prob, self.unit_weights)
-        return token_choice(logits, self.top_k, self.norm_topk_prob, self.capacity_factor, self.unit_weights)
+        """The `Dispatch` of router logits (N, E) by this block's routing method (`config.moe_routing`)."""
+        return self.routing_method.route(self, logits)
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):
         """hidden_states (B, T, H), token_mask (B, T) bool. Returns (output (B, T, H), logits (B*T, E))."""

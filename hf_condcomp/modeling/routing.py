@@ -11,6 +11,10 @@ contiguous rows, with no capacity padding.
 - Expert choice (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing", eq. 1-2):
   scores S = softmax(X W) over experts, and each expert takes the top C = ceil(N * factor / E)
   tokens of its column of S. Every expert gets exactly C tokens by construction.
+
+Each method is a `RoutingMethod` registered by name with `@register_routing(name)` in
+`ROUTING_METHODS`; a MoE block looks its method up by `config.moe_routing` with
+`get_routing_method`, so a new method is one registered class, with no change to the block.
 """
 
 import math
@@ -124,6 +128,94 @@ def expert_choice(
         gates = gates / total[token_ids]
     counts = torch.full((num_experts,), capacity, dtype=torch.long, device=logits.device)
     return Dispatch(token_ids, gates, counts, torch.zeros((), dtype=torch.long, device=logits.device))
+
+
+class RoutingMethod:
+    """A way for a MoE block to turn its router's logits into a `Dispatch`, registered by name.
+
+    `route(block, logits)` reads the block's settings (`num_experts`, `top_k`, `capacity_factor`,
+    `norm_topk_prob`, `unit_weights`, `causal`, `training`). Besides, a method says:
+    - `routes_each_token_alone(block)`: no token's experts depend on the other tokens of the batch
+      (so a compiled graph may route padding rows too, and a decoder's output at position t never
+      depends on later tokens);
+    - `balance_loss`: whether the Switch load-balancing loss applies (it does not to a method that
+      balances experts by construction);
+    - `exports_natively`: whether native transformers MoE architectures (Mixtral, Qwen-MoE) route so.
+    """
+
+    name: str = ""
+    balance_loss: bool = True
+    exports_natively: bool = False
+
+    def route(self, block, logits: torch.Tensor) -> Dispatch:
+        raise NotImplementedError
+
+    def routes_each_token_alone(self, block) -> bool:
+        return False
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r})"
+
+
+ROUTING_METHODS: dict[str, RoutingMethod] = {}
+
+
+def register_routing(name: str):
+    """Class decorator: register a `RoutingMethod` subclass under `name` (the `moe_routing` value)."""
+
+    def register(cls):
+        known = ROUTING_METHODS.get(name)
+        # The same class again (its module re-executed, as a reloaded remote-code copy is) replaces itself.
+        if known is not None and (type(known).__module__, type(known).__qualname__) != (cls.__module__,
+                                                                                      cls.__qualname__):
+            raise ValueError(f"routing method {name!r} is already registered ({known!r}).")
+        cls.name = name
+        ROUTING_METHODS[name] = cls()
+        return cls
+
+    return register
+
+
+def get_routing_method(name: str) -> RoutingMethod:
+    try:
+        return ROUTING_METHODS[name]
+    except KeyError:
+        raise ValueError(f"`moe_routing` must be one of {tuple(ROUTING_METHODS)}, got {name!r}.") from None
+
+
+@register_routing("token_choice")
+class TokenChoice(RoutingMethod):
+    """Each token takes its top-k experts; dropless, or capped by `capacity_factor`."""
+
+    exports_natively = True
+
+    def route(self, block, logits):
+        return token_choice(logits, block.top_k, block.norm_topk_prob, block.capacity_factor, block.unit_weights)
+
+    def routes_each_token_alone(self, block):
+        return block.capacity_factor is None  # a capacity ranks tokens against each other
+
+
+@register_routing("expert_choice")
+class ExpertChoice(RoutingMethod):
+    """Each expert takes its top-C tokens, C from `capacity_factor` (default: top_k).
+
+    It picks tokens across the whole batch, which looks at future tokens; in a causal block it is
+    therefore used in training only, and in evaluation and generation each token takes its own
+    top-round(factor) experts by the same router scores (dropless token choice).
+    """
+
+    balance_loss = False  # every expert gets exactly C tokens
+
+    def route(self, block, logits):
+        factor = block.capacity_factor if block.capacity_factor is not None else float(block.top_k)
+        if block.causal and not block.training:
+            k = min(block.num_experts, max(1, round(factor)))
+            return token_choice(logits, k, block.norm_topk_prob, None, block.unit_weights)
+        return expert_choice(logits, factor, block.norm_topk_prob, block.unit_weights)
+
+    def routes_each_token_alone(self, block):
+        return block.causal and not block.training  # `route` then takes token choice, dropless
 
 
 def _flat_mask(attention_mask, device):
