@@ -1,0 +1,99 @@
+"""Native conversion: for any architecture without a hand-written family, transformers' own model
+under `backbone.` with MoE blocks in its FFNs' places. Where a layer's FFN is comes from
+`hf_condcomp.modeling.architectures` (its layout), checked against the dense layer before use."""
+
+import copy
+import dataclasses
+
+import torch
+from transformers.activations import ACT2FN
+
+from ..modeling.architectures import activation_of, detect_layout, find_layers, layout_to_dict
+from ..modeling.configuration_condcomp import CondCompConfig
+from .copy_weights import copy_rest
+from .expert_init import layout_ffn, moe_block_tensors
+from .families import as_floats_where_expected
+
+
+def native_layout(dense, task):
+    """(layers' path in the dense model, FFN layout, dense FFN width) of a source built natively."""
+    src_config = dense.config
+    path, layers = find_layers(dense, src_config.num_hidden_layers)
+    layout = detect_layout(src_config.model_type, layers[0], causal=task == "causal-lm")
+    try:
+        first_in = layers[0].get_submodule(layout.inputs[0])
+        out = layers[0].get_submodule(layout.output)
+    except AttributeError as err:
+        raise ValueError(
+            f"source model type {src_config.model_type!r}: its layers do not have the FFN modules its layout names "
+            f"({layout.inputs + (layout.output,)}): {err}"
+        ) from None
+    layout = dataclasses.replace(layout, bias=first_in.bias is not None)
+    inter = out.weight.shape[0] if layout.conv1d else out.weight.shape[1]
+    return path, layout, inter
+
+
+def native_config(src_config, native, fields, overrides):
+    """CondCompConfig around a copy of the source's config; overrides of the source's own fields
+    (`hidden_dropout_prob=0.0`, ...) go into that copy."""
+    _, layout, _ = native
+    own = {f.name for f in dataclasses.fields(CondCompConfig)}
+    text_config = copy.deepcopy(src_config)
+    for name, value in overrides.items():
+        if name in own:
+            fields[name] = value
+        else:
+            setattr(text_config, name, value)
+    for name in ("num_labels", "id2label", "label2id"):
+        fields.pop(name, None)  # the head's labels live in the source's config, read from there
+    return CondCompConfig(
+        **as_floats_where_expected(CondCompConfig, fields),
+        text_config=text_config,
+        ffn_layout=layout_to_dict(layout),
+        ffn_activation=activation_of(src_config, layout),
+        id2label=src_config.id2label,
+        label2id=src_config.label2id,
+    )
+
+
+def _check_native_ffn(layer, layout, ffn, activation, model_type):
+    """The layout must reproduce the dense layer's FFN: run both on random inputs."""
+    ins, in_b, out, out_b, _ = ffn
+    x = torch.randn(2, 3, ins[0].shape[1], generator=torch.Generator().manual_seed(0)).to(ins[0].dtype)
+    modules = [layer.get_submodule(layout.module)] + [layer.get_submodule(n) for n in layout.identity]
+    was_training = layer.training
+    layer.eval()
+    with torch.no_grad():
+        expected = x
+        for module in modules:
+            expected = module(expected)
+        h = [torch.nn.functional.linear(x, w, None if in_b is None else b)
+             for w, b in zip(ins, in_b or [None] * len(ins))]
+        act = ACT2FN[activation]
+        h = act(h[0]) * h[1] if layout.gated else act(h[0])
+        got = torch.nn.functional.linear(h, out, out_b)
+    layer.train(was_training)
+    if not torch.allclose(got.float(), expected.float(), atol=1e-4, rtol=1e-3):
+        raise ValueError(
+            f"source model type {model_type!r}: its FFN does not compute out(act(in(x))) as its layout says "
+            f"(max difference {(got - expected).abs().max().item():.3g}), so it cannot be upcycled exactly. "
+            "Add an entry for it to hf_condcomp.modeling.architectures.LAYOUTS."
+        )
+
+
+def convert_native_state_dict(dense, target, config, native, init="copy", seed=0, noise_std=0.01, drop_ratio=0.5):
+    """The dense state dict under `backbone.`, with the MoE layers' FFNs turned into experts."""
+    path, layout, _ = native
+    gen = torch.Generator().manual_seed(seed)
+    src_state = dense.state_dict()
+    layers = dense.get_submodule(path)  # found by `native_layout`
+    target_keys = dict(target.state_dict(keep_vars=True))
+    out, consumed = {}, set()
+    for i in config.moe_layers:
+        src_prefix = f"{path}.{i}."
+        ffn = layout_ffn(src_state, src_prefix, layout)
+        _check_native_ffn(layers[i], layout, ffn, config.ffn_activation, dense.config.model_type)
+        out.update(moe_block_tensors(ffn, f"backbone.{src_prefix}{layout.module}.", target_keys, config,
+                                      layout.gated, init, gen, noise_std, drop_ratio))
+        consumed.update(ffn[4])
+    return copy_rest(src_state, target, target_keys, out, consumed, config, gen, lambda key: key[len("backbone."):])

@@ -1,0 +1,134 @@
+"""The dense source: a Hub id, a local folder, an embedded name or a loaded model, resolved and
+loaded with the head of its task, refused early when it cannot be upcycled (unreadable, already
+upcycled, no known FFN), and the sentence-transformers files that travel with it."""
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PreTrainedModel,
+)
+
+from .. import assets
+from ..modeling.common import SENTENCE_TRANSFORMERS_FILES, sentence_transformers_modules
+from ..modeling.configuration_condcomp import is_condcomp_config
+from ..spec import _error
+from .convert_native import native_layout
+from .families import check_task, choose_family
+
+_AUTO_SOURCE = {
+    "base": AutoModel,
+    "sequence-classification": AutoModelForSequenceClassification,
+    "token-classification": AutoModelForTokenClassification,
+    "masked-lm": AutoModelForMaskedLM,
+    "causal-lm": AutoModelForCausalLM,
+}
+
+
+# The source architecture's own task, from `config.architectures[0]`'s suffix.
+_ARCH_SUFFIX_TASK = (
+    ("ForSequenceClassification", "sequence-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForMaskedLM", "masked-lm"),
+    ("ForPreTraining", "masked-lm"),
+    ("LMHeadModel", "causal-lm"),
+    ("ForCausalLM", "causal-lm"),
+    ("Model", "base"),
+)
+
+
+def _task_of_architecture(architecture: str | None, family: str) -> str:
+    if architecture:
+        for suffix, task in _ARCH_SUFFIX_TASK:
+            if architecture.endswith(suffix):
+                return task
+    return "base" if family in ("bert", "native") else "causal-lm"
+
+
+def load_source(source, task, num_labels, family_choice="auto"):
+    """Returns (dense model, family, task, source name)."""
+    if isinstance(source, PreTrainedModel):
+        model, name = source, getattr(source.config, "_name_or_path", "") or type(source).__name__
+        _refuse_upcycled(model.config, name)
+        family = choose_family(model.config, family_choice)
+        source_task = _task_of_architecture(type(model).__name__, family)
+        task = task or source_task
+        check_task(task, family)
+        if task != source_task:
+            raise ValueError(
+                f"`task`={task!r} differs from the loaded model's own task {source_task!r}: pass the source as a "
+                "path or Hub id to change heads, or load it with the head you want."
+            )
+        return model, family, task, name
+    if not isinstance(source, (str, bytes)) and not hasattr(source, "__fspath__"):
+        raise _error("source", source, "a Hub id, a local folder or a loaded `PreTrainedModel`")
+    name = str(source)
+    path = assets.resolve(name)
+    try:
+        config = assets.load_config(path, "`source`")  # config.json there but unreadable: CheckpointError naming it
+    except assets.CheckpointError:
+        raise
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"`source`={name!r} could not be read as a Transformers checkpoint ({assets.one_line(err)}). Pass a Hub "
+            "id, a folder with config.json and weights, or one of the embedded names: " + ", ".join(assets.EMBEDDED)
+        ) from err
+    _refuse_upcycled(config, name)
+    family = choose_family(config, family_choice)
+    architecture = (config.architectures or [None])[0]
+    task = task or _task_of_architecture(architecture, family)
+    check_task(task, family)
+    if family == "native":  # refuse an architecture without a known FFN before reading its weights
+        with torch.device("meta"):
+            try:
+                skeleton = _AUTO_SOURCE[task].from_config(config)
+            except ValueError as err:
+                raise ValueError(f"`source`={name!r} (model type {config.model_type!r}) has no {task} model in "
+                                 f"transformers: {err}") from err
+        native_layout(skeleton, task)
+    kwargs = {}
+    if num_labels is not None and task in ("sequence-classification", "token-classification"):
+        kwargs["num_labels"] = num_labels
+    try:
+        model = assets.load_pretrained(_AUTO_SOURCE[task], path, "`source`", **kwargs)
+    except assets.CheckpointError:
+        raise
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"`source`={name!r}: loading its weights failed ({assets.one_line(err)}).") from err
+    return model, family, task, name
+
+
+def _refuse_upcycled(config, name):
+    if is_condcomp_config(config):
+        source = (getattr(config, "upcycling", None) or {}).get("source_model_type")
+        raise ValueError(
+            f"`source`={name!r} is already an upcycled model (model type {config.model_type!r}"
+            f"{f', upcycled from {source!r}' if source else ''}): upcycle its dense parent instead, or load it "
+            "with `from_pretrained` to fine-tune it further (the recipes do so when given it)."
+        )
+
+
+def sentence_transformers_folder(source) -> str | None:
+    """The local folder holding the sentence-transformers files (`modules.json`, ...) of `source`: the folder
+    itself, an embedded name's folder, or for a Hub id its snapshot, into which those files and the module
+    folders are fetched. None for a source without them (a plain transformers checkpoint)."""
+    if not source:
+        return None
+    name = assets.resolve(str(source))
+    if Path(name).is_dir():
+        return str(Path(name).resolve()) if sentence_transformers_modules(name) is not None else None
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        modules = sentence_transformers_modules(Path(hf_hub_download(name, "modules.json")).parent)
+        if modules is None:
+            return None
+        return snapshot_download(name, allow_patterns=[*SENTENCE_TRANSFORMERS_FILES, *(f"{m}/*" for m in modules)])
+    except (OSError, ValueError, EntryNotFoundError):  # not on the Hub, offline and not cached, no modules.json
+        return None
