@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .modeling.configuration_condcomp import MOE_IMPLEMENTATIONS, ROUTING_TYPES, CondCompFields
+from .modeling.routing import ROUTING_METHODS
 
 INITS = ("copy", "noise", "drop", "split-random", "split-kmeans")
 TASKS = ("base", "sequence-classification", "token-classification", "masked-lm", "causal-lm")
@@ -94,8 +95,8 @@ class UpcycleSpec:
                 f"`top_k` (num_experts_per_tok) must be between 1 and `num_experts`={self.num_experts}, got "
                 f"{self.top_k!r}: lower top_k or raise num_experts."
             )
-        if self.routing not in ROUTING_TYPES:
-            raise _error("routing", self.routing, f"one of {ROUTING_TYPES}")
+        if self.routing not in ROUTING_METHODS:
+            raise _error("routing", self.routing, f"one of {tuple(ROUTING_METHODS)}")
         if self.family not in FAMILY_CHOICES:
             raise _error("family", self.family, f"one of {FAMILY_CHOICES}")
         if self.init not in INITS:

@@ -14,7 +14,7 @@ from transformers.utils import ModelOutput
 
 from .compat import CACHE_KEY, cache_field, output_cache
 from .experts import Experts
-from .routing import load_balancing_loss, router_z_loss
+from .routing import get_routing_method, load_balancing_loss, router_z_loss
 
 
 @dataclass
@@ -247,7 +247,7 @@ def condcomp_losses(config, ctx: ForwardContext, compute: bool):
                 logits if i in ctx.prefiltered_logits else logits[flat] for i, logits in enumerate(layer_logits)
             )
             mask = None
-        if config.moe_routing == "token_choice":
+        if get_routing_method(config.moe_routing).balance_loss:
             aux = load_balancing_loss(layer_logits, config.num_local_experts, config.num_experts_per_tok, mask)
             total = total + config.router_aux_loss_coef * aux
         z = router_z_loss(layer_logits, mask)

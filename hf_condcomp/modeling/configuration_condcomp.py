@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, BertConfig, GPT2Config, LlamaConfig, PreTrainedConfig
 
-ROUTING_TYPES = ("token_choice", "expert_choice")
+from .routing import ROUTING_METHODS
+
+# The built-in routing methods; a method registered later (routing.register_routing) is accepted too.
+ROUTING_TYPES = tuple(ROUTING_METHODS)
 MOE_IMPLEMENTATIONS = ("grouped", "eager", "megablocks")
 
 
@@ -114,8 +117,8 @@ def validate_condcomp_config(config) -> None:
             f"`num_experts_per_tok` (top-k) must be between 1 and `num_local_experts`={E}, got {k!r}: "
             "lower top-k or add experts."
         )
-    if config.moe_routing not in ROUTING_TYPES:
-        raise ValueError(f"`moe_routing` must be one of {ROUTING_TYPES}, got {config.moe_routing!r}.")
+    if config.moe_routing not in ROUTING_METHODS:
+        raise ValueError(f"`moe_routing` must be one of {tuple(ROUTING_METHODS)}, got {config.moe_routing!r}.")
     cf = config.moe_capacity_factor
     if cf is not None and not cf > 0:
         raise ValueError(
