@@ -57,7 +57,8 @@ def test_probe_routing_reads_a_saved_mod_classifier(tmp_path, capsys):
                                 capacity=0.3, layers="all")
     model.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(path).save_pretrained(tmp_path)
-    probe([str(tmp_path), "--num", "8", "--words", "3"])
+    data = Path(__file__).resolve().parent / "data" / "banking77" / "test.csv"
+    probe([str(tmp_path), "--num", "8", "--words", "3", "--data", str(data)])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("layer ")]
     assert len(lines) == 6
     assert all("[CLS] computed 1.00" in line and "router |w| 0.000" in line for line in lines)

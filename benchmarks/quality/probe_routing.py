@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
+# The full Banking77 test set where the maintainers' data sits beside the clone (../shared/data).
 TEST = ROOT.parent / "shared" / "data" / "classification" / "banking77" / "test.csv"
 
 
@@ -26,13 +27,14 @@ def main(argv=None):
     parser.add_argument("--num", type=int, default=256, help="test questions to route")
     parser.add_argument("--max_length", type=int, default=32)
     parser.add_argument("--words", type=int, default=12, help="most common words to report")
+    parser.add_argument("--data", type=Path, default=TEST, help="a CSV with a `text` column (default: %(default)s)")
     args = parser.parse_args(argv)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, trust_remote_code=True).eval()
     routers = [getattr(layer, "mod_router", None) for layer in model.base_model.encoder.layer]
     if not any(routers):
         raise SystemExit(f"{args.model} has no Mixture-of-Depths layers (config `mod_layers` is empty)")
     tok = AutoTokenizer.from_pretrained(args.model)
-    rows = list(csv.DictReader(TEST.open()))[: args.num]
+    rows = list(csv.DictReader(args.data.open()))[: args.num]
     enc = tok([r["text"] for r in rows], padding=True, truncation=True, max_length=args.max_length,
               return_tensors="pt")
     for r in filter(None, routers):
