@@ -71,7 +71,8 @@ class UpcycleSpec:
         "auto: the hand-written BERT / GPT-2 / Llama family where it expresses the source exactly, else transformers' "
         "own model with MoE blocks (native); native: transformers' own model always (MoE only)", FAMILY_CHOICES))
     moe_implementation: str = field(default="grouped", metadata=_knob(
-        "experts' compute: grouped (default, CPU and CUDA), eager (reference loop) or megablocks (CUDA)",
+        "experts' compute: grouped (default, CPU and CUDA), eager (reference loop), megablocks (CUDA), or "
+        "transformers' grouped_mm / batched_mm / ...",
         MOE_IMPLEMENTATIONS))
     router_aux_loss_coef: float = _config_field("router_aux_loss_coef", "weight of the Switch load-balancing loss")
     router_z_loss_coef: float = _config_field("router_z_loss_coef", "weight of the ST-MoE router z-loss")

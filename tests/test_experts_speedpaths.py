@@ -27,8 +27,8 @@ def test_grouped_matches_eager_with_an_empty_expert(gated, bias):
         experts.implementation = impl
         experts.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
-        experts(xi, counts).sum().backward()  # `.sum()` hands the backward a stride-0 gradient
-        results[impl] = (experts(x, counts), xi.grad, [p.grad.clone() for p in experts.parameters()])
+        experts.forward_sorted(xi, counts).sum().backward()  # `.sum()` hands the backward a stride-0 gradient
+        results[impl] = (experts.forward_sorted(x, counts), xi.grad, [p.grad.clone() for p in experts.parameters()])
     (y0, gx0, gp0), (y1, gx1, gp1) = results["eager"], results["grouped"]
     torch.testing.assert_close(y1, y0)
     torch.testing.assert_close(gx1, gx0)
@@ -58,7 +58,7 @@ def test_grouped_keeps_only_input_and_preactivation_for_backward(gated):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # what the forward keeps
-            y = experts(x, counts)
+            y = experts.forward_sorted(x, counts)
         y.sum().backward()
         return sum(seen.values())
 
@@ -85,7 +85,7 @@ def _reference_forward(layer, hidden, mask):
     logits = layer.router(x)
     rows = mask.reshape(-1).nonzero().squeeze(-1)
     d = layer.route(logits[rows])
-    y = layer.experts(x[rows][d.token_index], d.counts) * d.weights.unsqueeze(-1)
+    y = layer.experts.forward_sorted(x[rows][d.token_index], d.counts) * d.weights.unsqueeze(-1)
     out = torch.zeros_like(x[rows]).index_add(0, d.token_index, y)
     return torch.zeros_like(x).index_copy(0, rows, out).view(hidden.shape)
 

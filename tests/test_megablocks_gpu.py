@@ -32,7 +32,7 @@ def test_megablocks_matches_grouped_in_bf16(gated, bias):
         experts.implementation = impl
         experts.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
-        y = experts(xi, counts)
+        y = experts.forward_sorted(xi, counts)
         (y.float() * target.float()).sum().backward()
         results[impl] = (y.float(), xi.grad.float(), [p.grad.float() for p in experts.parameters()])
     (y0, gx0, gp0), (y1, gx1, gp1) = results["grouped"], results["megablocks"]

@@ -13,7 +13,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .compat import CACHE_KEY, cache_field, output_cache
-from .experts import Experts
+from .experts import EXPERTS_FUNCTIONS, Experts
 from .routing import get_routing_method, load_balancing_loss, router_z_loss
 
 
@@ -386,6 +386,23 @@ class CondCompInitMixin:
     # `forward` takes **kwargs but does not normalise its loss by Trainer's `num_items_in_batch`:
     # without this, Trainer would skip its own division by the accumulation steps.
     accepts_loss_kwargs = False
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        """transformers reads this off the source for `@use_experts_implementation`; our experts read
+        `config._experts_implementation` themselves (experts.py), so `from_pretrained(...,
+        experts_implementation=...)` and `set_experts_implementation` apply."""
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """The requested experts implementation, else the config's `moe_implementation`; any name of
+        experts.py's registry (ours and transformers' `ALL_EXPERTS_FUNCTIONS`)."""
+        name = requested_experts if requested_experts is not None else self.config.moe_implementation
+        if name not in EXPERTS_FUNCTIONS:
+            raise ValueError(
+                f"`experts_implementation` must be one of {EXPERTS_FUNCTIONS.valid_keys()}, got {name!r}."
+            )
+        return name
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
         # transformers >= 5.24 routes `activation_checkpointing_enable` through an overridden

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, BertConfig, GPT2Config, LlamaConfig, PreTrainedConfig
 
+from .experts import EXPERTS_FUNCTIONS
 from .routing import ROUTING_METHODS
 
 # The built-in routing methods; a method registered later (routing.register_routing) is accepted too.
 ROUTING_TYPES = tuple(ROUTING_METHODS)
-MOE_IMPLEMENTATIONS = ("grouped", "eager", "megablocks")
+# Ours, then transformers' (`grouped_mm`, `batched_mm`, ... on the installed release): experts.py's registry.
+MOE_IMPLEMENTATIONS = tuple(EXPERTS_FUNCTIONS.valid_keys())
 
 
 @dataclass
@@ -43,7 +45,9 @@ class CondCompFields:
             For expert choice each expert takes tokens * factor / E tokens (default factor = k).
         moe_expert_intermediate_size: FFN width of one expert (`None`: the dense FFN width).
         moe_implementation: experts' compute: `grouped` (default, CPU and GPU), `eager`
-            (per-expert loop, the reference) or `megablocks` (CUDA, optional package).
+            (per-expert loop, the reference), `megablocks` (CUDA, optional package), or one of
+            transformers' experts implementations (`grouped_mm`, `batched_mm`, ...). An
+            `experts_implementation` given to `from_pretrained` (transformers' own argument) wins.
         upcycling: provenance written by `hf_condcomp.upcycle` (source, init, ...).
 
     Gated layers:
@@ -124,9 +128,10 @@ def validate_condcomp_config(config) -> None:
         raise ValueError(
             f"`moe_capacity_factor` must be > 0 (or None for dropless routing), got {cf!r}."
         )
-    if config.moe_implementation not in MOE_IMPLEMENTATIONS:
+    if config.moe_implementation not in EXPERTS_FUNCTIONS:
         raise ValueError(
-            f"`moe_implementation` must be one of {MOE_IMPLEMENTATIONS}, got {config.moe_implementation!r}."
+            f"`moe_implementation` must be one of {EXPERTS_FUNCTIONS.valid_keys()}, "
+            f"got {config.moe_implementation!r}."
         )
     size = config.moe_expert_intermediate_size
     if size is not None and (not isinstance(size, int) or size < 1):

@@ -4,20 +4,39 @@ The layout follows `transformers.integrations.moe` (the one Mixtral, Qwen-MoE an
 `gate_up_proj` (E, 2I, H) holds [gate; up] for SwiGLU experts (Llama family), `up_proj` (E, I, H)
 for plain experts (BERT, GPT-2), `down_proj` (E, H, I), with optional `*_bias` of shape (E, out).
 
-Every implementation computes the same thing: rows of `x` (S, H) come sorted by expert, `counts`
-(E,) says how many rows each expert owns, and expert e applies its FFN to its rows. Nothing is
-padded to a capacity and no row is computed twice.
+`Experts` is called as transformers' experts modules are (Mixtral, Qwen-MoE, and vLLM's
+Transformers backend calls them so): `experts(hidden_states (N, H), top_k_index (N, k),
+top_k_weights (N, k)) -> (N, H)`, each token's weighted sum over its k experts. It carries the
+attributes transformers' experts functions read (`has_gate`, `has_bias`, `is_transposed`,
+`act_fn`, `_apply_gate`, `num_experts`, `_is_expert_parallel`, `has_post_expert_norm`), so any
+function of `transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS` runs on it.
+
+One registry, `EXPERTS_FUNCTIONS`, names every implementation: ours, registered here, and then
+whatever transformers' `ALL_EXPERTS_FUNCTIONS` holds on the installed release (`grouped_mm`,
+`batched_mm`, ...). Ours work on rows sorted by expert (`counts` (E,) rows per expert; nothing
+padded to a capacity, no row computed twice), and their top-k entry point sorts, runs that, and
+combines with our own autograd Functions:
 
 - `eager`: a Python loop over experts; the reference the others are tested against.
 - `grouped`: one `torch.nn.functional.grouped_mm` per projection (CPU and CUDA), the default;
   the loop where this torch has no working `grouped_mm` (compat.py).
-- `megablocks`: MegaBlocks' grouped GEMM (CUDA only; `pip install megablocks`, see docs/speed.md).
+- `megablocks`: MegaBlocks' grouped GEMM (CUDA only; `pip install megablocks`, see docs/speed.md),
+  registered only where the package imports.
+
+Rows that cannot be written as a dense (N, k) top-k (capacity limits, expert choice) go through
+`Experts.forward_sorted`; a transformers function runs them as a top-1 call with unit weights.
+
+This file travels to the Hub with every saved model: only sibling relative imports.
 """
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS as TRANSFORMERS_EXPERTS_FUNCTIONS
 
 from .compat import COMPILABLE_GROUPED_MM, grouped_mm, grouped_mm_available
 
@@ -28,9 +47,14 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 
 class Experts(nn.Module):
-    """E feed-forward networks with stacked weights."""
+    """E feed-forward networks with stacked weights, called with the experts-interface signature.
 
-    def __init__(self, num_experts, hidden_size, intermediate_size, hidden_act, gated, bias, implementation):
+    The implementation is `config._experts_implementation` where transformers set it
+    (`from_pretrained(..., experts_implementation="grouped_mm")`, `set_experts_implementation`),
+    else `implementation` (our `moe_implementation` field)."""
+
+    def __init__(self, num_experts, hidden_size, intermediate_size, hidden_act, gated, bias, implementation,
+                 config=None):
         super().__init__()
         self.num_experts = num_experts
         self.hidden_size = hidden_size
@@ -38,7 +62,14 @@ class Experts(nn.Module):
         self.gated = gated
         self.has_bias = bias
         self.implementation = implementation
+        self.config = config
         self.act_fn = ACT2FN[hidden_act]
+        # what transformers' experts functions read (`use_experts_implementation` sets the same)
+        self.has_gate = gated
+        self.is_transposed = False
+        self.is_concatenated = True
+        self.has_post_expert_norm = False
+        self._is_expert_parallel = False
         up_rows = 2 * intermediate_size if gated else intermediate_size
         up_name = "gate_up_proj" if gated else "up_proj"
         setattr(self, up_name, nn.Parameter(torch.empty(num_experts, up_rows, hidden_size)))
@@ -60,15 +91,28 @@ class Experts(nn.Module):
     def down_bias(self):
         return self.down_proj_bias if self.has_bias else None
 
-    def activation(self, h: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            return self.act_fn(gate) * up
-        return self.act_fn(h)
+    @property
+    def experts_implementation(self) -> str:
+        requested = getattr(self.config, "_experts_implementation", None) if self.config is not None else None
+        return requested or self.implementation
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: (S, H) rows sorted by expert; counts: (E,) rows per expert. Returns (S, H)."""
-        return get_experts_implementation(self.implementation)(self, x, counts)
+    def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
+        return self._apply_gate(h) if self.gated else self.act_fn(h)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden_states (N, H), top_k_index (N, k) long, top_k_weights (N, k). Returns (N, H):
+        sum_c top_k_weights[n, c] * expert_{top_k_index[n, c]}(hidden_states[n])."""
+        return EXPERTS_FUNCTIONS.get_interface(self.experts_implementation)(
+            self, hidden_states, top_k_index, top_k_weights)
+
+    def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: (S, H) rows sorted by expert; counts: (E,) rows per expert. Returns (S, H), unweighted."""
+        return EXPERTS_FUNCTIONS.get_sorted(self.experts_implementation)(self, x, counts)
 
 
 def eager_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -205,17 +249,160 @@ def megablocks_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.
     return out
 
 
-EXPERTS_IMPLEMENTATIONS = {
-    "eager": eager_experts_forward,
-    "grouped": grouped_experts_forward,
-    "megablocks": megablocks_experts_forward,
-}
+class _PermuteRows(torch.autograd.Function):
+    """out = x[index] where `index` is a permutation; its backward is the inverse gather.
+
+    Autograd's derivative of `x[index]` is a scatter-add (`index_put_` with accumulation), which on
+    the CPU is much slower than a gather; a permutation needs no accumulation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, index):
+        inverse = torch.empty_like(index).scatter_(0, index, torch.arange(index.numel(), device=index.device))
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None
 
 
-def get_experts_implementation(name: str):
-    try:
-        return EXPERTS_IMPLEMENTATIONS[name]
-    except KeyError:
+class _DispatchRows(torch.autograd.Function):
+    """x_sorted = x[token_index] when every token owns exactly k rows; the backward sums each
+    token's k row gradients through `inverse` (a gather and a reshape-sum) instead of a scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, token_index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, token_index)  # (S, H)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        num_tokens, top_k = inverse.shape
+        grad_tok = grad.index_select(0, inverse.reshape(-1)).view(num_tokens, top_k, -1)  # (N, k, H)
+        return grad_tok.sum(1), None, None
+
+
+def combine_topk(y: torch.Tensor, top_k_weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Sum each token's k expert outputs with its weights: gathers and one batched GEMM, no scatter.
+
+    y (S, H) sorted by expert, top_k_weights (N, k), inverse (N, k): sorted row of token n's c-th choice.
+    """
+    num_tokens, top_k = inverse.shape
+    flat = inverse.reshape(-1)  # (N * k,) token-major
+    y_tok = _PermuteRows.apply(y, flat) if torch.is_grad_enabled() else y.index_select(0, flat)
+    y_tok = y_tok.view(num_tokens, top_k, -1)  # (N, k, H)
+    w_tok = top_k_weights.reshape(num_tokens, 1, top_k).to(y.dtype)  # (N, 1, k)
+    return torch.bmm(w_tok, y_tok).squeeze(1)  # (N, H)
+
+
+def combine_dropless(y: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """`combine_topk` with the weights (S,) sorted by expert, as a routing `Dispatch` holds them."""
+    return combine_topk(y, weights[inverse], inverse)
+
+
+def sort_by_expert(top_k_index: torch.Tensor, num_experts: int):
+    """(token_index (S,), counts (E,), inverse (N, k)) of top-k choices (N, k): the S = N * k rows
+    sorted by expert (stable: within an expert, in token order), each row's token, the rows per
+    expert, and the sorted row of token n's c-th choice."""
+    num_tokens, top_k = top_k_index.shape
+    expert_ids = top_k_index.reshape(-1)  # (N * k,) token-major: choice c of token n is n * k + c
+    order = torch.argsort(expert_ids, stable=True)
+    # (E,) whatever the ids: bincount's length depends on the largest id, which a traced graph can't know
+    counts = torch.zeros(num_experts, dtype=torch.long, device=top_k_index.device)
+    counts = counts.index_add_(0, expert_ids, torch.ones_like(expert_ids))
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    token_index = torch.div(order, top_k, rounding_mode="floor")
+    return token_index, counts, inverse.view(num_tokens, top_k)
+
+
+def _topk_from_sorted(sorted_forward: Callable) -> Callable:
+    """The experts-interface entry point of an implementation over sorted rows: sort the (token,
+    expert) pairs (`_DispatchRows`: the backward is a gather and a sum), run the experts, combine
+    (`combine_topk`: gathers and a batched GEMM)."""
+
+    def experts_forward(experts, hidden_states, top_k_index, top_k_weights):
+        token_index, counts, inverse = sort_by_expert(top_k_index, experts.num_experts)
+        if torch.is_grad_enabled():
+            x_sorted = _DispatchRows.apply(hidden_states, token_index, inverse)  # (S, H)
+        else:
+            x_sorted = hidden_states.index_select(0, token_index)
+        y = sorted_forward(experts, x_sorted, counts)  # (S, H)
+        return combine_topk(y, top_k_weights, inverse)  # (N, H)
+
+    experts_forward.__name__ = experts_forward.__qualname__ = sorted_forward.__name__.replace("_forward", "_topk")
+    experts_forward.__doc__ = sorted_forward.__doc__
+    return experts_forward
+
+
+def _sorted_from_topk(topk_forward: Callable) -> Callable:
+    """Rows sorted by expert through an experts-interface function: one top-1 call with weight 1."""
+
+    def forward_sorted(experts, x, counts):
+        ids = torch.arange(experts.num_experts, device=x.device)
+        expert_ids = torch.repeat_interleave(ids, counts, output_size=x.shape[0]).unsqueeze(-1)  # (S, 1)
+        return topk_forward(experts, x, expert_ids, x.new_ones(x.shape[0], 1))
+
+    return forward_sorted
+
+
+@dataclass(frozen=True)
+class ExpertsImplementation:
+    """forward(experts, hidden_states, top_k_index, top_k_weights) -> (N, H), the experts-interface
+    call; forward_sorted(experts, x_sorted, counts) -> (S, H), the rows of capacity-limited and
+    expert-choice routing."""
+
+    forward: Callable
+    forward_sorted: Callable
+
+
+class ExpertsFunctions:
+    """Every experts implementation by name: ours (`register`), then transformers'
+    `ALL_EXPERTS_FUNCTIONS` of the installed release (`grouped_mm`, `batched_mm`, ...; read at
+    each look-up, so one registered there later is found too). Ours win a name both hold (`eager`:
+    transformers' is the module's own forward)."""
+
+    def __init__(self):
+        self._local: dict[str, ExpertsImplementation] = {}
+
+    def register(self, name: str, forward_sorted: Callable) -> None:
+        """Register an implementation over rows sorted by expert; its top-k entry point is built."""
+        self._local[name] = ExpertsImplementation(_topk_from_sorted(forward_sorted), forward_sorted)
+
+    def valid_keys(self) -> list[str]:
+        theirs = [k for k in TRANSFORMERS_EXPERTS_FUNCTIONS.keys() if k not in self._local]
+        return list(self._local) + sorted(theirs)
+
+    def __contains__(self, name) -> bool:
+        return name in self._local or name in TRANSFORMERS_EXPERTS_FUNCTIONS.keys()
+
+    def __getitem__(self, name: str) -> ExpertsImplementation:
+        if name in self._local:
+            return self._local[name]
+        if name in TRANSFORMERS_EXPERTS_FUNCTIONS.keys():
+            forward = TRANSFORMERS_EXPERTS_FUNCTIONS[name]
+            return ExpertsImplementation(forward, _sorted_from_topk(forward))
         raise ValueError(
-            f"`moe_implementation` must be one of {sorted(EXPERTS_IMPLEMENTATIONS)}, got {name!r}."
-        ) from None
+            f"`moe_implementation` / `experts_implementation` must be one of {self.valid_keys()}, got {name!r}."
+        )
+
+    def get_interface(self, name: str) -> Callable:
+        return self[name].forward
+
+    def get_sorted(self, name: str) -> Callable:
+        return self[name].forward_sorted
+
+
+EXPERTS_FUNCTIONS = ExpertsFunctions()
+EXPERTS_FUNCTIONS.register("eager", eager_experts_forward)
+EXPERTS_FUNCTIONS.register("grouped", grouped_experts_forward)
+# Registered whether or not the package imports, so a saved config naming it still loads without
+# it; the call then says what to install.
+EXPERTS_FUNCTIONS.register("megablocks", megablocks_experts_forward)
+
+
+def get_experts_implementation(name: str) -> Callable:
+    """The experts-interface function named `name` (ValueError listing the valid names otherwise)."""
+    return EXPERTS_FUNCTIONS.get_interface(name)

@@ -144,6 +144,10 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         if config.text_config is None:
             raise ValueError("`config.text_config` is None: a CondCompConfig needs the source model's config "
                              "(hf_condcomp.upcycle writes it).")
+        # An `experts_implementation` given to `from_pretrained` is set on `text_config` too; it names
+        # the MoE blocks' implementation (installed below), and the source's model has no experts
+        # of transformers' kind, whose check would refuse it.
+        config.text_config._experts_implementation_internal = None
         self.backbone = self._auto_class_of_task.from_config(config.text_config)
         self._moe_blocks = install_moe_blocks(self.backbone, config)
         self._no_split_modules = list(getattr(self.backbone, "_no_split_modules", None) or [])

@@ -1,60 +1,17 @@
-"""The Mixture-of-Experts feed-forward block: a router, a dispatch, experts, a combine."""
+"""The Mixture-of-Experts feed-forward block: a linear router, a routing method, and experts
+called as transformers' experts modules are: `experts(hidden_states, top_k_index, top_k_weights)`.
+
+This file travels to the Hub with every saved model: only sibling relative imports.
+"""
 
 import torch
 import torch.nn as nn
 
 from .configuration_condcomp import expert_intermediate_size
-from .experts import Experts
+from .experts import Experts, _DispatchRows, combine_dropless, sort_by_expert
 from .routing import get_routing_method
 
-
-class _PermuteRows(torch.autograd.Function):
-    """out = x[index] where `index` is a permutation; its backward is the inverse gather.
-
-    Autograd's derivative of `x[index]` is a scatter-add (`index_put_` with accumulation), which on
-    the CPU is much slower than a gather; a permutation needs no accumulation.
-    """
-
-    @staticmethod
-    def forward(ctx, x, index):
-        inverse = torch.empty_like(index).scatter_(0, index, torch.arange(index.numel(), device=index.device))
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None
-
-
-class _DispatchRows(torch.autograd.Function):
-    """x_sorted = x[token_index] when every token owns exactly k rows; the backward sums each
-    token's k row gradients through `inverse` (a gather and a reshape-sum) instead of a scatter-add."""
-
-    @staticmethod
-    def forward(ctx, x, token_index, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, token_index)  # (S, H)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        num_tokens, top_k = inverse.shape
-        grad_tok = grad.index_select(0, inverse.reshape(-1)).view(num_tokens, top_k, -1)  # (N, k, H)
-        return grad_tok.sum(1), None, None
-
-
-def combine_dropless(y: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """Sum each token's k expert outputs with its weights: gathers and one batched GEMM, no scatter.
-
-    y (S, H) sorted by expert, weights (S,) sorted likewise, inverse (N, k) from `Dispatch`.
-    """
-    num_tokens, top_k = inverse.shape
-    flat = inverse.reshape(-1)  # (N * k,) token-major
-    y_tok = _PermuteRows.apply(y, flat) if torch.is_grad_enabled() else y.index_select(0, flat)
-    y_tok = y_tok.view(num_tokens, top_k, -1)  # (N, k, H)
-    w_tok = weights[flat].view(num_tokens, 1, top_k).to(y.dtype)  # (N, 1, k)
-    return torch.bmm(w_tok, y_tok).squeeze(1)  # (N, H)
+__all__ = ["MoEFeedForward", "combine_dropless"]
 
 
 class MoEFeedForward(nn.Module):
@@ -89,6 +46,7 @@ class MoEFeedForward(nn.Module):
             gated=gated,
             bias=bias,
             implementation=config.moe_implementation,
+            config=config,
         )
         # Filled after each forward for inspection: tokens per expert and dropped assignments.
         self.record_routing = False
@@ -129,31 +87,43 @@ class MoEFeedForward(nn.Module):
         x_routed = x if rows is None else x[rows]  # (Nv, H)
         logits_routed = logits if rows is None else logits[rows]
 
-        dispatch = self.route(logits_routed)
-        if dispatch.inverse is not None and torch.is_grad_enabled():
-            x_sorted = _DispatchRows.apply(x_routed, dispatch.token_index, dispatch.inverse)  # (S, H)
+        topk = self.routing_method.route_topk(self, logits_routed)
+        dispatch = None
+        if topk is not None:  # every token takes exactly k experts: the experts-interface call
+            top_w, top_i = topk  # (Nv, k) each
+            out = self.experts(x_routed, top_i, top_w)  # (Nv, H)
         else:
-            x_sorted = x_routed.index_select(0, dispatch.token_index)  # (S, H)
-        y = self.experts(x_sorted, dispatch.counts)  # (S, H)
-        if dispatch.inverse is not None:
-            out = combine_dropless(y, dispatch.weights, dispatch.inverse)  # (Nv, H)
-        else:  # tokens own 0..E rows each (capacity, expert choice): scatter-add them
-            y = y * dispatch.weights.unsqueeze(-1).to(y.dtype)
-            out = y.new_zeros(x_routed.shape).index_add_(0, dispatch.token_index, y)  # (Nv, H)
+            # Capacity limits and expert choice give each token 0..E rows, which a dense (N, k)
+            # top-k call cannot express: they stay on the rows sorted by expert
+            # (`Experts.forward_sorted`, the implementation's sorted entry point).
+            dispatch = self.route(logits_routed)
+            if dispatch.inverse is not None and torch.is_grad_enabled():
+                x_sorted = _DispatchRows.apply(x_routed, dispatch.token_index, dispatch.inverse)  # (S, H)
+            else:
+                x_sorted = x_routed.index_select(0, dispatch.token_index)  # (S, H)
+            y = self.experts.forward_sorted(x_sorted, dispatch.counts)  # (S, H)
+            if dispatch.inverse is not None:
+                out = combine_dropless(y, dispatch.weights, dispatch.inverse)  # (Nv, H)
+            else:  # tokens own 0..E rows each: scatter-add them
+                y = y * dispatch.weights.unsqueeze(-1).to(y.dtype)
+                out = y.new_zeros(x_routed.shape).index_add_(0, dispatch.token_index, y)  # (Nv, H)
         if rows is not None:  # in the experts' dtype, which mixed precision may set apart from x's
             out = out.new_zeros(x.shape).index_copy_(0, rows, out)  # (N, H)
         elif keep is not None:
             out = out * keep.to(out.dtype)
 
         if self.record_routing:
-            token_rows = dispatch.token_index if rows is None else rows[dispatch.token_index]
+            if dispatch is None:
+                token_index, counts, _ = sort_by_expert(top_i, self.num_experts)
+                dropped = torch.zeros((), dtype=torch.long, device=x.device)
+            else:
+                token_index, counts, dropped = dispatch.token_index, dispatch.counts, dispatch.dropped
+            token_rows = token_index if rows is None else rows[token_index]
             self.last_routing = {
                 "token_rows": token_rows.detach(),
-                "experts": torch.repeat_interleave(
-                    torch.arange(self.num_experts, device=x.device), dispatch.counts
-                ).detach(),
-                "counts": dispatch.counts.detach(),
-                "dropped": dispatch.dropped.detach(),
+                "experts": torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts).detach(),
+                "counts": counts.detach(),
+                "dropped": dropped.detach(),
                 "num_tokens": x_routed.shape[0],
             }
         return out.view(shape), logits

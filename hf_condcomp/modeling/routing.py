@@ -52,6 +52,18 @@ def _unit_weights(probs: torch.Tensor) -> torch.Tensor:
     return probs / probs.detach()
 
 
+def token_choice_topk(logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True, unit_weights: bool = False):
+    """Each token's top-k experts of logits (N, E): (weights (N, k) float32, expert ids (N, k) long),
+    as transformers' experts modules take them (`experts(hidden_states, top_k_index, top_k_weights)`)."""
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E)
+    top_w, top_i = probs.topk(top_k, dim=-1)  # (N, k)
+    if unit_weights or (norm_topk_prob and top_k == 1):
+        top_w = _unit_weights(top_w)
+    elif norm_topk_prob:
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    return top_w, top_i
+
+
 def token_choice(
     logits: torch.Tensor,
     top_k: int,
@@ -61,12 +73,7 @@ def token_choice(
 ) -> Dispatch:
     """Top-k token-choice routing of logits (N, E)."""
     num_tokens, num_experts = logits.shape
-    probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E)
-    top_w, top_i = probs.topk(top_k, dim=-1)  # (N, k)
-    if unit_weights or (norm_topk_prob and top_k == 1):
-        top_w = _unit_weights(top_w)
-    elif norm_topk_prob:
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    top_w, top_i = token_choice_topk(logits, top_k, norm_topk_prob, unit_weights)
 
     # Assignments in priority order: all first choices, then all second choices, ... (assignment
     # c * N + n is token n's c-th choice)
@@ -150,6 +157,11 @@ class RoutingMethod:
     def route(self, block, logits: torch.Tensor) -> Dispatch:
         raise NotImplementedError
 
+    def route_topk(self, block, logits: torch.Tensor):
+        """(top_k_weights (N, k), top_k_index (N, k)) where every token takes exactly k experts
+        whatever the other tokens do, for the experts-interface call; None otherwise (`route`)."""
+        return None
+
     def routes_each_token_alone(self, block) -> bool:
         return False
 
@@ -192,6 +204,11 @@ class TokenChoice(RoutingMethod):
     def route(self, block, logits):
         return token_choice(logits, block.top_k, block.norm_topk_prob, block.capacity_factor, block.unit_weights)
 
+    def route_topk(self, block, logits):
+        if block.capacity_factor is not None:
+            return None
+        return token_choice_topk(logits, block.top_k, block.norm_topk_prob, block.unit_weights)
+
     def routes_each_token_alone(self, block):
         return block.capacity_factor is None  # a capacity ranks tokens against each other
 
@@ -213,6 +230,13 @@ class ExpertChoice(RoutingMethod):
             k = min(block.num_experts, max(1, round(factor)))
             return token_choice(logits, k, block.norm_topk_prob, None, block.unit_weights)
         return expert_choice(logits, factor, block.norm_topk_prob, block.unit_weights)
+
+    def route_topk(self, block, logits):
+        if block.causal and not block.training:
+            factor = block.capacity_factor if block.capacity_factor is not None else float(block.top_k)
+            k = min(block.num_experts, max(1, round(factor)))
+            return token_choice_topk(logits, k, block.norm_topk_prob, block.unit_weights)
+        return None
 
     def routes_each_token_alone(self, block):
         return block.causal and not block.training  # `route` then takes token choice, dropless
