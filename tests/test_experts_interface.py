@@ -17,8 +17,8 @@ from hf_condcomp.modeling.moe import MoEFeedForward
 
 from conftest import tiny_source
 
-GPU_ONLY = {"megablocks", "deepgemm", "sonicmoe"}  # CUDA kernels (optional packages)
-CPU_IMPLEMENTATIONS = [name for name in EXPERTS_FUNCTIONS.valid_keys() if name not in GPU_ONLY]
+GPU_ONLY = ("megablocks", "deepgemm", "sonicmoe")  # CUDA kernels (optional packages), by name prefix
+CPU_IMPLEMENTATIONS = [name for name in EXPERTS_FUNCTIONS.valid_keys() if not name.startswith(GPU_ONLY)]
 OTHERS = [name for name in CPU_IMPLEMENTATIONS if name != "eager"]
 # (activation, gated, bias): BERT, GPT-2, Llama experts
 STYLES = {"bert": ("gelu", False, True), "gpt2": ("gelu_new", False, True), "llama": ("silu", True, False)}

@@ -404,6 +404,16 @@ class CondCompInitMixin:
             )
         return name
 
+    def set_experts_implementation(self, experts_implementation: str | dict):
+        """Switch the MoE blocks' experts to another registered implementation (they read
+        `config._experts_implementation` at each call). Only this model's config is set: the
+        source's model inside the native family has no experts of transformers' kind, and some
+        releases would check the name against it."""
+        name = experts_implementation
+        if isinstance(name, dict):
+            name = name.get("", self.config._experts_implementation)
+        self.config._experts_implementation_internal = self.get_correct_experts_implementation(name)
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
         # transformers >= 5.24 routes `activation_checkpointing_enable` through an overridden
         # `gradient_checkpointing_enable`, so this one check covers both names.
