@@ -110,3 +110,32 @@ def run_clean_python(code: str, cwd) -> None:
     if result.returncode != 0:
         raise AssertionError(f"subprocess failed:\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-3000:]}")
     return result
+
+
+def load_recipe(name):
+    """A recipe script as a module, so tests run its `main(argv)` in process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_recipe(name, *args):
+    return load_recipe(name).main([str(a) for a in args])
+
+
+@pytest.fixture
+def recipe_env(tmp_path_factory, monkeypatch):
+    """A recipe run in process: offline, one HF_HOME for the run, and accelerate's process-wide
+    state reset afterwards so the next recipe starts from scratch."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

@@ -4,9 +4,7 @@ well as a hand-written family (`condcomp_bert`). The weights the recipe starts f
 ones, not a second upcycling of them, and what it writes is still a model of the same family."""
 
 import importlib
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,36 +13,16 @@ from safetensors.torch import load_file
 import hf_condcomp
 from hf_condcomp.modeling.configuration_condcomp import is_condcomp_config
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import run_recipe
+
 # A WordPiece vocabulary of characters and `##` continuations, within the tiny models' 99 ids.
 WORDPIECE = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz") + [
     "##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
 SENTENCES = ["a dog runs in the park", "two men play football", "a woman reads a book", "the cat sleeps"]
 
 
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def offline(tmp_path_factory, monkeypatch):
-    home = tmp_path_factory.getbasetemp() / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def run(name, *args):
-    return load_recipe(name).main([str(a) for a in args])
+pytestmark = pytest.mark.usefixtures("recipe_env")
+run = run_recipe
 
 
 @pytest.fixture

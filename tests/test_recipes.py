@@ -7,7 +7,6 @@ point. Tiny random GPT-2 models with a small BPE tokenizer keep the decoder runs
 are the committed samples in tests/data.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 
 from hf_condcomp.modeling.compat import TESTED_TORCH, TESTED_TRANSFORMERS
 
-from conftest import DATA, ROOT, sample_bpe_tokenizer
+from conftest import DATA, ROOT, run_recipe, sample_bpe_tokenizer
 
 BANKING77 = DATA / "banking77"
 MULTI30K = DATA / "multi30k"
@@ -30,29 +29,8 @@ MULTI30K = DATA / "multi30k"
 BANKING77_ACCURACY_FLOOR = 0.15
 
 
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def offline(tmp_path_factory, monkeypatch):
-    home = tmp_path_factory.getbasetemp() / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def run(name, *args):
-    return load_recipe(name).main([str(a) for a in args])
+pytestmark = pytest.mark.usefixtures("recipe_env")
+run = run_recipe
 
 
 def make_tiny_gpt2(folder, dropout):

@@ -4,7 +4,6 @@
 loads with `SentenceTransformer(folder, trust_remote_code=True)` and, copy-upcycled, gives its dense
 parent's embeddings. A plain transformers source gets no sentence-transformers files."""
 
-import importlib.util
 import inspect
 import json
 import os
@@ -14,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_clean_python, tiny_source
+from conftest import load_recipe, run_clean_python, tiny_source
 
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 SENTENCES = [
@@ -187,26 +186,7 @@ def test_plain_transformers_source_writes_no_sentence_transformers_files(tmp_pat
     assert copy_sentence_transformers_files(old, tmp_path / "folder") == []
 
 
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def reset_accelerate(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def test_classification_recipe_output_keeps_the_sentence_transformers_files(tmp_path, minilm_path, reset_accelerate):
+def test_classification_recipe_output_keeps_the_sentence_transformers_files(tmp_path, minilm_path, recipe_env):
     from sentence_transformers import SentenceTransformer
 
     rows = [("I love this, it is great", "pos"), ("this is terrible and I hate it", "neg")] * 16
