@@ -69,12 +69,13 @@ def _label_configs(config):
 
 
 def _set_labels(config, head_kwargs):
-    for target in _label_configs(config):
-        if "num_labels" in head_kwargs and target.num_labels != head_kwargs["num_labels"]:
-            target.num_labels = head_kwargs["num_labels"]
-        for key in ("id2label", "label2id"):
-            if key in head_kwargs:
-                setattr(target, key, head_kwargs[key])
+    """Set the recipe's labels on the model's config; a native-family config passes them on to its
+    `text_config` itself (`CondCompConfig.__setattr__`)."""
+    if "num_labels" in head_kwargs and config.num_labels != head_kwargs["num_labels"]:
+        config.num_labels = head_kwargs["num_labels"]
+    for key in ("id2label", "label2id"):
+        if key in head_kwargs:
+            setattr(config, key, head_kwargs[key])
 
 
 def load_tokenizer(args):
