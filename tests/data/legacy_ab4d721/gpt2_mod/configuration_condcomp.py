@@ -1,0 +1,281 @@
+"""Configurations of the conditional-computation models.
+
+Each source family keeps its own Transformers config (BERT, GPT-2, Llama) and gains the
+conditional-computation fields below. Field names follow the ones users know from Mixtral,
+Switch and Qwen-MoE (`num_local_experts`, `num_experts_per_tok`, `router_aux_loss_coef`, ...).
+
+This file travels to the Hub with every saved model: only sibling relative imports.
+"""
+
+from dataclasses import dataclass
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, BertConfig, GPT2Config, LlamaConfig, PreTrainedConfig
+
+ROUTING_TYPES = ("token_choice", "expert_choice")
+MOE_IMPLEMENTATIONS = ("grouped", "eager", "megablocks")
+
+
+@dataclass
+class CondCompFields:
+    """Fields shared by every conditional-computation config.
+
+    Mixture-of-Experts (FFN layers listed in `moe_layers`):
+        num_local_experts: experts per MoE layer (E).
+        num_experts_per_tok: experts each token picks under token-choice routing (k).
+        norm_topk_prob: renormalise the top-k router probabilities to sum to one, so that a
+            copy-upcycled model starts exactly at its dense parent.
+        router_unit_weights: weight every selected expert by exactly 1 in value (p / stopgrad(p),
+            so the router still learns), summing the experts as MoEfication does; split upcycling
+            sets it, so that top-k = E reproduces the dense FFN.
+        router_aux_loss_coef: weight of the Switch load-balancing loss (Fedus et al. 2021, eq. 4).
+        router_z_loss_coef: weight of the ST-MoE router z-loss (Zoph et al. 2022, eq. 5).
+        router_jitter_noise: multiplicative jitter on router inputs during training (Switch).
+        output_router_logits: return per-layer router logits and the aux loss in the outputs.
+        moe_layers: indices of the layers whose FFN is a Mixture-of-Experts.
+        moe_routing: `token_choice` (each token picks k experts) or `expert_choice`
+            (each expert picks its top tokens; Zhou et al. 2022).
+        moe_capacity_factor: `None` for dropless token choice. Otherwise each expert takes at
+            most ceil(tokens * k * factor / E) tokens and the overflow passes through the residual.
+            For expert choice each expert takes tokens * factor / E tokens (default factor = k).
+        moe_expert_intermediate_size: FFN width of one expert (`None`: the dense FFN width).
+        moe_implementation: experts' compute: `grouped` (default, CPU and GPU), `eager`
+            (per-expert loop, the reference) or `megablocks` (CUDA, optional package).
+        upcycling: provenance written by `hf_condcomp.upcycle` (source, init, ...).
+
+    Gated layers:
+        mod_layers: blocks routed Mixture-of-Depths style (Raposo et al. 2024).
+        mod_capacity: fraction of each sequence's tokens a routed block processes.
+        mod_aux_loss_coef: weight of the causal predictor's loss (decoders).
+        gate_layers: layers with a compute-allocation gate.
+        gate_compute_penalty: lambda in loss = task loss + lambda * mean allocation.
+        gate_threshold: at inference, tokens whose allocation is below it skip the layer.
+        gate_init_bias: initial gate bias; sigmoid(bias) is the starting allocation.
+        gate_straight_through: train with the inference decision (tokens below the threshold
+            contribute no update and are hidden from the other tokens' attention), gradients as
+            through the soft gate; False trains with soft gates only (every token, scaled by a).
+        keep_pooled_token: the token a pooling head reads (the [CLS] of a BERT model with its
+            pooler, as sequence classification uses) runs through every routed and gated layer:
+            it takes one of a routed block's ceil(capacity * n) places, and gates never skip it.
+            A router gets no gradient from the tokens it skips, so a [CLS] skipped early in
+            fine-tuning tends to stay skipped and the classifier reads a stale representation.
+        skipped_tokens_as_keys: (encoders only) tokens a routed or gated layer skips still serve
+            as its attention keys and values, from their unchanged hidden states; only their
+            query, attention output and FFN are skipped. Raposo et al.'s MoD hides them (False).
+            Their key/value projections count in the executed compute.
+    """
+
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    norm_topk_prob: bool = True
+    router_unit_weights: bool = False
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    router_jitter_noise: float = 0.0
+    output_router_logits: bool = False
+    moe_layers: list[int] | None = None
+    moe_routing: str = "token_choice"
+    moe_capacity_factor: float | None = None
+    moe_expert_intermediate_size: int | None = None
+    moe_implementation: str = "grouped"
+    upcycling: dict | None = None
+    mod_layers: list[int] | None = None
+    mod_capacity: float = 0.5
+    mod_aux_loss_coef: float = 0.01
+    gate_layers: list[int] | None = None
+    gate_compute_penalty: float = 0.01
+    gate_threshold: float = 0.5
+    gate_init_bias: float = 4.0
+    gate_straight_through: bool = True
+    keep_pooled_token: bool = True
+    skipped_tokens_as_keys: bool = False
+
+
+def _check_layers(name, layers, num_layers):
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) for i in layers):
+        raise ValueError(f"`{name}` must be a list of layer indices, got {layers!r}.")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(
+            f"`{name}` has layer index {bad[0]} out of range: the model has {num_layers} layers, "
+            f"so indices must be in [0, {num_layers - 1}]."
+        )
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"`{name}` lists a layer twice: {list(layers)}.")
+
+
+def validate_condcomp_config(config) -> None:
+    """Raise a `ValueError` naming the field, the value and what is allowed."""
+    E, k = config.num_local_experts, config.num_experts_per_tok
+    if not isinstance(E, int) or E < 1:
+        raise ValueError(f"`num_local_experts` must be a positive integer, got {E!r}.")
+    if not isinstance(k, int) or not 1 <= k <= E:
+        raise ValueError(
+            f"`num_experts_per_tok` (top-k) must be between 1 and `num_local_experts`={E}, got {k!r}: "
+            "lower top-k or add experts."
+        )
+    if config.moe_routing not in ROUTING_TYPES:
+        raise ValueError(f"`moe_routing` must be one of {ROUTING_TYPES}, got {config.moe_routing!r}.")
+    cf = config.moe_capacity_factor
+    if cf is not None and not cf > 0:
+        raise ValueError(
+            f"`moe_capacity_factor` must be > 0 (or None for dropless routing), got {cf!r}."
+        )
+    if config.moe_implementation not in MOE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"`moe_implementation` must be one of {MOE_IMPLEMENTATIONS}, got {config.moe_implementation!r}."
+        )
+    size = config.moe_expert_intermediate_size
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise ValueError(f"`moe_expert_intermediate_size` must be a positive integer or None, got {size!r}.")
+    n = config.num_hidden_layers
+    _check_layers("moe_layers", config.moe_layers, n)
+    _check_layers("mod_layers", config.mod_layers, n)
+    _check_layers("gate_layers", config.gate_layers, n)
+    overlap = sorted(set(config.mod_layers) & set(config.gate_layers))
+    if overlap:
+        raise ValueError(
+            f"layer {overlap[0]} is in both `mod_layers` and `gate_layers`: a block is either routed "
+            "(Mixture-of-Depths) or gated, not both."
+        )
+    head = getattr(config, "classifier_head", "pooler")
+    if head not in ("pooler", "roberta"):
+        raise ValueError(f"`classifier_head` must be 'pooler' or 'roberta', got {head!r}.")
+    if config.skipped_tokens_as_keys and config.model_type != "condcomp_bert":
+        raise ValueError(
+            f"`skipped_tokens_as_keys`=True is supported for BERT-family encoders only, got model type "
+            f"{config.model_type!r}: decoders keep skipped tokens out of attention and the KV cache; "
+            "leave it False."
+        )
+    if not 0 < config.mod_capacity <= 1:
+        raise ValueError(
+            f"`mod_capacity` (capacity) must be in (0, 1], got {config.mod_capacity!r}: pass the fraction of "
+            "each sequence's tokens a routed block processes, e.g. 0.5 (1.0 = dense)."
+        )
+    if not config.gate_compute_penalty >= 0:  # also rejects NaN
+        raise ValueError(
+            f"`gate_compute_penalty` (compute_penalty) must be >= 0, got {config.gate_compute_penalty!r}: pass "
+            "the weight of the mean allocation in the loss, e.g. 0.01 (0 = no pressure to skip)."
+        )
+    if not 0 <= config.gate_threshold <= 1:
+        raise ValueError(
+            f"`gate_threshold` (threshold) must be in [0, 1], got {config.gate_threshold!r}: allocations are "
+            "sigmoids in [0, 1]; pass e.g. 0.5 (0 = never skip)."
+        )
+
+
+def _post_init(config):
+    for name in ("moe_layers", "mod_layers", "gate_layers"):
+        value = getattr(config, name)
+        setattr(config, name, [] if value is None else [int(i) for i in value])
+    validate_condcomp_config(config)
+
+
+@strict
+class CondCompBertConfig(BertConfig, CondCompFields):
+    """BERT-family encoder with conditional computation (BERT, and RoBERTa / XLM-R with their
+    position ids and classification head)."""
+
+    model_type = "condcomp_bert"
+    # RoBERTa / XLM-R: position ids count from `pad_token_id` + 1 over the real tokens.
+    padding_offset_positions: bool = False
+    # Sequence classification head: "pooler" (BERT: pooler + linear) or "roberta" (dense, tanh and
+    # a linear on the first token's state, without the pooler).
+    classifier_head: str = "pooler"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _post_init(self)
+
+
+@strict
+class CondCompGPT2Config(GPT2Config, CondCompFields):
+    """GPT-2-family decoder (Conv1D weights) with conditional computation."""
+
+    model_type = "condcomp_gpt2"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _post_init(self)
+
+
+@strict
+class CondCompLlamaConfig(LlamaConfig, CondCompFields):
+    """Llama-family decoder (SwiGLU FFN, RoPE, RMSNorm) with conditional computation."""
+
+    model_type = "condcomp_llama"
+    # Llama's plan names `mlp.gate_proj` / `up_proj` / `down_proj` in every layer, which MoE layers
+    # do not have: no tensor-parallel plan rather than a wrong one.
+    base_model_tp_plan = None
+    base_model_pp_plan = None
+    # Biases on q/k/v only (Qwen2); None follows `attention_bias`.
+    qkv_bias: bool | None = None
+    # RMSNorm of each query and key head before RoPE (Qwen3).
+    qk_norm: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _post_init(self)
+
+
+@strict
+class CondCompConfig(PreTrainedConfig, CondCompFields):
+    """A native conditional-computation model (modeling_condcomp.py): the source's own
+    transformers config as `text_config`, which the installed transformers builds its model from,
+    and where that model's FFNs are (`ffn_layout`, architectures.py).
+
+    Only Mixture-of-Experts layers: routed blocks and gates need a layer loop of their own, which
+    the hand-written BERT, GPT-2 and Llama families have and transformers' models do not.
+    """
+
+    model_type = "condcomp"
+    sub_configs = {"text_config": AutoConfig}
+
+    text_config: dict | PreTrainedConfig | None = None
+    ffn_layout: dict | None = None
+    ffn_activation: str | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.text_config, dict):
+            values = dict(self.text_config)
+            self.text_config = AutoConfig.for_model(values.pop("model_type"), **values)
+        super().__post_init__(**kwargs)
+        if self.text_config is None:  # `CondCompConfig()`, as transformers builds for defaults; no model from it
+            return
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        for name in ("mod_layers", "gate_layers"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"`{name}`={getattr(self, name)!r}: Mixture-of-Depths and gated layers are not supported for "
+                    f"model type {self.text_config.model_type!r}: they need the layer loop of the hand-written "
+                    "BERT, GPT-2 and Llama families. Upcycle with `variant='moe'`."
+                )
+        _post_init(self)
+
+    @property
+    def num_hidden_layers(self) -> int | None:
+        return getattr(self.text_config, "num_hidden_layers", None)
+
+    @property
+    def hidden_size(self) -> int | None:
+        return getattr(self.text_config, "hidden_size", None)
+
+    @property
+    def vocab_size(self) -> int | None:
+        return getattr(self.text_config, "vocab_size", None)
+
+    @property
+    def initializer_range(self) -> float:
+        return getattr(self.text_config, "initializer_range", 0.02)
+
+
+def intermediate_size_of(config) -> int:
+    """Width of the dense FFN of the source architecture."""
+    if isinstance(config, GPT2Config):
+        return config.n_inner if config.n_inner is not None else 4 * config.n_embd
+    return config.intermediate_size
+
+
+def expert_intermediate_size(config) -> int:
+    return config.moe_expert_intermediate_size or intermediate_size_of(config)
