@@ -34,7 +34,7 @@ from .spec import SPEC_FIELDS, UpcycleSpec, split_kwargs
 from .upcycling.convert_families import ROBERTA_TYPES, convert_state_dict, source_state, target_config
 from .upcycling.convert_native import convert_native_state_dict, native_config, native_layout
 from .upcycling.expert_init import balanced_kmeans
-from .upcycling.families import FAMILIES, GATED_FAMILIES, check_overrides, check_task, sliding_window
+from .upcycling.families import FAMILIES, GATED_FAMILIES, check_overrides, check_task
 from .upcycling.layers import parse_layers
 from .upcycling.sources import load_source, sentence_transformers_folder
 
@@ -76,14 +76,6 @@ def upcycle(source, **settings):
 
     native = None
     if family == "native":
-        if variant != "moe" or mod_layers is not None:
-            raise ValueError(
-                f"`variant`={variant!r}{' with `mod_layers`' if variant == 'moe' else ''} is not supported for model "
-                f"type {src_config.model_type!r}: Mixture-of-Depths and gated layers need the layer loop of the "
-                f"hand-written families ({', '.join(m for f in GATED_FAMILIES for m in FAMILIES[f][3])}"
-                f"{'; without sliding-window attention' if sliding_window(src_config) else ''}), and this model "
-                "is transformers' own. Use `variant='moe'`."
-            )
         native = native_layout(dense, task)
     fields = dict(moe_implementation=moe_implementation)
     if variant == "moe":

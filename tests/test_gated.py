@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
 
 import hf_condcomp  # noqa: E402
-from hf_condcomp.modeling.gating import routed_token_count, top_capacity  # noqa: E402
+from hf_condcomp.modeling.depth import routed_token_count, top_capacity  # noqa: E402
 
 VOCAB, HIDDEN, INTER, LAYERS, HEADS = 99, 32, 40, 3, 4
 FAMILIES = ("bert", "gpt2", "llama")

@@ -394,13 +394,6 @@ torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
 
 # --- refusals -------------------------------------------------------------------------------
 
-def test_gated_variants_are_refused_for_native_models_naming_the_type():
-    with pytest.raises(ValueError, match=r"`variant`='mod'.*model type 'gpt_neox'.*variant='moe'"):
-        upcycle(dense_model("gpt_neox"), variant="mod")
-    with pytest.raises(ValueError, match=r"`variant`='gate'.*model type 'mistral'.*without sliding-window"):
-        upcycle(dense_model("mistral"), variant="gate")
-
-
 def test_a_layout_that_does_not_reproduce_the_ffn_is_refused(monkeypatch):
     wrong = architectures.FFNLayout("mlp", ("mlp.up_proj",), "mlp.down_proj", ("hidden_act",), True)
     monkeypatch.setitem(architectures.LAYOUTS, "qwen3", wrong)

@@ -149,7 +149,8 @@ def validate_condcomp_config(config) -> None:
     head = getattr(config, "classifier_head", "pooler")
     if head not in ("pooler", "roberta"):
         raise ValueError(f"`classifier_head` must be 'pooler' or 'roberta', got {head!r}.")
-    if config.skipped_tokens_as_keys and config.model_type != "condcomp_bert":
+    if config.skipped_tokens_as_keys and config.model_type != "condcomp_bert" and (
+            (getattr(config, "ffn_layout", None) or {}).get("causal", True)):
         raise ValueError(
             f"`skipped_tokens_as_keys`=True is supported for BERT-family encoders only, got model type "
             f"{config.model_type!r}: decoders keep skipped tokens out of attention and the KV cache; "
@@ -256,8 +257,8 @@ class CondCompConfig(PreTrainedConfig, CondCompFields):
     transformers config as `text_config`, which the installed transformers builds its model from,
     and where that model's FFNs are (`ffn_layout`, architectures.py).
 
-    Only Mixture-of-Experts layers: routed blocks and gates need a layer loop of their own, which
-    the hand-written BERT, GPT-2 and Llama families have and transformers' models do not.
+    Routed blocks and gates (`mod_layers`, `gate_layers`) are the source's own layers made
+    conditional (depth.py).
     """
 
     model_type = "condcomp"
@@ -290,13 +291,6 @@ class CondCompConfig(PreTrainedConfig, CondCompFields):
             elif name == "chunk_size_feed_forward":
                 value = value or 0
             setattr(self, name, value)  # and on `text_config` (`__setattr__`)
-        for name in ("mod_layers", "gate_layers"):
-            if getattr(self, name):
-                raise ValueError(
-                    f"`{name}`={getattr(self, name)!r}: Mixture-of-Depths and gated layers are not supported for "
-                    f"model type {self.text_config.model_type!r}: they need the layer loop of the hand-written "
-                    "BERT, GPT-2 and Llama families. Upcycle with `variant='moe'`."
-                )
         _post_init(self)
 
     def __setattr__(self, name, value):

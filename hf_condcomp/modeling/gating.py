@@ -51,25 +51,12 @@ that mask, so `generate()` refuses it over the cache (decoder.py); without the c
 """
 
 import dataclasses
-import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from transformers import initialization as init
 
 from .common import ForwardContext, build_attention_mask
-
-KV_VALID_ATTR = "condcomp_kv_valid"
-PREDICTOR_WIDTH_DIVISOR = 8  # predictor hidden width = max(8, H / 8): ~2% of a block's FLOPs
-_CEIL_SLACK = 1e-6  # ceil(0.7 * 10) must be 7, not 8 from 7.000000000000001
-
-
-def routed_token_count(num_tokens: int, capacity: float) -> int:
-    """Tokens a routed block processes in a sequence of `num_tokens` real tokens: ceil(c * n)."""
-    if num_tokens <= 0:
-        return 0
-    return max(1, math.ceil(capacity * num_tokens - _CEIL_SLACK))
+from .depth import KV_VALID_ATTR, ComputeGate, MoDPredictor, MoDRouter, masked_mean, top_capacity
 
 
 def _kv_shape(config):
@@ -77,80 +64,6 @@ def _kv_shape(config):
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return kv_heads, head_dim
-
-
-class MoDRouter(nn.Module):
-    """Scalar router of a Mixture-of-Depths block: r = w . x, w zero-initialised (see module doc)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config  # read at call time: `mod_capacity` can be changed after loading
-        self.weight = nn.Parameter(torch.zeros(1, config.hidden_size))
-        self.record_routing = False
-        self.routing_log = []  # (B, T) bool selections, one per forward, when `record_routing`
-
-    def forward(self, x):
-        return F.linear(x, self.weight).squeeze(-1).float()  # (B, T)
-
-    def _condcomp_init(self, std):
-        init.zeros_(self.weight)
-
-    def _condcomp_fresh(self, name, config, generator):
-        return torch.zeros(tuple(self.weight.shape))
-
-
-class MoDPredictor(nn.Module):
-    """Causal routing predictor of a decoder's routed block (Raposo et al. 2024, section 3.5):
-    logit of "this token is in the top-k", from the stop-gradient block input of that token only."""
-
-    def __init__(self, config):
-        super().__init__()
-        hidden = config.hidden_size
-        width = max(8, hidden // PREDICTOR_WIDTH_DIVISOR)
-        self.w_in = nn.Parameter(torch.empty(width, hidden))
-        self.b_in = nn.Parameter(torch.zeros(width))
-        self.w_out = nn.Parameter(torch.empty(1, width))
-        self.b_out = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        h = F.gelu(F.linear(x.detach(), self.w_in, self.b_in))  # (B, T, width)
-        return F.linear(h, self.w_out, self.b_out).squeeze(-1).float()  # (B, T)
-
-    def _condcomp_init(self, std):
-        init.normal_(self.w_in, mean=0.0, std=std)
-        init.normal_(self.w_out, mean=0.0, std=std)
-        init.zeros_(self.b_in)
-        init.zeros_(self.b_out)
-
-    def _condcomp_fresh(self, name, config, generator):
-        shape = tuple(getattr(self, name).shape)
-        if name.startswith("b_"):
-            return torch.zeros(shape)
-        return torch.randn(shape, generator=generator) * config.initializer_range
-
-
-class ComputeGate(nn.Module):
-    """Compute-allocation gate a = sigmoid(v . x + b), v = 0 and b = `gate_init_bias` at init."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config  # read at call time: `gate_threshold` can be swept after loading
-        self.weight = nn.Parameter(torch.zeros(1, config.hidden_size))
-        self.bias = nn.Parameter(torch.full((1,), float(config.gate_init_bias)))
-        self.record_routing = False
-        self.routing_log = []
-
-    def forward(self, x):
-        return torch.sigmoid(F.linear(x, self.weight, self.bias).squeeze(-1).float())  # (B, T)
-
-    def _condcomp_init(self, std):
-        init.zeros_(self.weight)
-        init.constant_(self.bias, float(self.config.gate_init_bias))
-
-    def _condcomp_fresh(self, name, config, generator):
-        if name == "bias":
-            return torch.full((1,), float(config.gate_init_bias))
-        return torch.zeros(tuple(self.weight.shape))
 
 
 def wrap_gated_layers(layers, config, causal):
@@ -178,34 +91,6 @@ def run_layers(layers, x: torch.Tensor, ctx, output_hidden_states=False):
     return x, all_hidden
 
 
-def _masked_mean(values, mask):
-    if mask is None:
-        return values.mean()
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def top_capacity(scores, token_mask, capacity, pinned=None):
-    """(B, T) bool: per sequence the ceil(capacity * real tokens) real tokens of highest score;
-    `pinned` (B, T) bool tokens are taken first, within that count."""
-    B, T = scores.shape
-    if pinned is not None:
-        scores = scores.masked_fill(pinned, float("inf"))
-    if token_mask is None:
-        k = routed_token_count(T, capacity)
-        index = scores.topk(k, dim=-1).indices  # (B, k)
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, True)
-    n_real = token_mask.sum(-1)  # (B,)
-    k = torch.ceil(capacity * n_real.double() - _CEIL_SLACK).long().clamp(min=1)
-    k = torch.where(n_real > 0, k, torch.zeros_like(k))  # (B,)
-    k_max = int(k.max())
-    if k_max == 0:
-        return torch.zeros_like(token_mask)
-    index = scores.masked_fill(~token_mask, float("-inf")).topk(k_max, dim=-1).indices  # (B, k_max)
-    keep = torch.arange(k_max, device=scores.device) < k.unsqueeze(-1)  # (B, k_max)
-    return torch.zeros_like(token_mask).scatter_(1, index, keep)
-
-
 def _routed_layer(layer, x, ctx):
     router = layer.mod_router
     predictor = getattr(layer, "mod_predictor", None)
@@ -223,7 +108,7 @@ def _routed_layer(layer, x, ctx):
         keep = top_capacity(scores, real, capacity, ctx.pinned)
         if predictor is not None and config.mod_aux_loss_coef > 0:
             bce = F.binary_cross_entropy_with_logits(predictor(x), keep.float(), reduction="none")  # (B, T)
-            ctx.extra_losses.append(config.mod_aux_loss_coef * _masked_mean(bce, real))
+            ctx.extra_losses.append(config.mod_aux_loss_coef * masked_mean(bce, real))
     if router.record_routing:
         router.routing_log.append((keep if keep is not None else _all_real(x, real)).detach())
     return _run_subset(layer, x, ctx, keep, 2.0 * torch.sigmoid(scores), config)
@@ -238,7 +123,7 @@ def _gated_layer(layer, x, ctx):
     decided = decided if ctx.pinned is None else decided | ctx.pinned
     decided = decided if real is None else decided & real  # (B, T): the inference decision
     if layer.training:
-        penalty = config.gate_compute_penalty * _masked_mean(a, real) / len(config.gate_layers)
+        penalty = config.gate_compute_penalty * masked_mean(a, real) / len(config.gate_layers)
         ctx.extra_losses.append(penalty)
         if getattr(config, "gate_straight_through", False) and ctx.cache is None:
             return _straight_through_layer(layer, x, ctx, a, decided)

@@ -27,20 +27,11 @@ from transformers import (
 )
 
 from .architectures import find_layers, layout_from_dict
-from .common import CondCompInitMixin, ForwardContext, condcomp_losses, use_return_dict
+from .common import CondCompInitMixin, ForwardContext, compute_fraction, condcomp_losses, use_return_dict
 from .compat import CACHE_KEY, cache_argument, is_custom_code
 from .configuration_condcomp import CondCompConfig
+from .depth import Recorder, install_conditional_layers
 from .moe import MoEFeedForward
-
-
-class _Recorder:
-    """What the MoE blocks of one forward share: the list their router logits go to (in layer
-    order) and the padding mask the router losses leave out."""
-
-    def __init__(self, token_mask):
-        self.token_mask = token_mask
-        self.router_logits = []
-        self.prefiltered = set()
 
 
 class NativeMoEFeedForward(MoEFeedForward):
@@ -56,11 +47,10 @@ class NativeMoEFeedForward(MoEFeedForward):
                          hidden_act=config.ffn_activation, causal=layout.causal)
         p = float(getattr(config.text_config, layout.dropout, 0.0) or 0.0) if layout.dropout else 0.0
         self.dropout = nn.Dropout(p)
-        self.recorder = None
 
     def forward(self, hidden_states, *args, **kwargs):
         out, logits = super().forward(hidden_states)
-        recorder = self.recorder
+        recorder = self.__dict__.get("_condcomp_recorder")
         if recorder is not None:
             if recorder.token_mask is not None and logits.shape[0] != recorder.token_mask.numel():
                 recorder.prefiltered.add(len(recorder.router_logits))  # unpadded rows (ModernBERT, flash)
@@ -150,6 +140,16 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         config.text_config._experts_implementation_internal = None
         self.backbone = self._auto_class_of_task.from_config(config.text_config)
         self._moe_blocks = install_moe_blocks(self.backbone, config)
+        _, layers = find_layers(self.backbone, config.num_hidden_layers)
+        causal = layout_from_dict(config.ffn_layout).causal
+        self._conditional_layers = install_conditional_layers(layers, config, causal)
+        # Every forward reaches the source's base model (a task head calls it, `generate()` too):
+        # its hooks give the blocks and layers the padding of each call.
+        base = self.backbone.base_model
+        base._condcomp_parts = (config, _pooled_token_kind(self.backbone, causal), self._moe_blocks,
+                                self._conditional_layers)
+        base.register_forward_pre_hook(begin_forward, with_kwargs=True)
+        base.register_forward_hook(end_forward)
         self._no_split_modules = list(getattr(self.backbone, "_no_split_modules", None) or [])
         drop_stale_plan_entries(self.backbone)
         # The backbone's tied keys under `backbone.`, where transformers looks for a class's own
@@ -173,6 +173,10 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         for block in self._moe_blocks:
             for module in block.modules():
                 self._initialize_weights(module, custom)
+        for layer in self._conditional_layers:
+            for name in ("mod_router", "mod_predictor", "compute_gate"):
+                if name in layer._modules:
+                    self._initialize_weights(layer._modules[name], custom)
         super().initialize_weights()
 
     @classmethod
@@ -217,43 +221,96 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
             kwargs[CACHE_KEY] = past
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        token_mask = None  # a prepared 4-D or per-layer-type mask (static cache) routes every token
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and inputs is not None:
-            token_mask = attention_mask[:, -inputs.shape[1]:].to(torch.bool)
-            if not torch.compiler.is_compiling() and bool(token_mask.all()):  # a shortcut; a graph keeps the mask
-                token_mask = None
-        recorder = _Recorder(token_mask)
-        for block in self._moe_blocks:
-            block.recorder = recorder
         if labels is not None:
             kwargs["labels"] = labels
         for name in ("output_hidden_states", "output_attentions"):  # set on this config, read by the backbone
             if kwargs.get(name) is None and getattr(self.config, name, False):
                 kwargs[name] = True
-        try:
-            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
-        finally:
-            for block in self._moe_blocks:
-                block.recorder = None
-        ctx = ForwardContext(token_mask=token_mask, attn_mask=None, is_causal=False, causal=False, query_index=None)
+        base = self.backbone.base_model
+        base.__dict__.pop("_condcomp_last", None)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        recorder = base.__dict__.pop("_condcomp_last", None) or Recorder()
+        ctx = ForwardContext(token_mask=recorder.token_mask, attn_mask=None, is_causal=False, causal=False,
+                             query_index=None)
         ctx.router_logits, ctx.prefiltered_logits = recorder.router_logits, recorder.prefiltered
-        total, aux, z, _ = condcomp_losses(
+        ctx.extra_losses, ctx.layer_fractions = recorder.extra_losses, recorder.layer_fractions
+        total, aux, z, extra = condcomp_losses(
             self.config, ctx, self.training or bool(output_router_logits) or labels is not None
         )
         if total is not None and getattr(out, "loss", None) is not None:
             out["loss"] = out.loss + total
-        extra = {"routing_loss": total, "aux_loss": aux, "z_loss": z,
-                 "router_logits": tuple(recorder.router_logits) if output_router_logits else None}
-        for name, value in extra.items():
+        fields = {"routing_loss": total, "aux_loss": aux, "z_loss": z, "compute_loss": extra,
+                  "router_logits": tuple(recorder.router_logits) if output_router_logits else None}
+        for name, value in fields.items():
             if value is not None:
                 out[name] = value
             else:  # an attribute but not a key, so `to_tuple()` keeps the source's order
                 setattr(out, name, None)
-        # As the hand-written families report them; MoE layers skip no token-layer compute.
-        for name, value in (("compute_loss", None), ("compute_fraction", 1.0), ("layer_compute_fractions", {})):
-            setattr(out, name, value)
+        # Executed share of token-layer compute (routed and gated layers; 1.0 = dense), as attributes.
+        fraction, per_layer = compute_fraction(self.config, ctx)
+        out.compute_fraction, out.layer_compute_fractions = fraction, per_layer
         return out if use_return_dict(self.config, return_dict) else out.to_tuple()
+
+
+def begin_forward(base, args, kwargs):
+    """Forward pre-hook of the source's base model: the per-forward `Recorder` of the MoE blocks and
+    conditional layers, with the padding of this call."""
+    config, pooled, blocks, layers = base._condcomp_parts
+    attention_mask = kwargs.get("attention_mask")
+    inputs = kwargs.get("input_ids")
+    if inputs is None:
+        inputs = args[0] if args else kwargs.get("inputs_embeds")
+    key_mask = token_mask = pinned = None
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and inputs is not None:
+        key_mask = attention_mask.to(torch.bool)  # a prepared 4-D or per-layer-type mask: every token real
+        token_mask = key_mask[:, -inputs.shape[1]:]
+        if not torch.compiler.is_compiling() and bool(key_mask.all()):  # a shortcut; a graph keeps the mask
+            key_mask = token_mask = None
+    if layers:
+        if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
+            raise ValueError(
+                "`output_attentions=True` is not supported by models with Mixture-of-Depths or gated layers: a routed "
+                "layer attends over its own subset of tokens, whose weights have no full-sequence shape."
+            )
+        if config.keep_pooled_token and pooled is not None and inputs is not None:
+            pinned = _pooled_token(pooled, token_mask, inputs.shape[:2], inputs.device)
+    recorder = Recorder(token_mask, key_mask, pinned)
+    for module in (*blocks, *layers):
+        module._condcomp_recorder = recorder
+    base._condcomp_last = recorder
+
+
+def end_forward(base, args, output):
+    """Forward hook: in evaluation the layers drop the recorder (in training they keep it until the
+    next forward, as gradient checkpointing recomputes them in the backward pass)."""
+    if not base.training:
+        _, _, blocks, layers = base._condcomp_parts
+        for module in (*blocks, *layers):
+            module._condcomp_recorder = None
+
+
+def _pooled_token_kind(backbone, causal):
+    """Which token the source's head pools: "first" (an encoder's pooler or classification head),
+    "last" (a decoder's sequence classifier: the last real token), or None (every token is read)."""
+    name = type(backbone).__name__
+    if not causal and (name.endswith("ForSequenceClassification") or getattr(backbone, "pooler", None) is not None):
+        return "first"
+    if causal and name.endswith("ForSequenceClassification"):
+        return "last"
+    return None
+
+
+def _pooled_token(kind, token_mask, shape, device):
+    """(B, T) bool: the token `kind` names, which routed and gated layers always compute."""
+    B, T = shape
+    pinned = torch.zeros(B, T, dtype=torch.bool, device=device)
+    if kind == "first":
+        pinned[:, 0] = True
+    else:
+        real = torch.ones(B, T, dtype=torch.bool, device=device) if token_mask is None else token_mask
+        last = (real.long() * torch.arange(1, T + 1, device=device)).argmax(-1)  # (B,)
+        pinned[torch.arange(B, device=device), last] = True
+    return pinned
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
