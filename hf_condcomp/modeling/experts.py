@@ -182,17 +182,24 @@ class _GroupedExpertMLP(torch.autograd.Function):
         if need_down_w:
             grad_down_w = grouped_mm(grad.t(), a, offsets)  # (E, H, I)
         if need_down_b and ctx.has_bias[1]:
-            grad_down_b = torch.segment_reduce(grad, "sum", lengths=counts)  # (E, H)
+            grad_down_b = _sum_per_expert(grad, counts)  # (E, H)
         grad_a = grouped_mm(grad, down_w, offsets)  # (S, I)
         (grad_h,) = activation_vjp(grad_a)  # (S, I or 2I)
         del a, grad_a
         if need_up_w:
             grad_up_w = grouped_mm(grad_h.t(), x, offsets)  # (E, I or 2I, H)
         if need_up_b and ctx.has_bias[0]:
-            grad_up_b = torch.segment_reduce(grad_h, "sum", lengths=counts)  # (E, I or 2I)
+            grad_up_b = _sum_per_expert(grad_h, counts)  # (E, I or 2I)
         if need_x:
             grad_x = grouped_mm(grad_h, up_w, offsets)  # (S, H)
         return grad_x, grad_up_w, grad_up_b, grad_down_w, grad_down_b, None, None, None
+
+
+def _sum_per_expert(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Sum of the rows sorted by expert, per expert: (S, D) -> (E, D). `index_add_` rather than
+    `torch.segment_reduce`, which is several times slower on the CPU."""
+    ids = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts, output_size=rows.shape[0])
+    return rows.new_zeros(counts.numel(), rows.shape[1]).index_add_(0, ids, rows)
 
 
 def _grouped_mm_aligned(experts: Experts, x: torch.Tensor) -> bool:
