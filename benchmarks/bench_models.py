@@ -4,23 +4,15 @@
   (forward + backward + AdamW) and an inference forward at batch 32 x 128.
 - SmolLM2-135M-Instruct dense vs upcycled the same way: greedy decoding tokens/s at batch 1.
 - SmolLM2 copy-upcycled into `MixtralForCausalLM` (every layer MoE, 8 experts, top-2, experts
-  identical copies of the dense FFN, as mergekit-moe builds it) vs our Llama MoE with the same
-  settings (the hand-written Llama family, `smol-moe-all`, and the native family: transformers'
-  own LlamaForCausalLM with our MoE blocks, `smol-native-all`): training step at batch 4 x 128
-  and greedy decoding, each MoE in a group with the dense model and Mixtral.
+  identical copies of the dense FFN, as mergekit-moe builds it) vs our upcycle with the same
+  settings (transformers' own LlamaForCausalLM with our MoE blocks, `smol-moe-all`): training step
+  at batch 4 x 128 and greedy decoding, in one group with the dense model and Mixtral.
 - Peak training memory (max RSS growth of a fresh process running the training steps) against the
   dense run plus the added expert parameters, gradients and AdamW state (4 x 4 bytes per param).
 
 All timings of one model family run interleaved in one process; ratios are what to read.
 
-`--family native` upcycles every MoE (MiniLM and SmolLM2, every other layer and every layer) into
-the native family (`family="native"`: transformers' own model of the source with our MoE blocks)
-instead of the family `auto` picks (the hand-written BERT / Llama families for these sources); the
-every-layer group is then the native one only, as `smol-moe-all` would be the same model as
-`smol-native-all`. The family is recorded in the output JSON.
-
     python benchmarks/bench_models.py --out bench_models.json
-    python benchmarks/bench_models.py --family native --out bench_models_native.json
     python benchmarks/bench_models.py --quick
 """
 
@@ -79,27 +71,20 @@ def mixtral_from_llama(dense):
     return model.eval()
 
 
-FAMILY_CHOICES = ("auto", "native")
-
-
-def build(name, family="auto"):
-    """`family` is the upcycling family of `minilm-moe`, `smol-moe` and `smol-moe-all` (`smol-native-all` is
-    always native)."""
+def build(name):
     from transformers import AutoModel, AutoModelForCausalLM
 
     if name == "minilm-dense":
         return AutoModel.from_pretrained(minilm_path())
     if name == "minilm-moe":
-        return hf_condcomp.upcycle(str(minilm_path()), num_experts=8, top_k=2, layers="every_other", family=family)
+        return hf_condcomp.upcycle(str(minilm_path()), num_experts=8, top_k=2, layers="every_other")
     dense = AutoModelForCausalLM.from_pretrained(smollm2_path())
     if name == "smol-dense":
         return dense
     if name == "smol-moe":
-        return hf_condcomp.upcycle(str(smollm2_path()), num_experts=8, top_k=2, layers="every_other", family=family)
+        return hf_condcomp.upcycle(str(smollm2_path()), num_experts=8, top_k=2, layers="every_other")
     if name == "smol-moe-all":
-        return hf_condcomp.upcycle(str(smollm2_path()), num_experts=8, top_k=2, layers="all", family=family)
-    if name == "smol-native-all":
-        return hf_condcomp.upcycle(str(smollm2_path()), num_experts=8, top_k=2, layers="all", family="native")
+        return hf_condcomp.upcycle(str(smollm2_path()), num_experts=8, top_k=2, layers="all")
     if name == "smol-mixtral":
         return mixtral_from_llama(dense)
     raise ValueError(name)
@@ -158,12 +143,12 @@ def _status_kib(field):
     raise KeyError(field)
 
 
-def memory_child(name, batch, seq, steps, family="auto"):
+def memory_child(name, batch, seq, steps):
     """In a fresh process: peak RSS over `steps` training steps minus the RSS before them (bytes).
 
     Building the model (upcycling copies weights) peaks higher than training does, so the
     high-water mark is reset first (`5 > /proc/self/clear_refs`, Linux >= 4.0)."""
-    model = build(name, family)
+    model = build(name)
     causal = not name.startswith("minilm")
     run = train_step(model, batch, seq, causal)
     before = _status_kib("VmRSS")
@@ -174,8 +159,8 @@ def memory_child(name, batch, seq, steps, family="auto"):
     print(json.dumps({"peak_growth_bytes": (peak - before) * 1024, "params": param_count(model)}))
 
 
-def peak_memory(name, batch, seq, steps, family="auto"):
-    cmd = [sys.executable, __file__, "--memory-child", name, str(batch), str(seq), str(steps), "--family", family]
+def peak_memory(name, batch, seq, steps):
+    cmd = [sys.executable, __file__, "--memory-child", name, str(batch), str(seq), str(steps)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     try:
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -193,9 +178,6 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); "
                              "1 avoids oversubscription on small shared machines")
-    parser.add_argument("--family", choices=FAMILY_CHOICES, default="auto",
-                        help="upcycling family of the MoEs: auto (default: the hand-written families for these "
-                             "sources) or native (transformers' own models with MoE blocks)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--memory-child", nargs=4, metavar=("NAME", "BATCH", "SEQ", "STEPS"), help=argparse.SUPPRESS)
@@ -204,7 +186,7 @@ def main():
         torch.set_num_threads(args.threads)
     if args.memory_child:
         name, batch, seq, steps = args.memory_child
-        memory_child(name, int(batch), int(seq), int(steps), args.family)
+        memory_child(name, int(batch), int(seq), int(steps))
         return
 
     info = machine_info()  # at the start: the commit and load the run began with
@@ -216,7 +198,7 @@ def main():
     rows = []
 
     # all-MiniLM-L6-v2: training step and inference forward
-    models = {n: build(n, args.family) for n in ("minilm-dense", "minilm-moe")}
+    models = {n: build(n) for n in ("minilm-dense", "minilm-moe")}
     fns = {}
     for n, m in models.items():
         fns[f"{n}/train"] = train_step(m, mb, ms, causal=False)
@@ -225,18 +207,15 @@ def main():
     for what, shape in (("train", f"{mb}x{ms}"), ("infer", f"{mb}x{ms}")):
         d, m = med[f"minilm-dense/{what}"], med[f"minilm-moe/{what}"]
         rows.append({"bench": f"MiniLM {what} step", "shape": shape, "dense_s": d, "moe_s": m, "moe/dense": m / d,
-                     "target": "<= 1.40"})
+                     "target": "<= 1.03"})
     del models, fns
 
     # SmolLM2-135M: dense vs ours every other layer (decoding), then dense vs ours every layer vs
     # native Mixtral every layer (training step without optimizer state, and decoding)
     vs_mixtral = {}
-    groups = ((("smol-dense", "smol-moe"), False), (("smol-dense", "smol-moe-all", "smol-mixtral"), True),
-              (("smol-dense", "smol-native-all", "smol-mixtral"), True))
-    if args.family == "native":  # smol-moe-all would be smol-native-all
-        groups = tuple(g for g in groups if "smol-moe-all" not in g[0])
+    groups = ((("smol-dense", "smol-moe"), False), (("smol-dense", "smol-moe-all", "smol-mixtral"), True))
     for names, train in groups:  # every ratio is within one group: measured side by side
-        models = {n: build(n, args.family) for n in names}
+        models = {n: build(n) for n in names}
         fns = {f"{n}/decode": decode(m, new_tokens) for n, m in models.items()}
         if train:
             fns.update({f"{n}/train": train_step(m, lb, ls, causal=True, optimizer=False) for n, m in models.items()})
@@ -247,11 +226,11 @@ def main():
             d, m = got["smol-dense/decode"], got[f"{n}/decode"]
             rows.append({"bench": f"SmolLM2 decode tok/s ({n})", "shape": f"1x{new_tokens} new", "group": group,
                          "dense_s": new_tokens / d, "moe_s": new_tokens / m, "moe/dense": d / m,
-                         "target": ">= 0.70" if n == "smol-moe" else ">= 0.625, match Mixtral"})
+                         "target": ">= 0.70" if n == "smol-moe" else "Mixtral's or better"})
             if train:
                 d, m = got["smol-dense/train"], got[f"{n}/train"]
                 rows.append({"bench": f"SmolLM2 train step ({n})", "shape": f"{lb}x{ls}", "group": group,
-                             "dense_s": d, "moe_s": m, "moe/dense": m / d, "target": "<= 1.69, match Mixtral"})
+                             "dense_s": d, "moe_s": m, "moe/dense": m / d, "target": "Mixtral's or better"})
         if "smol-mixtral" in names:  # ours / Mixtral time ratios round by round (< 1: ours faster)
             vs_mixtral[names[1]] = {w: paired_ratios(times, f"{names[1]}/{w}", f"smol-mixtral/{w}")
                                     for w in ("train", "decode")}
@@ -263,9 +242,9 @@ def main():
         steps = 2
         for dense_name, moe_names, (b, s) in (("minilm-dense", ["minilm-moe"], (mb, ms)),
                                              ("smol-dense", ["smol-moe"], (lb, ls))):
-            base = peak_memory(dense_name, b, s, steps, args.family)
+            base = peak_memory(dense_name, b, s, steps)
             for moe_name in moe_names:
-                moe = peak_memory(moe_name, b, s, steps, args.family)
+                moe = peak_memory(moe_name, b, s, steps)
                 if base["peak_growth_bytes"] is None or moe["peak_growth_bytes"] is None:
                     continue
                 added = (moe["params"] - base["params"]) * 4 * 4  # fp32 weights, grads, AdamW m and v
@@ -275,13 +254,13 @@ def main():
                                "moe_MiB": moe["peak_growth_bytes"] / 2**20,
                                "budget_MiB": budget / 2**20, "within": moe["peak_growth_bytes"] <= budget})
 
-    print(f"\nWhole models, CPU fp32, family={args.family}, repeats={repeats}; machine: {info}")
+    print(f"\nWhole models, CPU fp32, repeats={repeats}; machine: {info}")
     table = print_table(rows, ["bench", "shape", "group", "dense_s", "moe_s", "moe/dense", "target"])
     print("(decode rows: dense_s / moe_s columns hold tokens/s)")
     mem_table = (print_table(memory, ["model", "shape", "dense_MiB", "moe_MiB", "budget_MiB", "within"])
                  if memory else "")
     print("ours / Mixtral, round by round (time ratios, < 1: ours faster):", json.dumps(vs_mixtral, indent=1))
-    write_json(args.out, {"machine": info, "family": args.family, "repeats": repeats,
+    write_json(args.out, {"machine": info, "repeats": repeats,
                           "mixtral_repeats": mixtral_repeats, "rows": rows, "memory": memory, "vs_mixtral": vs_mixtral,
                           "param_counts": counts, "table": table, "memory_table": mem_table})
 

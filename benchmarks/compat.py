@@ -1,11 +1,11 @@
-"""Compatibility matrix: saved models of every family and variant, loaded on several transformers releases.
+"""Compatibility matrix: saved models of many architectures and every variant, loaded on several
+transformers releases.
 
 A model saved by this package carries its code, which then runs on whatever transformers the
-person who downloads it has. This script saves one tiny model per family (BERT, GPT-2, Llama) and
+person who downloads it has. This script saves one tiny model per source (BERT, GPT-2, Llama) and
 variant (MoE token choice, MoE expert choice, Mixture-of-Depths, compute gates, MoE + MoD), plus
-RoBERTa (MoE, MoD) and Qwen3 (MoD) models of the hand-written families and native MoE models of
-13 more architectures (`EXTRA_CASES`), with the outputs they give
-here, builds one virtual environment per transformers release with only that release (torch is
+MoE models of 13 more architectures and routed or gated models of six (`EXTRA_CASES`), with the
+outputs they give here, builds one virtual environment per transformers release with only that release (torch is
 shared with the running interpreter through a path file, hf_condcomp is not installed), and runs
 `compat_check.py` there: logits and the training loss within 1e-4, identical greedy tokens with
 and without the KV cache (and with a static cache for MoE-only decoders), and a cache accepted as
@@ -50,28 +50,27 @@ VARIANTS = {
     "moe_mod": dict(variant="moe", num_experts=4, top_k=2, init="noise", noise_std=0.3, layers="every_other",
                     mod_layers="every_other", capacity=0.5),
 }
-FAMILIES = ("bert", "gpt2", "llama")
-# Beyond family x variant: the BERT family on a RoBERTa source (its positions and head) and the
-# Llama family on a Qwen3 source (per-head q/k norms), and native models (transformers' own model
-# with MoE blocks, modeling_condcomp.py) of five encoders and eight decoders (Mistral and Gemma 2
-# with sliding windows; OLMo recognised from its layers, not named in the table).
+SOURCES = ("bert", "gpt2", "llama")
+# Beyond source x variant: RoBERTa (its positions and head) and Qwen3 (per-head q/k norms), MoE
+# models of five encoders and eight decoders (Mistral and Gemma 2 with sliding windows; OLMo
+# recognised from its layers, not named in the table), and routed or gated layers of six more.
 EXTRA_CASES = {
     "roberta_moe_tc": ("roberta", VARIANTS["moe_tc"]),
     "roberta_mod": ("roberta", VARIANTS["mod"]),
     "qwen3_mod": ("qwen3", VARIANTS["mod"]),
-    "qwen3_native_moe_tc": ("qwen3", {**VARIANTS["moe_tc"], "family": "native"}),
-    "qwen3_native_moe_ec": ("qwen3", {**VARIANTS["moe_ec"], "family": "native"}),
-    "roberta_native_moe_tc": ("roberta", {**VARIANTS["moe_tc"], "family": "native"}),
-    "mistral_sliding_native_moe_tc": ("mistral_sliding", VARIANTS["moe_tc"]),
-    "gpt_neox_native_moe_tc": ("gpt_neox", VARIANTS["moe_tc"]),
-    **{f"{arch}_native_moe_tc": (arch, VARIANTS["moe_tc"]) for arch in (
-        "distilbert", "deberta_v2", "modernbert", "gpt_neo", "opt", "gemma2", "phi3", "olmo")},
+    "qwen3_moe_ec": ("qwen3", VARIANTS["moe_ec"]),
+    "mistral_sliding_moe_tc": ("mistral_sliding", VARIANTS["moe_tc"]),
+    **{f"{arch}_moe_tc": (arch, VARIANTS["moe_tc"]) for arch in (
+        "gpt_neox", "distilbert", "deberta_v2", "modernbert", "gpt_neo", "opt", "gemma2", "phi3", "olmo")},
+    **{f"{arch}_{variant}": (arch, VARIANTS[variant]) for arch, variant in (
+        ("modernbert", "mod"), ("gpt_neox", "gate"), ("phi3", "mod"), ("olmo", "moe_mod"),
+        ("mistral_sliding", "mod"), ("qwen3", "gate"))},
 }
 ENCODERS = ("bert", "roberta", "distilbert", "deberta_v2", "modernbert")
 VOCAB = 99
 
 
-def tiny_dense(family: str, seed: int = 0):
+def tiny_dense(family: str, seed: int = 0):  # family: a source architecture
     """A small random dense transformers model, dropout off so that the training forward repeats."""
     import transformers
     from transformers import (
@@ -150,11 +149,11 @@ def randomize_decisions(model, std: float = 0.5, seed: int = 0):
 
 
 def save_cases(models_dir: Path) -> list[str]:
-    """Save every family x variant, and the extra cases, with the reference outputs it gives here."""
+    """Save every source x variant, and the extra cases, with the reference outputs it gives here."""
     import hf_condcomp
 
     names = []
-    cases = {f"{family}_{variant}": (family, kwargs) for family in FAMILIES for variant, kwargs in VARIANTS.items()}
+    cases = {f"{family}_{variant}": (family, kwargs) for family in SOURCES for variant, kwargs in VARIANTS.items()}
     for name, (family, kwargs) in {**cases, **EXTRA_CASES}.items():
         dense = tiny_dense(family)
         model = hf_condcomp.upcycle(dense, **kwargs)

@@ -124,7 +124,7 @@ def build_models(work: Path) -> dict:
             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
         )
         dense = transformers.Phi3ForCausalLM(config).eval()
-        model = hf_condcomp.upcycle(dense, family="native", num_experts=4, top_k=2, layers="all")
+        model = hf_condcomp.upcycle(dense, num_experts=4, top_k=2, layers="all")
         model.save_pretrained(folders["phi3"])
         tokenizer.save_pretrained(folders["phi3"])
     return folders

@@ -135,6 +135,8 @@ def _config_problem(err, path) -> str | None:
         return f"a value has the wrong type or is invalid ({one_line(chain[-1])})"
     if isinstance(err, TypeError):
         return f"a value has the wrong type ({one_line(err)})"
+    if isinstance(err, AttributeError):  # a key the config class computes from others (`hidden_size`)
+        return f"a key cannot be set ({one_line(err)})"
     there = Path(_file(path, "config.json")).is_file()
     if isinstance(err, ValueError) and not isinstance(err, HFValidationError) and there:
         return f"a value is invalid ({one_line(err)})"
@@ -149,7 +151,7 @@ def load_config(path, what: str = "`source`", **kwargs):
 
     try:
         return AutoConfig.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, TypeError, StrictDataclassError) as err:
+    except (OSError, ValueError, TypeError, AttributeError, StrictDataclassError) as err:
         problem = _config_problem(err, path)
         if problem is None:
             raise

@@ -1,5 +1,5 @@
-"""Export an upcycled Llama-family model (hand-written family, or native family over a Llama,
-Mistral, Qwen2 or Qwen3 source) to a native transformers MoE architecture.
+"""Export a model upcycled from a Llama, Mistral, Qwen2 or Qwen3 source to a native transformers
+MoE architecture.
 
 Serving engines (vLLM, SGLang, TGI, llama.cpp's converters) load native architectures, not remote
 code. Where one expresses an upcycled model exactly, this writes the model in it, so that it loads
@@ -16,22 +16,26 @@ with no `trust_remote_code` and gives the same logits:
 
 What no native architecture expresses is refused before anything is read or written, with the
 feature named: expert-choice routing, capacity drops, Mixture-of-Depths and gated layers, MLP
-biases, unit expert weights (split upcycling with top-k > 1), the GPT-2 and BERT families, native
-models of other sources, a sliding window with dense layers, Qwen2 / Qwen3 windows in some layers.
+biases, unit expert weights (split upcycling with top-k > 1), models of other sources (GPT-2, BERT,
+...), a sliding window with dense layers, Qwen2 / Qwen3 windows in some layers.
 Token-level differences that vanish at inference (Mixtral's router jitter scales the experts'
 input as well as the router's) are noted in the README, not refused.
 
 Key map (ours -> native), per layer i: `mlp.router.weight` -> `mlp.gate.weight`;
 `mlp.experts.{gate_up_proj,down_proj}` keep their names and (E, 2I, H) / (E, H, I) layout; dense
-layers' `mlp.{gate,up,down}_proj.weight` and everything outside the MLPs keep theirs. A native
-family model's keys are the same under `backbone.`.
+layers' `mlp.{gate,up,down}_proj.weight` and everything outside the MLPs keep theirs (our keys
+are the source's under `backbone.`). A folder saved with an earlier release's `condcomp_llama`
+model type is converted first (legacy.py).
 """
 
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from .legacy import LEGACY_TYPES, convert_folder
+from .legacy import native_config as legacy_native_config
 from .modeling.routing import get_routing_method
 from .saving import check_output_dir, save_atomically
 
@@ -61,17 +65,22 @@ _MOE_FIELDS = ("num_local_experts", "num_experts_per_tok", "moe_layers", "moe_ro
 
 
 def _llama_family_view(config):
-    """What export reads, for a hand-written Llama-family config (itself) or a native-family one
-    (`model_type` "condcomp" over a Llama, Mistral, Qwen2 or Qwen3 `text_config`, e.g. a Mistral
-    with a sliding window): the source's own fields, its MoE settings, and `sliding_window`."""
-    if getattr(config, "model_type", None) != "condcomp":
+    """What export reads of a `CondCompConfig` over a Llama, Mistral, Qwen2 or Qwen3 `text_config`:
+    the source's own fields, its MoE settings, and `sliding_window`."""
+    if isinstance(config, SimpleNamespace):
         return config
+    model_type = getattr(config, "model_type", None)
+    if model_type in LEGACY_TYPES:
+        config = legacy_native_config(config.to_dict())
+    elif model_type != "condcomp":
+        raise _refuse(f"the model type is {model_type!r}, not a model of hf_condcomp",
+                      "Pass a folder saved by hf_condcomp.")
     text = config.text_config
     source = getattr(text, "model_type", None)
     if source not in SOURCES:
         raise _refuse(
-            f"the native-family model was upcycled from {source!r}; native MoE architectures exist for "
-            f"Llama-family decoders only (sources {SOURCES})",
+            f"the model was upcycled from {source!r}; native MoE architectures exist for Llama-family decoders only "
+            f"(sources {SOURCES}), not for GPT-2 (Conv1D attention, learned positions), BERT encoders or others",
             "Share it with its remote code instead (`save_pretrained`, loaded with trust_remote_code=True).",
         )
     view = {name: getattr(text, name, None) for name in _TEXT_FIELDS}
@@ -82,7 +91,7 @@ def _llama_family_view(config):
     if sliding is not None and source != "mistral":
         raise _refuse(f"{source!r} sliding-window attention in some layers (`max_window_layers`)",
                       "Keep this model as remote code (trust_remote_code=True).")
-    view.update(model_type="condcomp_llama", sliding_window=sliding, mod_layers=[], gate_layers=[],
+    view.update(sliding_window=sliding, mod_layers=config.mod_layers, gate_layers=config.gate_layers,
                 attention_bias=bool(getattr(text, "attention_bias", False)),
                 qkv_bias=True if source == "qwen2" else None,
                 mlp_bias=bool(getattr(text, "mlp_bias", False)), qk_norm=source == "qwen3")
@@ -95,13 +104,6 @@ def choose_format(config, requested: str = "auto") -> str:
     if requested not in FORMATS:
         raise ExportError(f"`--format` must be one of {FORMATS}, got {requested!r}.")
     config = _llama_family_view(config)
-    model_type = getattr(config, "model_type", None)
-    if model_type != "condcomp_llama":
-        raise _refuse(
-            f"the model type is {model_type!r}; native MoE architectures exist for Llama-family decoders only "
-            f"(sources {SOURCES}), not for GPT-2 (Conv1D attention, learned positions) or BERT encoders",
-            "Share it with its remote code instead (`save_pretrained`, loaded with trust_remote_code=True).",
-        )
     source = (config.upcycling or {}).get("source_model_type", "llama")
     qk_norm = bool(getattr(config, "qk_norm", False))
     if requested == "qwen3_moe" and not qk_norm:
@@ -254,7 +256,6 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
 
     from .assets import load_config, load_pretrained
     from .modeling.modeling_condcomp import CondCompForCausalLM
-    from .modeling.modeling_condcomp_llama import CondCompLlamaForCausalLM
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
@@ -263,12 +264,11 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
     config = load_config(model_dir, "MODEL_DIR")  # a config.json that does not read: one line naming it
     fmt = choose_format(config, format)  # refuses before any weight is read
 
-    native_family = getattr(config, "model_type", None) == "condcomp"
-    ours_cls = CondCompForCausalLM if native_family else CondCompLlamaForCausalLM
-    ours = load_pretrained(ours_cls, model_dir, "MODEL_DIR", dtype="auto").eval()
-    state = ours.state_dict()
-    if native_family:  # transformers' own Llama / Mistral / Qwen under `backbone.`: the native names
-        state = {key.removeprefix("backbone."): value for key, value in state.items()}
+    with tempfile.TemporaryDirectory(prefix="condcomp_export_") as tmp:
+        folder = convert_folder(model_dir, tmp) if config.model_type in LEGACY_TYPES else model_dir
+        ours = load_pretrained(CondCompForCausalLM, folder, "MODEL_DIR", dtype="auto").eval()
+    # transformers' own Llama / Mistral / Qwen under `backbone.`: the native names
+    state = {key.removeprefix("backbone."): value for key, value in ours.state_dict().items()}
     native_cls = {"mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM,
                   "qwen3_moe": Qwen3MoeForCausalLM}[fmt]
     with no_init_weights():

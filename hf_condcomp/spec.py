@@ -16,7 +16,6 @@ from .modeling.routing import ROUTING_METHODS
 INITS = ("copy", "noise", "drop", "split-random", "split-kmeans")
 TASKS = ("base", "sequence-classification", "token-classification", "masked-lm", "causal-lm")
 VARIANTS = ("moe", "mod", "gate")
-FAMILY_CHOICES = ("auto", "native")
 
 _CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CondCompFields)}
 
@@ -67,9 +66,6 @@ class UpcycleSpec:
     noise_std: float = field(default=0.01, metadata=_knob("init noise: noise std relative to each matrix's std"))
     drop_ratio: float = field(default=0.5, metadata=_knob("init drop: share of neurons re-initialised per expert"))
     seed: int = field(default=0, metadata=_knob("seeds the router, noise, drop and split initialisation"))
-    family: str = field(default="auto", metadata=_knob(
-        "auto: the hand-written BERT / GPT-2 / Llama family where it expresses the source exactly, else transformers' "
-        "own model with MoE blocks (native); native: transformers' own model always (MoE only)", FAMILY_CHOICES))
     moe_implementation: str = field(default="grouped", metadata=_knob(
         "experts' compute: grouped (default, CPU and CUDA), eager (reference loop), megablocks (CUDA), or "
         "transformers' grouped_mm / batched_mm / ...",
@@ -98,8 +94,6 @@ class UpcycleSpec:
             )
         if self.routing not in ROUTING_METHODS:
             raise _error("routing", self.routing, f"one of {tuple(ROUTING_METHODS)}")
-        if self.family not in FAMILY_CHOICES:
-            raise _error("family", self.family, f"one of {FAMILY_CHOICES}")
         if self.init not in INITS:
             raise _error("init", self.init, f"one of {INITS}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:

@@ -16,11 +16,12 @@ except the FFNs of the chosen layers, which become E experts and a router:
   output bias, so top-k = E reproduces the dense FFN exactly; the router starts at the groups'
   mean input weights (a token is sent to the groups it pre-activates most).
 
+The target is transformers' own model of the source (`hf_condcomp.modeling.modeling_condcomp`),
+with MoE blocks in the chosen layers' FFN places, and routed blocks or gates on the chosen layers.
 The steps live in `hf_condcomp.upcycling`, one module per concern: `sources` (resolving and
-loading the source), `families` (target classes, family and task), `layers` (layer selection),
-`expert_init` (the FFN readers and the inits above), `convert_families` and `convert_native`
-(config and state dict of each kind of target) and `copy_weights` (every other weight). This
-module composes them into `upcycle()`.
+loading the source), `targets` (target classes and task), `layers` (layer selection),
+`expert_init` (the FFN readers and the inits above), `convert_native` (target config and state
+dict) and `copy_weights` (every other weight). This module composes them into `upcycle()`.
 """
 
 import inspect
@@ -29,18 +30,16 @@ from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from .modeling.common import SENTENCE_TRANSFORMERS_SOURCE
-from .modeling.configuration_condcomp import intermediate_size_of
 from .spec import SPEC_FIELDS, UpcycleSpec, split_kwargs
-from .upcycling.convert_families import ROBERTA_TYPES, convert_state_dict, source_state, target_config
 from .upcycling.convert_native import convert_native_state_dict, native_config, native_layout
 from .upcycling.expert_init import balanced_kmeans
-from .upcycling.families import FAMILIES, GATED_FAMILIES, check_overrides, check_task
 from .upcycling.layers import parse_layers
 from .upcycling.sources import load_source, sentence_transformers_folder
+from .upcycling.targets import TARGETS, check_overrides, check_task
 
 __all__ = [
-    "upcycle", "parse_layers", "balanced_kmeans", "convert_state_dict", "convert_native_state_dict",
-    "sentence_transformers_folder", "FAMILIES", "GATED_FAMILIES",
+    "upcycle", "parse_layers", "balanced_kmeans", "convert_native_state_dict", "sentence_transformers_folder",
+    "TARGETS",
 ]
 
 
@@ -68,19 +67,17 @@ def upcycle(source, **settings):
         "capacity", "compute_penalty", "threshold", "mod_layers", "noise_std", "drop_ratio", "seed",
         "moe_implementation"))
 
-    dense, family, task, source_name = load_source(source, task, num_labels, spec.family)
-    check_task(task, family)
+    dense, task, source_name = load_source(source, task, num_labels)
+    check_task(task)
     src_config = dense.config
     num_layers = src_config.num_hidden_layers
     chosen = parse_layers(layers, num_layers)
 
-    native = None
-    if family == "native":
-        native = native_layout(dense, task)
+    native = native_layout(dense, task)
     fields = dict(moe_implementation=moe_implementation)
     if variant == "moe":
         split = init.startswith("split")
-        inter = intermediate_size_of(src_config) if native is None else native[2]
+        inter = native[2]
         fields.update(
             num_local_experts=num_experts,
             num_experts_per_tok=top_k,
@@ -88,7 +85,7 @@ def upcycle(source, **settings):
             moe_capacity_factor=capacity_factor,
             moe_layers=chosen,
             router_unit_weights=split,
-            moe_expert_intermediate_size=inter // num_experts if split else (None if native is None else inter),
+            moe_expert_intermediate_size=inter // num_experts if split else inter,
         )
     if variant == "mod":
         fields.update(mod_layers=chosen, mod_capacity=capacity)
@@ -96,8 +93,6 @@ def upcycle(source, **settings):
         fields.update(gate_layers=chosen, gate_compute_penalty=compute_penalty, gate_threshold=threshold)
     elif mod_layers is not None:
         fields.update(mod_layers=parse_layers(mod_layers, num_layers, "mod_layers"), mod_capacity=capacity)
-    if task == "sequence-classification" and src_config.model_type in ROBERTA_TYPES:
-        fields["classifier_head"] = "roberta"
     if task in ("sequence-classification", "token-classification"):
         fields["num_labels"] = src_config.num_labels
         fields["id2label"] = src_config.id2label
@@ -119,22 +114,14 @@ def upcycle(source, **settings):
         "noise_std": noise_std if init == "noise" else None,
         "drop_ratio": drop_ratio if init == "drop" else None,
         "seed": seed,
-        "family": family,
     }
-    target_class = FAMILIES[family][1][task]
-    check_overrides(config_overrides, target_class.config_class, src_config)
-    if native is not None:
-        config = native_config(src_config, native, fields, config_overrides)
-    else:
-        fields.update(config_overrides)
-        config = target_config(src_config, family, **fields)
+    target_class = TARGETS[task]
+    check_overrides(config_overrides, src_config)
+    config = native_config(src_config, native, fields, config_overrides)
 
     with no_init_weights():  # every weight is overwritten below: skip the random init
         target = target_class(config)
-    if native is not None:
-        state = convert_native_state_dict(dense, target, config, native, init, seed, noise_std, drop_ratio)
-    else:
-        state = convert_state_dict(source_state(dense), target, family, config, init, seed, noise_std, drop_ratio)
+    state = convert_native_state_dict(dense, target, config, native, init, seed, noise_std, drop_ratio)
     target.load_state_dict(state, strict=True)
     if getattr(config, "tie_word_embeddings", False):
         # The model was built without `post_init`'s weight init, which is also where transformers

@@ -1,4 +1,4 @@
-"""Fine-tune an upcycled decoder (GPT-2 or Llama family) for translation with a prompt format.
+"""Fine-tune an upcycled decoder (GPT-2, Llama, Qwen, ...) for translation with a prompt format.
 
     accelerate launch recipes/translation.py --config recipes/configs/translation_multi30k_smollm2.yaml
     python recipes/translation.py --config recipes/configs/translation_multi30k_gpt2.yaml max_train_steps=20

@@ -71,7 +71,7 @@ def truncate_weights(folder):
 def wrong_type(folder):
     config = folder / "config.json"
     values = json.loads(config.read_text())
-    values["hidden_size"] = "abc"
+    (values.get("text_config") or values)["hidden_size"] = "abc"  # an upcycled model: the source's field
     config.write_text(json.dumps(values))
     return config
 

@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,6 @@ from transformers.utils import ModelOutput
 import hf_condcomp
 from hf_condcomp.modeling import compat
 from hf_condcomp.modeling import experts as experts_module
-from hf_condcomp.modeling.common import CondCompOutput
 from hf_condcomp.modeling.compat import TESTED_TRANSFORMERS
 from hf_condcomp.modeling.experts import Experts, eager_experts_forward, grouped_experts_forward
 
@@ -38,7 +37,7 @@ def test_compatibility_matrix_oldest_and_newest_supported(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert list(report["results"]) == list(TESTED_TRANSFORMERS)
-    expected = ({f"{f}_{v}" for f in compat_matrix.FAMILIES for v in compat_matrix.VARIANTS}
+    expected = ({f"{f}_{v}" for f in compat_matrix.SOURCES for v in compat_matrix.VARIANTS}
                 | set(compat_matrix.EXTRA_CASES))
     for version, result in report["results"].items():
         assert result["transformers"] == version
@@ -64,9 +63,6 @@ def test_cache_field_name_is_read_off_the_release_output_class():
 
     assert compat.cache_key_of(Old) == "past_key_values"
     assert compat.cache_key_of(New) == "cache"
-    # Our outputs carry the cache under exactly the installed release's name, and only that one.
-    names = {f.name for f in fields(CondCompOutput)}
-    assert compat.CACHE_KEY in names and not ({"cache", "past_key_values"} - {compat.CACHE_KEY}) & names
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -80,7 +76,7 @@ def test_forward_takes_the_cache_under_either_keyword(family, setup):
         steps = {}
         for keyword in ("past_key_values", "cache"):
             prompt_out = model(ids[:, :-1], use_cache=True)
-            cache = compat.output_cache(prompt_out)
+            cache = getattr(prompt_out, compat.CACHE_KEY)
             # The installed release's ModelOutput answers to both names (5.24 maps the old one).
             assert prompt_out[compat.CACHE_KEY] is cache and prompt_out.past_key_values is cache
             assert cache.get_seq_length() == 5

@@ -55,7 +55,7 @@ def saved(tmp_path_factory):
         dense = dense_model(name)
         ids, mask = batch(task)
         for variant in ("mod", "gate"):
-            model = upcycle(dense, variant=variant, layers="all", family="native", **_open(variant))
+            model = upcycle(dense, variant=variant, layers="all", **_open(variant))
             ref = {"ids": ids, "mask": mask, "logits": real_logits(dense, ids, mask, task)}
             if task == "causal-lm":
                 ref["greedy"] = greedy(dense, ids)
@@ -101,7 +101,7 @@ for key, (folder, auto) in {folders!r}.items():
 def _routed(name, variant, **kwargs):
     dense = dense_model(name)
     settings = dict(capacity=0.5) if variant == "mod" else {}
-    model = upcycle(dense, variant=variant, layers="all", family="native", **settings, **kwargs)
+    model = upcycle(dense, variant=variant, layers="all", **settings, **kwargs)
     return routing(model).eval()
 
 
@@ -169,7 +169,7 @@ def test_skipped_tokens_as_keys_keeps_them_as_attention_keys():
     """A routed encoder layer with `skipped_tokens_as_keys`: a routed token's update is the dense
     layer's for that token (every real token is a key), a skipped token is left unchanged."""
     dense = dense_model("bert")
-    model = upcycle(dense, variant="mod", capacity=0.5, layers="1", family="native", skipped_tokens_as_keys=True)
+    model = upcycle(dense, variant="mod", capacity=0.5, layers="1", skipped_tokens_as_keys=True)
     routing(model).eval()
     ids, mask = batch("sequence-classification")
     layer = model.backbone.bert.encoder.layer[1]
@@ -245,8 +245,8 @@ def test_static_cache_and_unsupported_architectures_are_refused():
     with pytest.raises(ValueError, match="StaticCache.*not supported by models with Mixture-of-Depths"):
         model.generate(ids[:1], max_new_tokens=3, do_sample=False, cache_implementation="static", pad_token_id=0)
     with pytest.raises(ValueError, match=r"model type 'deberta-v2' cannot have.*relative positions"):
-        upcycle(dense_model("deberta-v2"), variant="mod", family="native")
+        upcycle(dense_model("deberta-v2"), variant="mod")
     with pytest.raises(ValueError, match=r"`skipped_tokens_as_keys`=True.*'modernbert'"):
-        upcycle(dense_model("modernbert"), variant="mod", family="native", skipped_tokens_as_keys=True)
+        upcycle(dense_model("modernbert"), variant="mod", skipped_tokens_as_keys=True)
     with pytest.raises(ValueError, match=r"`output_attentions=True` is not supported"):
         model(input_ids=ids, output_attentions=True)

@@ -82,12 +82,11 @@ def test_native_export_of_noisy_experts_matches(tmp_path, family, layers, archit
     ("qwen3", "every_other", "Qwen3MoeForCausalLM"),
 ])
 def test_native_family_models_export_too(tmp_path, name, layers, architecture):
-    """`family="native"` models of Llama-family sources (a sliding-window Mistral upcycles only
-    natively): transformers' own weights under `backbone.`, our MoE settings, the window kept."""
+    """Models of Llama-family sources: transformers' own weights under `backbone.`, our MoE settings,
+    a Mistral's sliding window kept."""
     from test_native import dense_model
 
-    model = hf_condcomp.upcycle(dense_model(name), num_experts=4, top_k=2, init="noise", noise_std=0.3, layers=layers,
-                                family="native")
+    model = hf_condcomp.upcycle(dense_model(name), num_experts=4, top_k=2, init="noise", noise_std=0.3, layers=layers)
     assert model.config.model_type == "condcomp"
     model.save_pretrained(tmp_path / "ours")
     proc = export_cli(tmp_path / "ours", tmp_path / "native")
@@ -107,7 +106,7 @@ def test_native_family_models_export_too(tmp_path, name, layers, architecture):
 def test_native_family_models_no_native_moe_expresses_are_refused(name, layers, feature):
     from test_native import dense_model
 
-    model = hf_condcomp.upcycle(dense_model(name), num_experts=4, top_k=2, layers=layers, family="native")
+    model = hf_condcomp.upcycle(dense_model(name), num_experts=4, top_k=2, layers=layers)
     with pytest.raises(ExportError, match=f"cannot export natively: .*{re.escape(feature)}"):
         choose_format(model.config)
 
@@ -139,7 +138,7 @@ def test_native_export_of_copy_upcycled_smollm2(tmp_path, smollm2_path, layers, 
         assert (native_dir / needed).exists(), needed
     from transformers import AutoTokenizer
 
-    model = hf_condcomp.CondCompLlamaForCausalLM.from_pretrained(ours)
+    model = hf_condcomp.CondCompForCausalLM.from_pretrained(ours)
     text = ["The capital of France is Paris, and the capital of Germany is", "Experts route each token to a few"]
     ids = AutoTokenizer.from_pretrained(native_dir)(text, return_tensors="pt", padding=True).input_ids[:, :7]
     assert_native_matches(model, native_dir, tmp_path, architecture, ids, max_new_tokens=6)
@@ -156,8 +155,8 @@ REFUSED = [
     ("llama", dict(mod_layers="all"), "`mod_layers`"),
     ("llama", dict(variant="gate", layers="all"), "`gate_layers`"),
     ("llama", dict(init="split-random", num_experts=4, top_k=2), "`router_unit_weights`"),
-    ("gpt2", dict(), "'condcomp_gpt2'"),
-    ("bert", dict(), "'condcomp_bert'"),
+    ("gpt2", dict(), "upcycled from 'gpt2'"),
+    ("bert", dict(), "upcycled from 'bert'"),
 ]
 
 

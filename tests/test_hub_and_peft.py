@@ -72,14 +72,14 @@ def test_local_registration_loads_without_remote_code(tmp_path):
     moe = hf_condcomp.upcycle(tiny_source("gpt2"))
     moe.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # hf_condcomp is imported: its classes serve
-    assert type(loaded) is hf_condcomp.CondCompGPT2ForCausalLM
+    assert type(loaded) is hf_condcomp.CondCompForCausalLM
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():  # same weights; BLAS may block differently on other memory, hence 1e-6
         torch.testing.assert_close(loaded(ids).logits, moe(ids).logits, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("family,attention,experts", [
-    ("bert", ["query", "value"], ["mlp.experts.up_proj", "mlp.experts.down_proj"]),
+    ("bert", ["query", "value"], ["intermediate.experts.up_proj", "intermediate.experts.down_proj"]),
     ("llama", ["q_proj", "v_proj"], ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
 ])
 def test_peft_lora_on_attention_and_experts(family, attention, experts):

@@ -20,7 +20,6 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
 import hf_condcomp  # noqa: E402
 from hf_condcomp import assets, cli  # noqa: E402
 from hf_condcomp.insight import compare, inspect, load_stats, routing_summary, save_plots  # noqa: E402
-from hf_condcomp.modeling.common import CondCompOutput  # noqa: E402
 
 TEXTS = [
     "How do I locate my card?",
@@ -146,7 +145,7 @@ def test_model_without_moe_or_gated_layers_is_refused():
 
 
 class FakeGate(nn.Module):
-    """A compute gate by hand, recording like `modeling/gating.py`'s: one (B, T) executed mask per
+    """A compute gate by hand, recording like `modeling/depth.py`'s: one (B, T) executed mask per
     forward appended to `routing_log` while `record_routing` is on."""
 
     def __init__(self):
@@ -172,7 +171,7 @@ class FakeGatedModel(nn.Module):
         if gate.record_routing:
             gate.routing_log.append(executed)
         fraction = float(executed.sum() / real.sum())
-        return CondCompOutput(compute_fraction=(1 + fraction) / 2, layer_compute_fractions={1: fraction})
+        return types.SimpleNamespace(compute_fraction=(1 + fraction) / 2, layer_compute_fractions={1: fraction})
 
 
 def test_gated_layers_compute_fraction_and_most_skipped_tokens(tmp_path):
@@ -343,7 +342,7 @@ def test_real_mixture_of_depths_compute_fraction_is_exact():
     """Encoder MoD at capacity 0.5 runs ceil(0.5 * n) tokens of each sequence of n real tokens."""
     model = hf_condcomp.upcycle(tiny_bert(num_layers=3), variant="mod", capacity=0.5, layers=[1])
     with torch.no_grad():
-        model.encoder.layer[1].mod_router.weight.normal_()
+        model.backbone.encoder.layer[1].mod_router.weight.normal_()
     b = batch([7, 4, 1], 7)
     result = inspect(model, batches=[b])
     assert result["gated_layers"]["1"]["compute_fraction"] == pytest.approx((4 + 2 + 1) / 12)
@@ -361,7 +360,7 @@ def test_moe_inside_a_routed_block_maps_tokens_back():
     model = hf_condcomp.upcycle(tiny_bert(vocab_size=tokenizer.vocab_size), num_experts=4, top_k=2, layers=[1],
                                 mod_layers=[1], capacity=0.5)
     with torch.no_grad():
-        model.encoder.layer[1].mod_router.weight.normal_()
+        model.backbone.encoder.layer[1].mod_router.weight.normal_()
     result = inspect(model, TEXTS, tokenizer)
     ran = result["sample"]["executed"]["1"]
     top1 = result["sample"]["top1_expert"]["1"]

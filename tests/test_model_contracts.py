@@ -1,12 +1,12 @@
-"""Contracts that transformers' common model tests (`ModelTesterMixin`) check, for the MoE, MoD and
-gate classes of the three families: `return_dict=False` in transformers' tuple order (in train mode
+"""Contracts that transformers' common model tests (`ModelTesterMixin`) check, for MoE, MoD and
+gate models of BERT, GPT-2 and Llama sources: `return_dict=False` in transformers' tuple order (in train mode
 too), hidden states from the call and from the config, gradient checkpointing equal to none, a
 correct (here: no) tensor-parallel plan, `_no_split_modules` that name real layer classes.
 
 `attn_implementation` "eager" and `output_attentions` are checked against the dense parent's eager
 attention weights; MoD/gated models refuse `output_attentions` and every model refuses FlashAttention.
 Static caches work for MoE models and are refused for MoD/gated ones (their per-layer caches hold
-the tokens each layer ran on). The native family (tests/test_native.py) adds flex attention.
+the tokens each layer ran on). tests/test_native.py adds flex attention for MoE models.
 `torch.compile(fullgraph=True)` traces dropless MoE models whole (forward, backward, static-cache
 decoding); MoD, gates, capacity limits and expert choice pick tokens by value, so they compile
 with graph breaks."""
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import hf_condcomp
+from hf_condcomp.modeling.architectures import find_layers
 
 from conftest import LAYERS, VOCAB, tiny_source
 
@@ -63,8 +64,8 @@ def test_return_dict_false_gives_transformers_tuple_order(family, variant, mode)
     assert isinstance(as_tuple, tuple)
     torch.testing.assert_close(as_tuple[0], as_dict.loss)
     torch.testing.assert_close(as_tuple[1], as_dict.logits)
-    # The base model: last_hidden_state first in every mode (the routing loss rides further back).
-    base = model.base_model
+    # The source's base model inside: last_hidden_state first in every mode.
+    base = model.backbone.base_model
     torch.manual_seed(0)
     base_dict = base(ids, attention_mask=mask)
     torch.manual_seed(0)
@@ -72,7 +73,7 @@ def test_return_dict_false_gives_transformers_tuple_order(family, variant, mode)
     assert base_tuple[0].shape == (3, 8, model.config.hidden_size)
     torch.testing.assert_close(base_tuple[0], base_dict.last_hidden_state)
     if mode == "train" and (variant != "mod" or family != "bert"):  # BERT's MoD has no auxiliary loss
-        assert base_dict.routing_loss is not None and base_dict.routing_loss.dim() == 0
+        assert as_dict.routing_loss is not None and as_dict.routing_loss.dim() == 0
     # config.return_dict=False works the same, and the heads still read their base model.
     model.config.return_dict = False
     assert isinstance(model(ids, attention_mask=mask), tuple)
@@ -131,8 +132,7 @@ def test_reentrant_checkpointing_is_refused():
 
 
 def _layers(model):
-    base = model.base_model
-    return base.encoder.layer if hasattr(base, "encoder") else base.decoder_layers()
+    return find_layers(model.backbone, model.config.num_hidden_layers)[1]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -176,26 +176,24 @@ def test_eager_attention_and_output_attentions_match_the_dense_parent(family, tm
         reference = dense_eager(ids, attention_mask=mask, output_attentions=True)
     torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-5)
     assert len(b.attentions) == LAYERS == len(reference.attentions)
-    heads = model.config.num_attention_heads
+    heads = model.config.text_config.num_attention_heads
     for ours, theirs in zip(b.attentions, reference.attentions):
         assert ours.shape == (3, heads, 8, 8)
         torch.testing.assert_close(ours.sum(-1)[:, 0][real], torch.ones_like(ours.sum(-1)[:, 0][real]))
         # Rows of real query tokens: the parent's weights (padding rows are unused in both).
         torch.testing.assert_close(ours.transpose(1, 2)[real], theirs.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
-    # output_attentions from the config (transformers allows it with eager attention only), and
-    # from the call on an SDPA model (that forward computes eagerly).
+    # output_attentions from the config (transformers returns weights with eager attention).
     eager.config.output_attentions = True
     with torch.no_grad():
         from_config = eager(ids, attention_mask=mask).attentions
-        from_sdpa_call = sdpa(ids, attention_mask=mask, output_attentions=True).attentions
-    assert len(from_config) == len(from_sdpa_call) == LAYERS
+    assert len(from_config) == LAYERS
     torch.testing.assert_close(from_config[-1], b.attentions[-1], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(from_sdpa_call[-1], b.attentions[-1], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_generate_returns_attentions_and_scores(family):
     model = hf_condcomp.upcycle(tiny_source(family), num_experts=4, top_k=2, layers="all").eval()
+    model.set_attn_implementation("eager")  # transformers returns attention weights from eager attention
     ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
     out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
                          output_scores=True, output_attentions=True)
@@ -208,7 +206,7 @@ def test_generate_returns_attentions_and_scores(family):
 def test_output_attentions_with_gated_layers_and_flash_attention_are_refused(family, tmp_path):
     model = build(family, "mod").eval()
     ids, mask, _ = batch(family)
-    with pytest.raises(ValueError, match="`output_attentions=True` is not supported for models with Mixture-of-Depths"):
+    with pytest.raises(ValueError, match="`output_attentions=True` is not supported by models with Mixture-of-Depths"):
         model(ids, attention_mask=mask, output_attentions=True)
     moe = build(family, "moe")
     moe.save_pretrained(tmp_path)
@@ -267,7 +265,7 @@ def test_static_cache_gives_the_dense_parents_tokens_for_moe_models(family):
 def test_static_cache_is_refused_for_routed_and_gated_layers(family, variant):
     model = build(family, variant).eval()
     ids = torch.randint(1, VOCAB, (1, 4), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="not supported for models with Mixture-of-Depths.*dynamic cache"):
+    with pytest.raises(ValueError, match="not supported by models with Mixture-of-Depths.*dynamic cache"):
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
     assert model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (1, 6)
 
@@ -304,6 +302,8 @@ def test_moe_compiles_as_one_graph_and_matches_uncompiled(family):
     """Dropless token choice has static shapes (N * k sorted rows, E counts); under compile a padded
     batch routes every row and zeroes the padding's output, which changes nothing for real tokens."""
     model = build(family, "moe")
+    if family == "gpt2":  # transformers' GPT-2 logs (a graph break) when it knows no loss type for itself
+        model.backbone.loss_type = "ForCausalLM"
     assert_compiled_matches(model, *batch(family), fullgraph=True)
 
 

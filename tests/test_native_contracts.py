@@ -1,6 +1,9 @@
-"""The native family (`family="native"`) under transformers' own model contracts, the ones its common
+"""Upcycled models under transformers' own model contracts, the ones its common
 model tests (`ModelTesterMixin`, `GenerationTesterMixin`) check, for a BERT-type encoder with a
-classification head and two decoders (Llama, GPT-2):
+classification head and two decoders (Llama, GPT-2). MoE models are checked for all of them; models
+with routed blocks and with gates for initialisation, round trips, generation, padding and batching,
+eager = SDPA and `return_dict=False` (the MoE-specific ones, missing expert weights and the
+tensor-parallel plan, do not concern them; `output_attentions` is refused for them):
 
 - every weight is drawn by `_init_weights` or loaded, whatever builds the model (its class, an auto
   class from a config, `from_pretrained` with a missing key, a meta-device load);
@@ -40,16 +43,30 @@ def dense(family, **overrides):
     return tiny_source(family, **overrides)
 
 
-def build(family, **overrides):
-    """A native MoE model (experts apart from each other, so routing matters); MoE layers 1 and 3,
-    dense FFNs in layers 0 and 2."""
-    return hf_condcomp.upcycle(dense(family, **overrides), family="native", num_experts=4, top_k=2, init="noise",
-                               noise_std=0.3, layers=[1, 3])
+VARIANTS = {
+    "moe": dict(num_experts=4, top_k=2, init="noise", noise_std=0.3),  # experts apart, so routing matters
+    "mod": dict(variant="mod", capacity=0.5),
+    "gate": dict(variant="gate", gate_init_bias=0.0),
+}
+CASES = [(f, v) for f in FAMILIES for v in VARIANTS]
+DECODER_CASES = [(f, v) for f in DECODERS for v in VARIANTS]
+
+
+def build(family, variant="moe", **overrides):
+    """An upcycled model with layers 1 and 3 conditional (MoE, routed or gated) and layers 0 and 2
+    dense; routers and gates get random weights, so that tokens really are skipped."""
+    model = hf_condcomp.upcycle(dense(family, **overrides), layers=[1, 3], **VARIANTS[variant])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("mod_router", "mod_predictor.w_out", "compute_gate.weight")):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
 
 
 @pytest.fixture(scope="module")
 def models():
-    return {family: build(family) for family in FAMILIES}
+    return {(family, variant): build(family, variant) for family, variant in CASES}
 
 
 def batch(seed=1, rows=3, length=8):
@@ -72,7 +89,11 @@ def assert_sane(model, drawn=True):
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
         assert p.abs().max() < 10 and (p.numel() == 1 or p.std() < 1), (name, float(p.abs().max()))
-        if drawn and ("experts" in name or "router" in name):
+        if drawn and "mod_router" in name:  # zero: 2 sigmoid(0) = 1, the routed block starts as the dense one
+            assert not p.any(), name
+        elif drawn and "compute_gate" in name:  # zero weights, the bias at `gate_init_bias`
+            assert torch.equal(p, torch.full_like(p, model.config.gate_init_bias if name.endswith("bias") else 0.0))
+        elif drawn and ("experts" in name or "router" in name):
             if name.endswith("_bias"):
                 assert not p.any(), name
             else:
@@ -82,9 +103,9 @@ def assert_sane(model, drawn=True):
 # -- initialisation ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_a_model_built_from_its_config_has_every_weight_initialised(models, family, tmp_path):
-    models[family].save_pretrained(tmp_path)
+@pytest.mark.parametrize("family,variant", CASES)
+def test_a_model_built_from_its_config_has_every_weight_initialised(models, family, variant, tmp_path):
+    models[family, variant].save_pretrained(tmp_path)
     config = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
     for seed in (0, 1):  # whatever the allocator hands out
         torch.manual_seed(seed)
@@ -92,13 +113,13 @@ def test_a_model_built_from_its_config_has_every_weight_initialised(models, fami
         assert_sane(built)
         ids, mask = batch()
         assert torch.isfinite(logits(built, input_ids=ids, attention_mask=mask)).all()
-    direct = type(models[family])(copy.deepcopy(models[family].config))
+    direct = type(models[family, variant])(copy.deepcopy(models[family, variant].config))
     assert_sane(direct)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_from_pretrained_initialises_missing_keys_and_keeps_the_loaded_ones(models, family, tmp_path):
-    model = models[family]
+    model = models[family, "moe"]
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     experts = sorted(k for k in state if ".experts." in k and not k.endswith("_bias"))
@@ -126,9 +147,9 @@ def test_from_pretrained_initialises_missing_keys_and_keeps_the_loaded_ones(mode
 # -- save, load, pickle, tied weights ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_save_load_and_pickle_round_trips_give_identical_outputs(models, family, tmp_path):
-    model = models[family]
+@pytest.mark.parametrize("family,variant", CASES)
+def test_save_load_and_pickle_round_trips_give_identical_outputs(models, family, variant, tmp_path):
+    model = models[family, variant]
     ids, mask = batch()
     expected = logits(model, input_ids=ids, attention_mask=mask)
     model.save_pretrained(tmp_path / "saved")
@@ -209,13 +230,13 @@ def test_problem_types_reach_the_head(models, when):
     }
     for problem_type, (num_labels, labels) in cases.items():
         if when == "before":  # as transformers' tests set them: on the config, then build
-            config = copy.deepcopy(models["bert"].config)
+            config = copy.deepcopy(models["bert", "moe"].config)
             config.problem_type, config.num_labels = problem_type, num_labels
-            model = type(models["bert"])(config).eval()
+            model = type(models["bert", "moe"])(config).eval()
         else:
             if num_labels != 3:
                 continue  # the head's width is fixed once built, as in the dense model
-            model = copy.deepcopy(models["bert"])
+            model = copy.deepcopy(models["bert", "moe"])
             model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2, 1]))  # sets single_label
             model.config.problem_type = problem_type
         assert model.config.text_config.problem_type == problem_type
@@ -233,7 +254,7 @@ def test_problem_types_reach_the_head(models, when):
 
 
 def test_num_labels_and_problem_type_survive_save_and_load(models, tmp_path):
-    model = copy.deepcopy(models["bert"])
+    model = copy.deepcopy(models["bert", "moe"])
     model.config.problem_type = "multi_label_classification"
     model.save_pretrained(tmp_path)
     config = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
@@ -245,7 +266,7 @@ def test_num_labels_and_problem_type_survive_save_and_load(models, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_tensor_parallel_plan_names_only_modules_of_every_layer(models, family):
-    model = models[family]
+    model = models[family, "moe"]
     for plan in (model.tp_plan, model.pp_plan, getattr(model, "ep_plan", None)):
         for pattern in plan or {}:
             assert _resolves(model, pattern.split(".")), pattern
@@ -294,9 +315,9 @@ def test_feed_forward_chunking_keeps_the_outputs():
 # -- generation --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", DECODERS)
-def test_generate_without_inputs_and_from_inputs_embeds(models, family):
-    model = models[family]
+@pytest.mark.parametrize("family,variant", DECODER_CASES)
+def test_generate_without_inputs_and_from_inputs_embeds(models, family, variant):
+    model = models[family, variant]
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         assert getattr(model.config, name) == getattr(model.config.text_config, name)
     out = model.generate(max_new_tokens=3, do_sample=False)  # from the BOS token, as the dense model starts
@@ -310,9 +331,9 @@ def test_generate_without_inputs_and_from_inputs_embeds(models, family):
     torch.testing.assert_close(from_embeds, from_ids[:, ids.shape[1]:], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family", DECODERS)
-def test_left_padded_generation_equals_each_row_alone(models, family):
-    model = models[family]
+@pytest.mark.parametrize("family,variant", DECODER_CASES)
+def test_left_padded_generation_equals_each_row_alone(models, family, variant):
+    model = models[family, variant]
     pad = model.generation_config.pad_token_id
     pad = 0 if pad is None else pad
     rows = [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 4, 6)]
@@ -336,9 +357,9 @@ def test_left_padded_generation_equals_each_row_alone(models, family):
 # -- forward contracts --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_a_row_gives_the_same_logits_alone_and_in_a_padded_batch(models, family):
-    model = models[family]
+@pytest.mark.parametrize("family,variant", CASES)
+def test_a_row_gives_the_same_logits_alone_and_in_a_padded_batch(models, family, variant):
+    model = models[family, variant]
     ids, mask = batch()
     together = logits(model, input_ids=ids, attention_mask=mask)
     for i in range(ids.shape[0]):
@@ -350,9 +371,9 @@ def test_a_row_gives_the_same_logits_alone_and_in_a_padded_batch(models, family)
             torch.testing.assert_close(together[i, :n], alone[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_eager_and_sdpa_attention_agree(models, family, tmp_path):
-    model = models[family]
+@pytest.mark.parametrize("family,variant", CASES)
+def test_eager_and_sdpa_attention_agree(models, family, variant, tmp_path):
+    model = models[family, variant]
     model.save_pretrained(tmp_path)
     ids, mask = batch()
     outs = {}
@@ -368,9 +389,9 @@ def test_eager_and_sdpa_attention_agree(models, family, tmp_path):
                                atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_return_dict_false_gives_the_dicts_fields_in_order(models, family):
-    model = models[family]
+@pytest.mark.parametrize("family,variant", CASES)
+def test_return_dict_false_gives_the_dicts_fields_in_order(models, family, variant):
+    model = models[family, variant]
     ids, mask = batch()
     labels = torch.tensor([0, 2, 1]) if family == "bert" else ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
@@ -385,7 +406,7 @@ def test_return_dict_false_gives_the_dicts_fields_in_order(models, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hidden_states_and_attentions_from_the_call_and_from_the_config(models, family, tmp_path):
-    model = models[family]
+    model = models[family, "moe"]
     ids, mask = batch()
     model.save_pretrained(tmp_path)
     eager = type(model).from_pretrained(tmp_path, attn_implementation="eager").eval()

@@ -1,7 +1,6 @@
 """A recipe given a model that is already upcycled (and perhaps fine-tuned and shared) continues
-from it, whatever its family: transformers' own model with MoE blocks (`model_type` "condcomp") as
-well as a hand-written family (`condcomp_bert`). The weights the recipe starts from are the saved
-ones, not a second upcycling of them, and what it writes is still a model of the same family."""
+from it, encoder or decoder. The weights the recipe starts from are the saved ones, not a second
+upcycling of them, and what it writes is still such a model."""
 
 import importlib
 import json
@@ -83,10 +82,10 @@ def dense_source(kind, vocab_size):
         **small, num_key_value_heads=2, head_dim=8, sliding_window=4, bos_token_id=0, eos_token_id=0, pad_token_id=0))
 
 
-def save_upcycled(folder, kind, family):
+def save_upcycled(folder, kind):
     """An upcycled model saved with its tokenizer, as someone shares a fine-tuned one."""
     tokenizer = bpe_tokenizer() if kind == "gemma2" else wordpiece_tokenizer()
-    model = hf_condcomp.upcycle(dense_source(kind, len(tokenizer)), family=family, num_experts=4, layers="all")
+    model = hf_condcomp.upcycle(dense_source(kind, len(tokenizer)), num_experts=4, layers="all")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder, model.config.model_type
@@ -102,13 +101,10 @@ def assert_started_from(folder, state):
     return saved, routers
 
 
-@pytest.mark.parametrize("kind,family,model_type", [
-    ("deberta_v2", "native", "condcomp"),  # transformers' DeBERTa-v2 with MoE blocks
-    ("bert", "auto", "condcomp_bert"),  # the hand-written BERT family
-])
-def test_classification_continues_from_an_upcycled_model(tmp_path, loaded, kind, family, model_type):
-    source, saved_type = save_upcycled(tmp_path / "shared", kind, family)
-    assert saved_type == model_type
+@pytest.mark.parametrize("kind,text_type", [("deberta_v2", "deberta-v2"), ("bert", "bert")])
+def test_classification_continues_from_an_upcycled_model(tmp_path, loaded, kind, text_type):
+    source, saved_type = save_upcycled(tmp_path / "shared", kind)
+    assert saved_type == "condcomp"
     rows = ["text,label"] + [f"{'good fine nice' if i % 2 else 'bad poor awful'} {i},{'pos' if i % 2 else 'neg'}"
                              for i in range(32)]
     data = tmp_path / "data.csv"
@@ -120,21 +116,20 @@ def test_classification_continues_from_an_upcycled_model(tmp_path, loaded, kind,
     assert results["train_steps"] == 2 and results["train_loss"] == results["train_loss"]  # trained, finite loss
     saved, routers = assert_started_from(source, loaded[0])
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == model_type and is_condcomp_config(config)
+    assert config["model_type"] == "condcomp" and is_condcomp_config(config)
     assert config["upcycling"]["num_experts"] == 4 and config["id2label"] == {"0": "neg", "1": "pos"}
-    if model_type == "condcomp":
-        assert config["text_config"]["model_type"] == "deberta-v2"
-        assert config["text_config"]["id2label"] == {"0": "neg", "1": "pos"}
+    assert config["text_config"]["model_type"] == text_type
+    assert config["text_config"]["id2label"] == {"0": "neg", "1": "pos"}
     trained = load_file(out / "model.safetensors")
     assert set(trained) == set(saved)
     assert any(not torch.equal(trained[key], saved[key]) for key in routers), "the routers did not train"
 
 
-@pytest.mark.parametrize("kind,family", [("deberta_v2", "native"), ("bert", "auto")])
-def test_a_new_label_set_gets_a_fresh_head_and_keeps_the_rest(tmp_path, loaded, kind, family):
+@pytest.mark.parametrize("kind", ["deberta_v2", "bert"])
+def test_a_new_label_set_gets_a_fresh_head_and_keeps_the_rest(tmp_path, loaded, kind):
     """Saved with 2 labels, trained on 3: the head is rebuilt (for a native model, from the source's
     `text_config`, which holds the labels), every other weight is the saved one."""
-    source, _ = save_upcycled(tmp_path / "shared", kind, family)
+    source, _ = save_upcycled(tmp_path / "shared", kind)
     rows = ["text,label"] + [f"word {i},{'abc'[i % 3]}" for i in range(30)]
     data = tmp_path / "data.csv"
     data.write_text("\n".join(rows) + "\n")
@@ -153,8 +148,8 @@ def test_a_new_label_set_gets_a_fresh_head_and_keeps_the_rest(tmp_path, loaded, 
 
 
 def test_translation_continues_from_an_upcycled_native_decoder(tmp_path, loaded):
-    """Gemma 2 (sliding windows, so transformers' own model) upcycled, saved, and trained on."""
-    source, saved_type = save_upcycled(tmp_path / "shared", "gemma2", "native")
+    """Gemma 2 (sliding windows) upcycled, saved, and trained on."""
+    source, saved_type = save_upcycled(tmp_path / "shared", "gemma2")
     assert saved_type == "condcomp"
     pairs = [{"translation": {"en": s, "de": s[::-1]}} for s in SENTENCES * 4]
     data = tmp_path / "pairs.jsonl"
@@ -173,19 +168,19 @@ def test_translation_continues_from_an_upcycled_native_decoder(tmp_path, loaded)
 
 
 def test_upcycling_an_upcycled_model_is_refused_by_name(tmp_path):
-    source, _ = save_upcycled(tmp_path / "shared", "deberta_v2", "native")
+    source, _ = save_upcycled(tmp_path / "shared", "deberta_v2")
     with pytest.raises(ValueError, match=r"is already an upcycled model \(model type 'condcomp', upcycled from "
                                          r"'deberta-v2'\): upcycle its dense parent"):
         hf_condcomp.upcycle(str(source))
     model = hf_condcomp.upcycle(dense_source("bert", len(WORDPIECE)), num_experts=4)
-    with pytest.raises(ValueError, match=r"model type 'condcomp_bert'"):
+    with pytest.raises(ValueError, match=r"model type 'condcomp'"):
         hf_condcomp.upcycle(model)
 
 
 @pytest.mark.parametrize("config,expected", [
     ({"model_type": "condcomp", "text_config": {"model_type": "gemma2"}}, True),
-    ({"model_type": "condcomp_bert"}, True),
-    ({"model_type": "condcomp_t5"}, True),  # a family added later needs no change here
+    ({"model_type": "condcomp_bert"}, True),  # saved by an earlier release
+    ({"model_type": "condcomp_t5"}, True),
     ({"model_type": "t5", "upcycling": {"source": "t5-small"}}, True),
     ({"model_type": "bert"}, False),
     ({"model_type": "condition"}, False),
@@ -194,4 +189,5 @@ def test_is_condcomp_config(config, expected):
     from transformers import BertConfig
 
     assert is_condcomp_config(config) is expected
-    assert is_condcomp_config(hf_condcomp.CondCompBertConfig(vocab_size=99)) and not is_condcomp_config(BertConfig())
+    config = hf_condcomp.CondCompConfig(text_config=BertConfig(vocab_size=99))
+    assert is_condcomp_config(config) and not is_condcomp_config(BertConfig())

@@ -187,7 +187,7 @@ def test_translation_reports_bleu_chrf_and_pushes(tiny_gpt2, tmp_path, monkeypat
     repo_id, files = calls["upload"]
     assert repo_id == "someone/tiny-moe-multi30k"
     for needed in ("README.md", "config.json", "model.safetensors", "tokenizer.json", "all_results.json",
-                   "configuration_condcomp.py", "modeling_condcomp_gpt2.py"):
+                   "configuration_condcomp.py", "modeling_condcomp.py", "depth.py"):
         assert needed in files
     assert not [f for f in files if f.startswith("checkpoints/")]
 
@@ -383,11 +383,11 @@ def test_translation_exports_natively_and_pushes_the_native_folder(tiny_llama, t
 
     from transformers import AutoModelForCausalLM
 
-    from hf_condcomp import CondCompLlamaForCausalLM
+    from hf_condcomp import CondCompForCausalLM
 
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
-        ours = CondCompLlamaForCausalLM.from_pretrained(out).eval()(ids).logits
+        ours = CondCompForCausalLM.from_pretrained(out).eval()(ids).logits
         theirs = AutoModelForCausalLM.from_pretrained(native).eval()(ids).logits
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 
@@ -401,7 +401,7 @@ def test_native_export_of_an_inexpressible_model_is_refused_before_training(tiny
     assert proc.returncode == 2, proc.stderr[-2000:]
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "`--export_format native`" in error[0] and "'condcomp_gpt2'" in error[0]
+    assert "`--export_format native`" in error[0] and "upcycled from 'gpt2'" in error[0]
     assert not (out / "model.safetensors").exists()
 
 
@@ -413,11 +413,10 @@ def tiny_qwen3(tmp_path_factory):
 
 
 def test_translation_trains_a_native_model_with_lora_and_it_loads_without_hf_condcomp(tiny_qwen3, tmp_path):
-    """`upcycling.family=native`: transformers' own Qwen3 with MoE blocks, LoRA on attention and
+    """Transformers' own Qwen3 with MoE blocks, LoRA on attention and
     experts, trained, evaluated, saved with its code and loaded in a clean interpreter."""
     out = tmp_path / "out"
-    results = run("translation", *translation_args(tiny_qwen3, out, "--max_train_steps", 3, "--lora_r", 4,
-                                                   "upcycling.family=native"))
+    results = run("translation", *translation_args(tiny_qwen3, out, "--max_train_steps", 3, "--lora_r", 4))
     saved = json.loads((out / "all_results.json").read_text())
     assert saved["eval_chrf"] > 0 and results["routing"]["moe_layers"]
     history = saved["log_history"]

@@ -17,8 +17,8 @@ VARIANTS = {
     "gate": dict(variant="gate", layers="all", gate_init_bias=0.0),
 }
 # What each routing parameter's module is called in each variant (checked against the type-based set).
-ROUTING_NAMES = {"moe": ("mlp.router.weight",), "mod": ("mod_router.weight", "mod_predictor."),
-                 "gate": ("compute_gate.weight", "compute_gate.bias")}
+ROUTING_NAMES = {"moe": ("mlp.router.weight", "intermediate.router.weight"),
+                 "mod": ("mod_router.weight", "mod_predictor."), "gate": ("compute_gate.weight", "compute_gate.bias")}
 
 
 def upcycled(family, variant):
@@ -40,9 +40,9 @@ def lora_args(family, variant, weight_decay=0.0):
                                  weight_decay=weight_decay)
 
 
-LORA_TARGETS = {  # what each hand-written family's attention and experts are named
+LORA_TARGETS = {  # what each source's attention and experts are named
     "bert": (["attention.output.dense", "attention.self.key", "attention.self.query", "attention.self.value"],
-             ["mlp.experts.down_proj", "mlp.experts.up_proj"]),
+             ["intermediate.experts.down_proj", "intermediate.experts.up_proj"]),
     "gpt2": (["attn.c_attn", "attn.c_proj"], ["mlp.experts.down_proj", "mlp.experts.up_proj"]),
     "llama": (["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"],
               ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]),

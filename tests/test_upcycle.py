@@ -118,10 +118,11 @@ def test_noise_and_drop_make_experts_differ():
     dense = tiny_source("bert")
     for init in ("noise", "drop"):
         moe = hf_condcomp.upcycle(dense, init=init)
-        w = moe.encoder.layer[1].mlp.experts.up_proj
+        w = moe.backbone.encoder.layer[1].intermediate.experts.up_proj
         assert not torch.allclose(w[0], w[1])
     drop = hf_condcomp.upcycle(dense, init="drop", drop_ratio=0.5)
-    w, ref = drop.encoder.layer[1].mlp.experts.up_proj, dense.encoder.layer[1].intermediate.dense.weight
+    w = drop.backbone.encoder.layer[1].intermediate.experts.up_proj
+    ref = dense.encoder.layer[1].intermediate.dense.weight
     same_rows = (w[0] == ref).all(dim=-1).float().mean().item()
     assert same_rows == pytest.approx(0.5, abs=0.05)  # half of the neurons re-initialised
 
@@ -133,8 +134,8 @@ def test_upcycled_model_keeps_every_source_weight():
     for key, value in dense.state_dict().items():
         if ".layers.1.mlp." in key:
             continue
-        assert torch.equal(ours[key], value), key
-    w = ours["model.layers.1.mlp.experts.gate_up_proj"]
+        assert torch.equal(ours["backbone." + key], value), key  # the source's names under `backbone.`
+    w = ours["backbone.model.layers.1.mlp.experts.gate_up_proj"]
     ref = torch.cat([dense.model.layers[1].mlp.gate_proj.weight, dense.model.layers[1].mlp.up_proj.weight])
     for e in range(8):
         assert torch.equal(w[e], ref)
@@ -203,7 +204,7 @@ def test_real_smollm2_copy_upcycle_reproduces_logits_and_greedy_generation(smoll
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     dense = AutoModelForCausalLM.from_pretrained(smollm2_path).eval()
     moe = hf_condcomp.upcycle(dense, num_experts=8, top_k=2)
-    assert type(moe).__name__ == "CondCompLlamaForCausalLM" and len(moe.config.moe_layers) == 15
+    assert type(moe.backbone).__name__ == "LlamaForCausalLM" and len(moe.config.moe_layers) == 15
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert (dense(ids).logits - moe(ids).logits).abs().max().item() <= TOL
@@ -222,7 +223,7 @@ def test_real_smollm2_copy_upcycle_reproduces_logits_and_greedy_generation(smoll
         (dict(layers="odd"), r"`layers`.*every_other.*'odd'"),
         (dict(capacity_factor=0), r"`capacity_factor`.*> 0.*got 0"),
         (dict(capacity_factor=-1.5), r"`capacity_factor`.*> 0.*got -1.5"),
-        (dict(task="causal-lm"), r"`task`.*for a bert source.*'causal-lm'"),
+        (dict(task="causal-lm"), r"`task`='causal-lm' differs from the loaded model's own task 'base'"),
         (dict(init="split-random", num_experts=7), r"`init`='split-random'.*40 neurons.*`num_experts`=7"),
         # A misspelt override would otherwise become an unused config attribute.
         (dict(router_aux_los_coef=0.1), r"`router_aux_los_coef`=0.1 is not.*Did you mean `router_aux_loss_coef`"),
@@ -242,9 +243,9 @@ def test_whole_numbers_are_accepted_for_float_settings():
 
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match=r"`num_experts_per_tok`.*`num_local_experts`=4, got 5"):
-        hf_condcomp.CondCompBertConfig(num_local_experts=4, num_experts_per_tok=5)
+        hf_condcomp.CondCompConfig(text_config=tiny_source("bert").config, num_local_experts=4, num_experts_per_tok=5)
     with pytest.raises(ValueError, match=r"`moe_capacity_factor` must be > 0"):
-        hf_condcomp.CondCompLlamaConfig(moe_capacity_factor=0.0)
+        hf_condcomp.CondCompConfig(text_config=tiny_source("llama").config, moe_capacity_factor=0.0)
 
 
 def test_unsupported_source_architecture(tmp_path):
@@ -267,8 +268,9 @@ def test_cli_upcycle_writes_a_loadable_folder(tmp_path):
     assert cli_main(["upcycle", str(src), str(out), "--num-experts", "4", "--top-k", "1", "--layers", "0,2"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["num_local_experts"] == 4 and config["moe_layers"] == [0, 2]
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_condcomp_gpt2.CondCompGPT2ForCausalLM"
-    assert (out / "model.safetensors").exists() and (out / "modeling_condcomp_gpt2.py").exists()
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_condcomp.CondCompForCausalLM"
+    assert config["text_config"]["model_type"] == "gpt2"
+    assert (out / "model.safetensors").exists() and (out / "modeling_condcomp.py").exists()
 
 
 def test_cli_upcycle_sets_other_config_fields(tmp_path):

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from hf_condcomp.modeling.architectures import find_layers
+
 ROOT = Path(__file__).resolve().parents[2]
 # The full Banking77 test set where the maintainers' data sits beside the clone (../shared/data).
 TEST = ROOT.parent / "shared" / "data" / "classification" / "banking77" / "test.csv"
@@ -30,7 +32,7 @@ def main(argv=None):
     parser.add_argument("--data", type=Path, default=TEST, help="a CSV with a `text` column (default: %(default)s)")
     args = parser.parse_args(argv)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, trust_remote_code=True).eval()
-    routers = [getattr(layer, "mod_router", None) for layer in model.base_model.encoder.layer]
+    routers = [getattr(layer, "mod_router", None) for layer in find_layers(model, model.config.num_hidden_layers)[1]]
     if not any(routers):
         raise SystemExit(f"{args.model} has no Mixture-of-Depths layers (config `mod_layers` is empty)")
     tok = AutoTokenizer.from_pretrained(args.model)

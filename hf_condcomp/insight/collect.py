@@ -39,13 +39,20 @@ def load_stats(counts: list[int]) -> dict:
 
 
 def _layer_of(model, name: str, position: int) -> int:
-    """Layer index of the module called `name`: its nearest ancestor's `layer_idx`, else `position`."""
+    """Layer index of the module called `name`: its nearest ancestor's layer index (`layer_idx`, or
+    the `_condcomp_index` of a routed or gated layer), else the first index in its name (the
+    position in the layer list: `backbone.model.layers.3.mlp`), else `position`."""
     modules = dict(model.named_modules())
     parts = name.split(".")
     for end in range(len(parts), 0, -1):
-        idx = getattr(modules.get(".".join(parts[:end])), "layer_idx", None)
-        if isinstance(idx, int):
-            return idx
+        module = modules.get(".".join(parts[:end]))
+        for attr in ("_condcomp_index", "layer_idx"):
+            idx = getattr(module, attr, None)
+            if isinstance(idx, int):
+                return idx
+    numbers = [int(p) for p in parts if p.isdigit()]
+    if numbers:
+        return numbers[0]
     moe_layers = list(getattr(model.config, "moe_layers", None) or [])
     return moe_layers[position] if position < len(moe_layers) else position
 
@@ -80,7 +87,7 @@ def _model_inputs(batch: dict, device) -> dict:
 
 def _subset_rows(executed: torch.Tensor, real: torch.Tensor):
     """When a routed/gated layer ran on a subset of tokens, its MoE FFN saw the gathered (B, C)
-    sub-batch (kept tokens first, in order: see `modeling/gating.py`). Returns (full row of each
+    sub-batch (kept tokens first, in order: see `modeling/depth.py`). Returns (full row of each
     sub row (B*C,), validity (B*C,)), or None when the layer ran on the whole batch."""
     if bool((executed | ~real).all()):
         return None
@@ -115,8 +122,8 @@ def run_recorded(model, batches, on_forward):
     was_training = model.training
     saved = [(m, m.record_routing, getattr(m, "routing_log", None)) for _, _, m in recorders]
     logits: dict[int, torch.Tensor] = {}
-    hooks = [
-        m.register_forward_hook(lambda mod, args, out, layer=layer: logits.__setitem__(layer, out[1].detach()))
+    hooks = [  # the router's (N, E) logits of each MoE block
+        m.router.register_forward_hook(lambda mod, args, out, layer=layer: logits.__setitem__(layer, out.detach()))
         for layer, m in moe.items()
     ]
     model.eval()

@@ -127,7 +127,7 @@ def cmd_compare(args):
     model_b, tokenizer_b = load_model_folder(args.model_b, "MODEL_B")
     if tokenizer.get_vocab() != tokenizer_b.get_vocab():
         raise ValueError(f"MODEL_A {args.model_a!r} and MODEL_B {args.model_b!r} have different tokenizers: "
-                         "compare models of one family.")
+                         "compare models upcycled from one source.")
     result = compare(model_a, model_b, texts, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
     print(format_compare(result))
     if args.json:

@@ -90,7 +90,10 @@ def find_layers(model: nn.Module, num_layers: int):
     modules of one class that holds the most parameters (the layers, not per-layer heads)."""
     best = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers and len({type(m) for m in module}) == 1:
+        if not isinstance(module, nn.ModuleList) or len(module) != num_layers:
+            continue
+        # (a routed or gated layer is a subclass of its source class: depth.py)
+        if len({getattr(type(m), "_condcomp_source_class", type(m)) for m in module}) == 1:
             size = sum(p.numel() for p in module.parameters())
             if best is None or size > best[2]:
                 best = (name, module, size)

@@ -50,23 +50,6 @@ def cache_argument(past_key_values, cache):
     return cache if cache is not None else past_key_values
 
 
-def cache_capacity(cache) -> int:
-    """How many key slots a static cache holds: `get_max_length()` from transformers 5.24 on,
-    `get_max_cache_shape()` before."""
-    method = getattr(cache, "get_max_length", None) or cache.get_max_cache_shape
-    return int(method())
-
-
-def cache_field(value) -> dict:
-    """`{name: value}` for a model output's cache field, under this release's name."""
-    return {CACHE_KEY: value}
-
-
-def output_cache(output):
-    """The cache a model output carries, whichever name this release gives it."""
-    return getattr(output, CACHE_KEY)
-
-
 @functools.lru_cache(maxsize=None)
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `torch.nn.functional.grouped_mm` runs for this device and dtype.

@@ -1,6 +1,6 @@
 """Configurations of the conditional-computation models.
 
-Each source family keeps its own Transformers config (BERT, GPT-2, Llama) and gains the
+A `CondCompConfig` holds the source's own Transformers config (`text_config`) and the
 conditional-computation fields below. Field names follow the ones users know from Mixtral,
 Switch and Qwen-MoE (`num_local_experts`, `num_experts_per_tok`, `router_aux_loss_coef`, ...).
 
@@ -10,7 +10,7 @@ This file travels to the Hub with every saved model: only sibling relative impor
 from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, BertConfig, GPT2Config, LlamaConfig, PreTrainedConfig
+from transformers import AutoConfig, GPT2Config, PreTrainedConfig
 
 from .experts import EXPERTS_FUNCTIONS
 from .routing import ROUTING_METHODS
@@ -146,15 +146,11 @@ def validate_condcomp_config(config) -> None:
             f"layer {overlap[0]} is in both `mod_layers` and `gate_layers`: a block is either routed "
             "(Mixture-of-Depths) or gated, not both."
         )
-    head = getattr(config, "classifier_head", "pooler")
-    if head not in ("pooler", "roberta"):
-        raise ValueError(f"`classifier_head` must be 'pooler' or 'roberta', got {head!r}.")
-    if config.skipped_tokens_as_keys and config.model_type != "condcomp_bert" and (
-            (getattr(config, "ffn_layout", None) or {}).get("causal", True)):
+    if config.skipped_tokens_as_keys and (getattr(config, "ffn_layout", None) or {}).get("causal", True):
         raise ValueError(
-            f"`skipped_tokens_as_keys`=True is supported for BERT-family encoders only, got model type "
-            f"{config.model_type!r}: decoders keep skipped tokens out of attention and the KV cache; "
-            "leave it False."
+            "`skipped_tokens_as_keys`=True is supported for encoders only, got model type "
+            f"{getattr(getattr(config, 'text_config', None), 'model_type', config.model_type)!r}: decoders keep "
+            "skipped tokens out of attention and the KV cache; leave it False."
         )
     if not 0 < config.mod_capacity <= 1:
         raise ValueError(
@@ -178,53 +174,6 @@ def _post_init(config):
         value = getattr(config, name)
         setattr(config, name, [] if value is None else [int(i) for i in value])
     validate_condcomp_config(config)
-
-
-@strict
-class CondCompBertConfig(BertConfig, CondCompFields):
-    """BERT-family encoder with conditional computation (BERT, and RoBERTa / XLM-R with their
-    position ids and classification head)."""
-
-    model_type = "condcomp_bert"
-    # RoBERTa / XLM-R: position ids count from `pad_token_id` + 1 over the real tokens.
-    padding_offset_positions: bool = False
-    # Sequence classification head: "pooler" (BERT: pooler + linear) or "roberta" (dense, tanh and
-    # a linear on the first token's state, without the pooler).
-    classifier_head: str = "pooler"
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _post_init(self)
-
-
-@strict
-class CondCompGPT2Config(GPT2Config, CondCompFields):
-    """GPT-2-family decoder (Conv1D weights) with conditional computation."""
-
-    model_type = "condcomp_gpt2"
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _post_init(self)
-
-
-@strict
-class CondCompLlamaConfig(LlamaConfig, CondCompFields):
-    """Llama-family decoder (SwiGLU FFN, RoPE, RMSNorm) with conditional computation."""
-
-    model_type = "condcomp_llama"
-    # Llama's plan names `mlp.gate_proj` / `up_proj` / `down_proj` in every layer, which MoE layers
-    # do not have: no tensor-parallel plan rather than a wrong one.
-    base_model_tp_plan = None
-    base_model_pp_plan = None
-    # Biases on q/k/v only (Qwen2); None follows `attention_bias`.
-    qkv_bias: bool | None = None
-    # RMSNorm of each query and key head before RoPE (Qwen3).
-    qk_norm: bool = False
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _post_init(self)
 
 
 # Fields of every config that the source's own model reads off `text_config`: the head's labels and loss
@@ -333,10 +282,10 @@ def expert_intermediate_size(config) -> int:
 
 
 def is_condcomp_config(config) -> bool:
-    """Whether `config` (a config, or config.json read as a dict) is that of a model of this package,
-    of any family: one of the config classes above (also as the remote-code copy that travels with a
-    saved model), a config carrying the `upcycling` record that `hf_condcomp.upcycle` writes, or one
-    saved under their model types (`condcomp`, `condcomp_<family>`)."""
+    """Whether `config` (a config, or config.json read as a dict) is that of a model of this package:
+    a `CondCompConfig` (also as the remote-code copy that travels with a saved model), a config
+    carrying the `upcycling` record that `hf_condcomp.upcycle` writes, or one saved under our model
+    types (`condcomp`, and `condcomp_<source>` of earlier releases: legacy.py)."""
     if isinstance(config, CondCompFields) or type(config).__module__.rpartition(".")[2] == __name__.rpartition(".")[2]:
         return True
     get = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)

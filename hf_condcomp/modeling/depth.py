@@ -195,6 +195,7 @@ class Recorder:
         self.prefiltered = set()
         self.extra_losses = []
         self.layer_fractions = {}
+        self.row_mask = None  # (B, C) rows of a routed layer's sub-batch that are real tokens
 
 
 # --- the cache's per-layer validity ----------------------------------------------------------
@@ -333,7 +334,7 @@ class ConditionalLayerMixin:
         decided = decided if real is None else decided & real  # the inference decision
         if self.training:
             rec.extra_losses.append(config.gate_compute_penalty * masked_mean(a, real) / len(config.gate_layers))
-            if config.gate_straight_through and _find_cache(named) is None:
+            if config.gate_straight_through:
                 self._decided = decided
                 return _STRAIGHT_THROUGH, a
             keep = None  # soft gates: every token runs, so `a` gets its gradient
@@ -353,11 +354,25 @@ class ConditionalLayerMixin:
         hard = keep.to(a.dtype)
         scale = a * hard + (a - a.detach()) * (1 - hard)  # value: a or 0; gradient: as the soft gate's
         config = self.compute_gate.config
-        rec.layer_fractions[self._condcomp_index] = 1.0  # training computes every token
+        idx = self._condcomp_index
+        rec.layer_fractions[idx] = 1.0  # training computes every token
         if not config.skipped_tokens_as_keys:
             B, T = keep.shape
             index = torch.arange(T, device=x.device).expand(B, T)
-            allowed = _allowed(index, index, keep, self._condcomp_causal, self._condcomp_window())
+            cache_name = _find_cache(named)
+            if cache_name is None:
+                key_index, key_valid = index, keep
+            else:  # a training forward with a cache (transformers' models make one unless told not to)
+                cache = named[cache_name]
+                seen, stored = _cache_layer_lengths(cache, idx)
+                past_valid = _past_valid(cache, idx, B, stored, x.device)
+                key_index = (seen - stored + torch.arange(stored + T, device=x.device)).expand(B, -1)
+                key_valid = torch.cat([past_valid, keep], dim=1)
+                if rec.key_mask is not None:
+                    key_valid = key_valid & _key_padding(rec.key_mask, seen - stored, stored + T)
+                index = index + seen
+                self._store_valid(cache, past_valid, keep)
+            allowed = _allowed(index, key_index, key_valid, self._condcomp_causal, self._condcomp_window())
             named = dict(named, attention_mask=self._mask_format(allowed, x.dtype))
         out = _call(self, x, named, hidden_name)
         return x + scale.unsqueeze(-1).to(x.dtype) * (out - x)
@@ -433,7 +448,11 @@ class ConditionalLayerMixin:
         allowed = _allowed(index, key_index, key_valid, self._condcomp_causal, window)
         sub["attention_mask"] = self._mask_format(allowed, x.dtype)
         first = len(rec.router_logits)
-        out = _call(self, x_sub, sub, hidden_name)  # (B, C, H)
+        rec.row_mask = valid
+        try:
+            out = _call(self, x_sub, sub, hidden_name)  # (B, C, H)
+        finally:
+            rec.row_mask = None
         if len(rec.router_logits) > first:  # an MoE FFN inside the layer: keep its real routed rows
             rows = valid.reshape(-1)
             for i in range(first, len(rec.router_logits)):
@@ -639,7 +658,7 @@ def conditional_layer_class(base):
     if cls is None:
         name = "Conditional__" + base.__module__.replace(".", "_DOT_") + "__" + base.__name__
         cls = type(name, (ConditionalLayerMixin, base), {"__module__": __name__, "__qualname__": name,
-                                                         "_condcomp_base": (base.__module__, base.__name__)})
+                                                         "_condcomp_source_class": base})
         _LAYER_CLASSES[base] = cls
         globals()[name] = cls
     return cls

@@ -1,5 +1,6 @@
-"""Native conditional-computation models: the source architecture's own transformers model,
-with Mixture-of-Experts blocks in place of the FFNs of the chosen layers.
+"""Conditional-computation models: the source architecture's own transformers model, with
+Mixture-of-Experts blocks in place of the FFNs of the chosen layers, and routed blocks and gates
+on the chosen layers (depth.py).
 
 `CondCompForCausalLM(config)` builds `AutoModelForCausalLM.from_config(config.text_config)`
 with the installed transformers (Qwen3, Gemma 2, Phi-3, OPT, GPT-NeoX, RoBERTa, DeBERTa-v2,
@@ -27,7 +28,7 @@ from transformers import (
 )
 
 from .architectures import find_layers, layout_from_dict
-from .common import CondCompInitMixin, ForwardContext, compute_fraction, condcomp_losses, use_return_dict
+from .common import CondCompInitMixin, compute_fraction, condcomp_losses, use_return_dict
 from .compat import CACHE_KEY, cache_argument, is_custom_code
 from .configuration_condcomp import CondCompConfig
 from .depth import Recorder, install_conditional_layers
@@ -36,11 +37,15 @@ from .moe import MoEFeedForward
 
 class NativeMoEFeedForward(MoEFeedForward):
     """An MoE block with the call signature of the FFN module it replaces: hidden states in,
-    hidden states out. Every row is routed, padding included, as the dense FFN computes every row:
-    a causal LM's loss reads the logits of the last left-padding position (it predicts the first
-    real token), so this keeps the loss of a copy-upcycled model equal to its parent's, and a
-    layer recomputed under gradient checkpointing is the same computation. The router losses
-    leave the padding out (`CondCompPreTrainedModel.forward`)."""
+    hidden states out.
+
+    Padding: where no token's experts depend on the other tokens (dropless token choice), every row
+    is routed, padding included, as the dense FFN computes every row: a causal LM's loss reads the
+    logits of the last left-padding position (it predicts the first real token), so this keeps the
+    loss of a copy-upcycled model equal to its parent's. The routing record and the router losses
+    leave the padding out. Capacity limits and expert choice rank tokens against each other, so
+    there the padding is neither routed nor computed (its output is zero), and a row's routing does
+    not depend on its padding."""
 
     def __init__(self, config, layout):
         super().__init__(config, config.hidden_size, gated=layout.gated, bias=layout.bias,
@@ -49,13 +54,33 @@ class NativeMoEFeedForward(MoEFeedForward):
         self.dropout = nn.Dropout(p)
 
     def forward(self, hidden_states, *args, **kwargs):
-        out, logits = super().forward(hidden_states)
         recorder = self.__dict__.get("_condcomp_recorder")
+        # Inside a routed or gated layer running a subset, the rows that only pad the sub-batch
+        # are neither routed nor computed (depth.py sets `row_mask` for the call).
+        rows = getattr(recorder, "row_mask", None)
+        padding = getattr(recorder, "token_mask", None)
+        if rows is None and padding is not None and padding.shape == hidden_states.shape[:2]:
+            rows = None if self.routes_each_token_alone() else padding
+        else:
+            padding = None
+        rows = rows if rows is not None and rows.shape == hidden_states.shape[:2] else None
+        out, logits = super().forward(hidden_states, rows)
+        if padding is not None and self.record_routing:
+            self._drop_padding_from_record(padding)
         if recorder is not None:
             if recorder.token_mask is not None and logits.shape[0] != recorder.token_mask.numel():
                 recorder.prefiltered.add(len(recorder.router_logits))  # unpadded rows (ModernBERT, flash)
             recorder.router_logits.append(logits)
         return self.dropout(out)
+
+    def _drop_padding_from_record(self, padding):
+        """The routing record of real tokens only, where the padding was routed too."""
+        record = self.last_routing
+        real = padding.reshape(-1)[record["token_rows"]]
+        experts = record["experts"][real]
+        self.last_routing = {**record, "token_rows": record["token_rows"][real], "experts": experts,
+                             "counts": torch.bincount(experts, minlength=self.num_experts),
+                             "num_tokens": int(padding.sum())}
 
 
 def install_moe_blocks(model: nn.Module, config) -> list:
@@ -211,9 +236,10 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
                 past_key_values=None, cache=None, **kwargs):
         """The source model's forward (every argument it takes), plus `output_router_logits`. The
         output is the source model's, with `loss` = task loss + weighted router losses and the
-        fields `routing_loss`, `aux_loss`, `z_loss` (and `router_logits` when asked) after its own;
-        `compute_fraction` (1.0) and `layer_compute_fractions` ({}) are attributes, as the
-        hand-written families report them.
+        fields `routing_loss`, `aux_loss`, `z_loss`, `compute_loss` (the gated layers' weighted
+        losses) and `router_logits` (when asked) after its own; `compute_fraction` (the executed
+        share of token-layer compute, 1.0 = dense) and `layer_compute_fractions` ({layer: share} of
+        the routed and gated layers) are attributes.
         A KV cache is taken as `cache=` or `past_key_values=` and handed to the backbone under the
         name the installed transformers uses (compat.py)."""
         past = cache_argument(past_key_values, cache)
@@ -230,12 +256,8 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         base.__dict__.pop("_condcomp_last", None)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         recorder = base.__dict__.pop("_condcomp_last", None) or Recorder()
-        ctx = ForwardContext(token_mask=recorder.token_mask, attn_mask=None, is_causal=False, causal=False,
-                             query_index=None)
-        ctx.router_logits, ctx.prefiltered_logits = recorder.router_logits, recorder.prefiltered
-        ctx.extra_losses, ctx.layer_fractions = recorder.extra_losses, recorder.layer_fractions
         total, aux, z, extra = condcomp_losses(
-            self.config, ctx, self.training or bool(output_router_logits) or labels is not None
+            self.config, recorder, self.training or bool(output_router_logits) or labels is not None
         )
         if total is not None and getattr(out, "loss", None) is not None:
             out["loss"] = out.loss + total
@@ -246,9 +268,14 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
                 out[name] = value
             else:  # an attribute but not a key, so `to_tuple()` keeps the source's order
                 setattr(out, name, None)
-        # Executed share of token-layer compute (routed and gated layers; 1.0 = dense), as attributes.
-        fraction, per_layer = compute_fraction(self.config, ctx)
-        out.compute_fraction, out.layer_compute_fractions = fraction, per_layer
+        # Executed share of token-layer compute (routed and gated layers; 1.0 = dense): fields after the
+        # router fields where the model has such layers (a wrapper that rebuilds the output, as FSDP
+        # does, keeps fields only), attributes of an MoE model's output (always 1.0 and {}).
+        fraction, per_layer = compute_fraction(self.config, recorder)
+        if self._conditional_layers:
+            out["compute_fraction"], out["layer_compute_fractions"] = fraction, per_layer
+        else:
+            out.compute_fraction, out.layer_compute_fractions = fraction, per_layer
         return out if use_return_dict(self.config, return_dict) else out.to_tuple()
 
 
@@ -290,14 +317,16 @@ def end_forward(base, args, output):
 
 
 def _pooled_token_kind(backbone, causal):
-    """Which token the source's head pools: "first" (an encoder's pooler or classification head),
-    "last" (a decoder's sequence classifier: the last real token), or None (every token is read)."""
+    """Which token the source's head pools: "first" for an encoder (its pooler or classification head
+    reads [CLS]; a base model pins it too, so that it routes as the classifier's backbone does),
+    "last" for a decoder's sequence classifier (the last real token), or None where the head reads
+    every token (masked and causal LM, token classification)."""
     name = type(backbone).__name__
-    if not causal and (name.endswith("ForSequenceClassification") or getattr(backbone, "pooler", None) is not None):
+    if name.endswith(("ForMaskedLM", "ForTokenClassification", "ForCausalLM", "LMHeadModel")):
+        return None
+    if not causal:
         return "first"
-    if causal and name.endswith("ForSequenceClassification"):
-        return "last"
-    return None
+    return "last" if name.endswith("ForSequenceClassification") else None
 
 
 def _pooled_token(kind, token_mask, shape, device):

@@ -77,8 +77,8 @@ class MoEFeedForward(nn.Module):
 
         rows = keep = None
         if token_mask is not None and torch.compiler.is_compiling() and self.routes_each_token_alone():
-            # A traced graph cannot pick rows by value: every row is routed, as the native family
-            # always does, and the padding's output zeroed; real tokens get what they get
+            # A traced graph cannot pick rows by value: every row is routed, as a dense FFN
+            # computes every row, and the padding's output zeroed; real tokens get what they get
             # uncompiled. Capacity limits and expert choice rank tokens against each other, so
             # there the padding stays out (a graph break).
             keep = token_mask.reshape(-1, 1)

@@ -11,7 +11,7 @@ from .errors import RecipeError
 
 def load_model(args, auto_class, task, **head_kwargs):
     """The model to train: `--model_name_or_path` loaded as it is when it is already a model of this
-    package (of any family: upcycled and perhaps fine-tuned, from a folder or the Hub), else upcycled
+    package (upcycled and perhaps fine-tuned, from a folder or the Hub), else upcycled
     from it with `args.upcycling`. `head_kwargs`: num_labels, id2label, label2id."""
     from ..modeling.configuration_condcomp import is_condcomp_config
     from ..upcycle import upcycle
@@ -62,14 +62,14 @@ def load_model(args, auto_class, task, **head_kwargs):
 
 
 def _label_configs(config):
-    """The configs that hold a classifier's labels: the model's, and for a native-family model the
+    """The configs that hold a classifier's labels: the model's, and for a model of this package the
     source's `text_config` too, from which transformers builds the head."""
     text = getattr(config, "text_config", None)
     return [config] + ([text] if text is not None and hasattr(text, "num_labels") else [])
 
 
 def _set_labels(config, head_kwargs):
-    """Set the recipe's labels on the model's config; a native-family config passes them on to its
+    """Set the recipe's labels on the model's config; a `CondCompConfig` passes them on to its
     `text_config` itself (`CondCompConfig.__setattr__`)."""
     if "num_labels" in head_kwargs and config.num_labels != head_kwargs["num_labels"]:
         config.num_labels = head_kwargs["num_labels"]
@@ -94,7 +94,7 @@ _ATTENTION = re.compile(r"(self_)?att(n|ention)")
 
 def lora_targets(model, targets):
     """(target_modules, target_parameters) for attention and experts, read off the model's modules
-    for every family: each linear layer inside a layer's attention module, by its name from that
+    for every architecture: each linear layer inside a layer's attention module, by its name from that
     module on (`self_attn.q_proj`, `attention.self.query`, `attn.c_attn`, ...), and the stacked
     weights of each MoE block's experts (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`)."""
     from transformers.pytorch_utils import Conv1D
@@ -170,7 +170,7 @@ def routing_parameter_names(model) -> set[str]:
     predictors, compute-allocation gates. One definition for the optimizer's groups,
     `--router_learning_rate` and the LoRA keep-list. Found by module type, so that any wrapper's
     prefix (PEFT's `base_model.model.`, DDP's `module.`) is part of the names it returns."""
-    from ..modeling.gating import ComputeGate, MoDPredictor, MoDRouter
+    from ..modeling.depth import ComputeGate, MoDPredictor, MoDRouter
     from ..modeling.moe import MoEFeedForward
 
     names = set()

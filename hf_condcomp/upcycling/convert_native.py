@@ -1,5 +1,5 @@
-"""Native conversion: for any architecture without a hand-written family, transformers' own model
-under `backbone.` with MoE blocks in its FFNs' places. Where a layer's FFN is comes from
+"""The target's config and state dict: transformers' own model of the source under `backbone.`
+with MoE blocks in its FFNs' places. Where a layer's FFN is comes from
 `hf_condcomp.modeling.architectures` (its layout), checked against the dense layer before use."""
 
 import copy
@@ -12,14 +12,16 @@ from ..modeling.architectures import activation_of, detect_layout, find_layers, 
 from ..modeling.configuration_condcomp import CondCompConfig
 from .copy_weights import copy_rest
 from .expert_init import layout_ffn, moe_block_tensors
-from .families import as_floats_where_expected
+from .targets import as_floats_where_expected
 
 
 def native_layout(dense, task):
     """(layers' path in the dense model, FFN layout, dense FFN width) of a source built natively."""
     src_config = dense.config
     path, layers = find_layers(dense, src_config.num_hidden_layers)
-    layout = detect_layout(src_config.model_type, layers[0], causal=task == "causal-lm")
+    # A decoder's attention is causal whatever its head (a decoder classifier's too).
+    causal = task == "causal-lm" or any(getattr(m, "is_causal", False) is True for m in layers[0].modules())
+    layout = detect_layout(src_config.model_type, layers[0], causal=causal)
     try:
         first_in = layers[0].get_submodule(layout.inputs[0])
         out = layers[0].get_submodule(layout.output)

@@ -1,8 +1,8 @@
 """Expert initialisation: one layer's dense FFN, read in a canonical form, becomes E experts and
 a router by `init` (`copy`, `noise`, `drop`, `split-random`, `split-kmeans`; see `hf_condcomp.upcycle`).
 
-Both conversions (hand-written families and native) read their FFNs with `layout_ffn` and build
-each MoE block's tensors with `moe_block_tensors`.
+The conversion (convert_native.py) reads each FFN with `layout_ffn` and builds each MoE block's
+tensors with `moe_block_tensors`.
 """
 
 import torch

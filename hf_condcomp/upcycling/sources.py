@@ -19,7 +19,7 @@ from ..modeling.common import SENTENCE_TRANSFORMERS_FILES, sentence_transformers
 from ..modeling.configuration_condcomp import is_condcomp_config
 from ..spec import _error
 from .convert_native import native_layout
-from .families import check_task, choose_family
+from .targets import check_task
 
 _AUTO_SOURCE = {
     "base": AutoModel,
@@ -42,29 +42,28 @@ _ARCH_SUFFIX_TASK = (
 )
 
 
-def _task_of_architecture(architecture: str | None, family: str) -> str:
+def _task_of_architecture(architecture: str | None) -> str:
     if architecture:
         for suffix, task in _ARCH_SUFFIX_TASK:
             if architecture.endswith(suffix):
                 return task
-    return "base" if family in ("bert", "native") else "causal-lm"
+    return "base"
 
 
-def load_source(source, task, num_labels, family_choice="auto"):
-    """Returns (dense model, family, task, source name)."""
+def load_source(source, task, num_labels):
+    """Returns (dense model, task, source name)."""
     if isinstance(source, PreTrainedModel):
         model, name = source, getattr(source.config, "_name_or_path", "") or type(source).__name__
         _refuse_upcycled(model.config, name)
-        family = choose_family(model.config, family_choice)
-        source_task = _task_of_architecture(type(model).__name__, family)
+        source_task = _task_of_architecture(type(model).__name__)
         task = task or source_task
-        check_task(task, family)
+        check_task(task)
         if task != source_task:
             raise ValueError(
                 f"`task`={task!r} differs from the loaded model's own task {source_task!r}: pass the source as a "
                 "path or Hub id to change heads, or load it with the head you want."
             )
-        return model, family, task, name
+        return model, task, name
     if not isinstance(source, (str, bytes)) and not hasattr(source, "__fspath__"):
         raise _error("source", source, "a Hub id, a local folder or a loaded `PreTrainedModel`")
     name = str(source)
@@ -79,18 +78,16 @@ def load_source(source, task, num_labels, family_choice="auto"):
             "id, a folder with config.json and weights, or one of the embedded names: " + ", ".join(assets.EMBEDDED)
         ) from err
     _refuse_upcycled(config, name)
-    family = choose_family(config, family_choice)
     architecture = (config.architectures or [None])[0]
-    task = task or _task_of_architecture(architecture, family)
-    check_task(task, family)
-    if family == "native":  # refuse an architecture without a known FFN before reading its weights
-        with torch.device("meta"):
-            try:
-                skeleton = _AUTO_SOURCE[task].from_config(config)
-            except ValueError as err:
-                raise ValueError(f"`source`={name!r} (model type {config.model_type!r}) has no {task} model in "
-                                 f"transformers: {err}") from err
-        native_layout(skeleton, task)
+    task = task or _task_of_architecture(architecture)
+    check_task(task)
+    with torch.device("meta"):  # refuse an architecture without a known FFN before reading its weights
+        try:
+            skeleton = _AUTO_SOURCE[task].from_config(config)
+        except ValueError as err:
+            raise ValueError(f"`source`={name!r} (model type {config.model_type!r}) has no {task} model in "
+                             f"transformers: {err}") from err
+    native_layout(skeleton, task)
     kwargs = {}
     if num_labels is not None and task in ("sequence-classification", "token-classification"):
         kwargs["num_labels"] = num_labels
@@ -100,7 +97,7 @@ def load_source(source, task, num_labels, family_choice="auto"):
         raise
     except (OSError, ValueError, RuntimeError) as err:
         raise ValueError(f"`source`={name!r}: loading its weights failed ({assets.one_line(err)}).") from err
-    return model, family, task, name
+    return model, task, name
 
 
 def _refuse_upcycled(config, name):

@@ -1,0 +1,56 @@
+"""The target model classes of upcycling, the task check, and the checks of config overrides.
+
+Every source becomes transformers' own model of it with the chosen layers made conditional
+(modeling_condcomp.py); the task picks the head class."""
+
+import dataclasses
+import difflib
+import typing
+
+from ..modeling.configuration_condcomp import CondCompConfig
+from ..modeling.modeling_condcomp import (
+    CondCompForCausalLM,
+    CondCompForMaskedLM,
+    CondCompForSequenceClassification,
+    CondCompForTokenClassification,
+    CondCompModel,
+)
+from ..spec import _error
+
+TARGETS = {
+    "base": CondCompModel,
+    "sequence-classification": CondCompForSequenceClassification,
+    "token-classification": CondCompForTokenClassification,
+    "masked-lm": CondCompForMaskedLM,
+    "causal-lm": CondCompForCausalLM,
+}
+
+
+def check_task(task):
+    if task not in TARGETS:
+        raise _error("task", task, f"one of {sorted(TARGETS)}")
+
+
+def check_overrides(overrides, src_config, config_class=CondCompConfig):
+    """Every `upcycle(..., name=value)` override must name a field of the target config (or of the
+    source's): a misspelt name would otherwise be stored as an unused attribute and silently ignored."""
+    known = {f.name for f in dataclasses.fields(config_class)} | set(src_config.to_dict())
+    for name, value in overrides.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
+            raise ValueError(
+                f"`{name}`={value!r} is not an upcycling argument nor a field of {config_class.__name__}.{hint}"
+            )
+
+
+def as_floats_where_expected(config_class, values):
+    """Whole numbers given for float fields (`capacity_factor=2`, `router_aux_loss_coef=0`, as YAML
+    and the command line write them) become floats: the strict config would reject the int."""
+    for field in dataclasses.fields(config_class):
+        value = values.get(field.name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            types = typing.get_args(field.type) or (field.type,)
+            if float in types and int not in types:
+                values[field.name] = float(value)
+    return values
