@@ -36,6 +36,7 @@ import torch
 
 from .legacy import LEGACY_TYPES, convert_folder
 from .legacy import native_config as legacy_native_config
+from .modeling.depth import GATED_VARIANTS
 from .modeling.routing import get_routing_method
 from .saving import check_output_dir, save_atomically
 
@@ -91,7 +92,8 @@ def _llama_family_view(config):
     if sliding is not None and source != "mistral":
         raise _refuse(f"{source!r} sliding-window attention in some layers (`max_window_layers`)",
                       "Keep this model as remote code (trust_remote_code=True).")
-    view.update(sliding_window=sliding, mod_layers=config.mod_layers, gate_layers=config.gate_layers,
+    view.update({v.layers_field: getattr(config, v.layers_field, None) for v in GATED_VARIANTS.values()})
+    view.update(sliding_window=sliding,
                 attention_bias=bool(getattr(text, "attention_bias", False)),
                 qkv_bias=True if source == "qwen2" else None,
                 mlp_bias=bool(getattr(text, "mlp_bias", False)), qk_norm=source == "qwen3")
@@ -122,8 +124,9 @@ def choose_format(config, requested: str = "auto") -> str:
          f"`moe_routing`={config.moe_routing!r}: native MoE models route by token choice"),
         (config.moe_capacity_factor is not None,
          f"`moe_capacity_factor`={config.moe_capacity_factor!r}: native MoE models are dropless"),
-        (bool(config.mod_layers), f"`mod_layers`={config.mod_layers}: Mixture-of-Depths routed blocks"),
-        (bool(config.gate_layers), f"`gate_layers`={config.gate_layers}: compute-allocation gates"),
+        *((bool(getattr(config, v.layers_field, None)),
+           f"`{v.layers_field}`={getattr(config, v.layers_field, None)}: {v.description}")
+          for v in GATED_VARIANTS.values()),
         (bool(config.mlp_bias), "`mlp_bias`=True: native experts have no biases"),
         (config.router_unit_weights and config.num_experts_per_tok > 1,
          "`router_unit_weights`=True with top-k > 1 (split upcycling): native models weight experts by "

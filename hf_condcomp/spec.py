@@ -11,11 +11,13 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .modeling.configuration_condcomp import MOE_IMPLEMENTATIONS, ROUTING_TYPES, CondCompFields
+from .modeling.depth import GATED_VARIANTS
 from .modeling.routing import ROUTING_METHODS
 
 INITS = ("copy", "noise", "drop", "split-random", "split-kmeans")
 TASKS = ("base", "sequence-classification", "token-classification", "masked-lm", "causal-lm")
-VARIANTS = ("moe", "mod", "gate")
+# "moe", then every registered gated variant (modeling/depth.py: `register_gated_variant`).
+VARIANTS = ("moe", *GATED_VARIANTS)
 
 _CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CondCompFields)}
 
@@ -83,8 +85,9 @@ class UpcycleSpec:
         "skipped_tokens_as_keys", "encoders: skipped tokens still serve as attention keys and values")
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise _error("variant", self.variant, f"one of {VARIANTS}")
+        variants = ("moe", *GATED_VARIANTS)  # a variant registered after import is accepted too
+        if self.variant not in variants:
+            raise _error("variant", self.variant, f"one of {variants}")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise _error("num_experts", self.num_experts, "a positive integer")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from .modeling.common import SENTENCE_TRANSFORMERS_SOURCE
+from .modeling.depth import GATED_VARIANTS
 from .spec import SPEC_FIELDS, UpcycleSpec, split_kwargs
 from .upcycling.convert_native import convert_native_state_dict, native_config, native_layout
 from .upcycling.expert_init import balanced_kmeans
@@ -61,11 +62,10 @@ def upcycle(source, **settings):
     spec_settings, config_overrides = split_kwargs(settings)
     spec = UpcycleSpec(**spec_settings)  # checks every setting, naming it
     config_overrides = {**spec.config_overrides(), **config_overrides}
-    (variant, num_experts, top_k, routing, capacity_factor, init, layers, task, num_labels, capacity, compute_penalty,
-     threshold, mod_layers, noise_std, drop_ratio, seed, moe_implementation) = (getattr(spec, name) for name in (
+    (variant, num_experts, top_k, routing, capacity_factor, init, layers, task, num_labels, mod_layers, noise_std,
+     drop_ratio, seed, moe_implementation) = (getattr(spec, name) for name in (
         "variant", "num_experts", "top_k", "routing", "capacity_factor", "init", "layers", "task", "num_labels",
-        "capacity", "compute_penalty", "threshold", "mod_layers", "noise_std", "drop_ratio", "seed",
-        "moe_implementation"))
+        "mod_layers", "noise_std", "drop_ratio", "seed", "moe_implementation"))
 
     dense, task, source_name = load_source(source, task, num_labels)
     check_task(task)
@@ -87,12 +87,14 @@ def upcycle(source, **settings):
             router_unit_weights=split,
             moe_expert_intermediate_size=inter // num_experts if split else inter,
         )
-    if variant == "mod":
-        fields.update(mod_layers=chosen, mod_capacity=capacity)
-    elif variant == "gate":
-        fields.update(gate_layers=chosen, gate_compute_penalty=compute_penalty, gate_threshold=threshold)
-    elif mod_layers is not None:
-        fields.update(mod_layers=parse_layers(mod_layers, num_layers, "mod_layers"), mod_capacity=capacity)
+    gated = GATED_VARIANTS.get(variant)
+    if gated is None and mod_layers is not None:  # MoE + Mixture-of-Depths
+        gated, chosen_gated = GATED_VARIANTS["mod"], parse_layers(mod_layers, num_layers, "mod_layers")
+    else:
+        chosen_gated = chosen
+    if gated is not None:
+        fields[gated.layers_field] = chosen_gated
+        fields.update({field: getattr(spec, name) for name, field in gated.spec_fields.items()})
     if task in ("sequence-classification", "token-classification"):
         fields["num_labels"] = src_config.num_labels
         fields["id2label"] = src_config.id2label
@@ -108,9 +110,8 @@ def upcycle(source, **settings):
         "top_k": top_k if variant == "moe" else None,
         "routing": routing if variant == "moe" else None,
         "capacity_factor": capacity_factor,
-        "capacity": capacity if variant == "mod" else None,
-        "compute_penalty": compute_penalty if variant == "gate" else None,
-        "threshold": threshold if variant == "gate" else None,
+        **{name: getattr(spec, name) if v.name == variant else None
+           for v in GATED_VARIANTS.values() for name in v.spec_fields},
         "noise_std": noise_std if init == "noise" else None,
         "drop_ratio": drop_ratio if init == "drop" else None,
         "seed": seed,

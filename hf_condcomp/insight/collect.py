@@ -71,8 +71,9 @@ def find_recorders(model) -> list[tuple[int, str, torch.nn.Module]]:
 
 
 def gated_layers_configured(model) -> list[int]:
-    config = model.config
-    return sorted(set(getattr(config, "mod_layers", None) or []) | set(getattr(config, "gate_layers", None) or []))
+    from ..modeling.depth import conditional_layer_indices
+
+    return conditional_layer_indices(model.config)
 
 
 def _model_inputs(batch: dict, device) -> dict:

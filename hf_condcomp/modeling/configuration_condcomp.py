@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, GPT2Config, PreTrainedConfig
 
+from .depth import GATED_VARIANTS
 from .experts import EXPERTS_FUNCTIONS
 from .routing import ROUTING_METHODS
 
@@ -138,14 +139,18 @@ def validate_condcomp_config(config) -> None:
         raise ValueError(f"`moe_expert_intermediate_size` must be a positive integer or None, got {size!r}.")
     n = config.num_hidden_layers
     _check_layers("moe_layers", config.moe_layers, n)
-    _check_layers("mod_layers", config.mod_layers, n)
-    _check_layers("gate_layers", config.gate_layers, n)
-    overlap = sorted(set(config.mod_layers) & set(config.gate_layers))
-    if overlap:
-        raise ValueError(
-            f"layer {overlap[0]} is in both `mod_layers` and `gate_layers`: a block is either routed "
-            "(Mixture-of-Depths) or gated, not both."
-        )
+    owner = {}  # layer -> the gated variant's field that lists it
+    for variant in GATED_VARIANTS.values():
+        field = variant.layers_field
+        layers = getattr(config, field, None) or []  # a variant defined outside: absent from other configs
+        _check_layers(field, layers, n)
+        for i in layers:
+            if i in owner:
+                raise ValueError(
+                    f"layer {i} is in both `{owner[i]}` and `{field}`: a block has one gated variant (routed, "
+                    "gated, ...), not two."
+                )
+            owner[i] = field
     if config.skipped_tokens_as_keys and (getattr(config, "ffn_layout", None) or {}).get("causal", True):
         raise ValueError(
             "`skipped_tokens_as_keys`=True is supported for encoders only, got model type "
@@ -170,9 +175,10 @@ def validate_condcomp_config(config) -> None:
 
 
 def _post_init(config):
-    for name in ("moe_layers", "mod_layers", "gate_layers"):
-        value = getattr(config, name)
-        setattr(config, name, [] if value is None else [int(i) for i in value])
+    for name in ("moe_layers", *(v.layers_field for v in GATED_VARIANTS.values())):
+        if hasattr(config, name):  # declared here, or the field of a variant defined outside
+            value = getattr(config, name)
+            setattr(config, name, [] if value is None else [int(i) for i in value])
     validate_condcomp_config(config)
 
 

@@ -1,32 +1,19 @@
-"""Routed blocks and compute-allocation gates on transformers' own layers.
+"""Conditional layers on transformers' own layers: the mechanism every gated variant shares.
 
-A layer listed in `mod_layers` or `gate_layers` stays the source's layer module (its class,
-weights, attention dispatch and cache handling are transformers'); it gains a small module
-(`mod_router` (+ `mod_predictor` in decoders) or `compute_gate`) and its class becomes a subclass
-of the source's layer class whose `forward` decides, per token, whether the layer runs. The
-weights keep the dense checkpoint's names (`model.layers.3.self_attn.q_proj.weight`), the router's
-are `model.layers.3.mod_router.weight`.
+A layer listed in a gated variant's config field (`mod_layers`, `gate_layers`) stays the source's
+layer module (its class, weights, attention dispatch and cache handling are transformers'); it gains
+the variant's small modules (`mod_router` (+ `mod_predictor` in decoders), `compute_gate`) and its
+class becomes a subclass of the source's layer class whose `forward` asks the variant which tokens
+run and with what weight, then runs the layer on those tokens only:
+    x_i' = x_i + s_i * (f(x)_i - x_i)   for kept tokens,   x_i' = x_i otherwise.
+The weights keep the dense checkpoint's names (`model.layers.3.self_attn.q_proj.weight`), the
+variant's are `model.layers.3.mod_router.weight`.
 
-Mixture-of-Depths routed blocks (Raposo et al. 2024, eq. 1):
-    r_i = w . x_i (`mod_router`); per sequence the top C = ceil(capacity * real tokens) tokens run
-    the whole layer f, the others pass along the residual unchanged:
-        x_i' = x_i + 2 sigmoid(r_i) * (f(x)_i - x_i)   for routed tokens,   x_i' = x_i otherwise.
-    2 sigmoid(r) with a zero-initialised w is exactly 1 at init, so at capacity 1 an upcycled model
-    equals its dense parent, and d(scale)/dr = 1/2 lets the router learn from the task loss.
-    Top-k over a sequence looks at future tokens, so decoders get the paper's causal predictor
-    (section 3.5): `mod_predictor`, a small MLP on the stop-gradient layer input, trained with a
-    binary cross-entropy against top-k membership (weight `mod_aux_loss_coef`). Decoders route by
-    top-k in training; in eval mode and generation token t runs iff the predictor says p > 0.5,
-    which depends on tokens <= t only, so a teacher-forced eval forward and `generate()` (with or
-    without the KV cache) make the same decisions.
-
-Compute-allocation gates (adaptive computation with a ponder cost, Graves 2016; one gate per layer):
-    a_i = sigmoid(v . x_i + b) (`compute_gate`), x_i' = x_i + a_i * (f(x)_i - x_i). Training runs
-    every token and adds `gate_compute_penalty * mean(a)` (mean over real tokens and gated layers)
-    to the loss (`gate_straight_through`: with the inference decision in the forward, as below, and
-    the soft gate's gradient); in eval mode tokens with a_i < `gate_threshold` skip the layer.
-    v starts at 0 and b at `gate_init_bias`: every token starts at a = sigmoid(b) (b = 4: 0.982;
-    b >= 17 rounds to 1 in fp32, and the model equals its dense parent).
+A gated variant is a `GatedVariant` registered by name with `@register_gated_variant`, in a module
+of its own: Mixture-of-Depths routed blocks ("mod", mixture_of_depths.py) and compute-allocation
+gates ("gate", compute_gates.py). A variant says which config field lists its layers, which modules
+it adds to a layer, how it decides (`decide`), and which upcycling settings it reads; this module
+owns everything else (sub-batches, positions, masks, the KV cache).
 
 Skipped tokens are never computed: the kept tokens are gathered into (B, C, H) and the layer runs on
 them, with their own positions (`position_ids`, RoPE `position_embeddings` gathered) and an
@@ -45,125 +32,85 @@ keys/values and a per-layer validity mask, kept on the cache object, hides them 
 The cache's class gains the validity (`ValidityCache`): `reorder_cache` (beam search),
 `batch_repeat_interleave`, `batch_select_indices` and `reset` apply to it as to the keys.
 
-This file travels to the Hub with every saved model: only sibling relative imports.
+This file and the variants' travel to the Hub with every saved model: only sibling relative imports.
 """
 
 import importlib
 import inspect
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import initialization as init
 from transformers.cache_utils import Cache
 
-PREDICTOR_WIDTH_DIVISOR = 8  # predictor hidden width = max(8, H / 8): ~2% of a block's FLOPs
-_CEIL_SLACK = 1e-6  # ceil(0.7 * 10) must be 7, not 8 from 7.000000000000001
 KV_VALID_ATTR = "condcomp_kv_valid"
 SUBSET_ATTENTION = ("sdpa", "eager")
 
 
-def routed_token_count(num_tokens: int, capacity: float) -> int:
-    """Tokens a routed block processes in a sequence of `num_tokens` real tokens: ceil(c * n)."""
-    if num_tokens <= 0:
-        return 0
-    return max(1, math.ceil(capacity * num_tokens - _CEIL_SLACK))
+class GatedVariant:
+    """A per-token decision of whether a source layer runs. Subclass it in a module of its own, set the
+    class attributes and register it with `@register_gated_variant`; the module must be imported at the
+    end of this file (a sibling relative import, so that it travels to the Hub with saved models).
+
+    name: the `variant` users pass to `upcycle` ("mod").
+    layers_field: the config field listing its layers ("mod_layers").
+    modules: {attribute: module class} it adds to a layer; their parameters are routing parameters
+        (`--router_learning_rate`, kept trainable under LoRA) and are initialised by
+        `_condcomp_init(std)` / drawn by `_condcomp_fresh(name, config, generator)`.
+    spec_fields: {upcycling setting: config field} copied into the config when this variant is chosen.
+    config_fields: config fields of its own that `CondCompConfig` does not declare (a variant defined
+        outside the package); `upcycle` accepts them, with its `layers_field`, as keyword arguments.
+    description: what a refusal calls it ("Mixture-of-Depths routed blocks").
+    """
+
+    name: str = None
+    layers_field: str = None
+    modules: dict = {}
+    spec_fields: dict = {}
+    config_fields: tuple = ()
+    description: str = None
+
+    def install(self, layer, config, causal):
+        """Add this variant's modules to `layer` (every one in `modules`, unless overridden)."""
+        for attribute, cls in self.modules.items():
+            setattr(layer, attribute, cls(config))
+
+    def config(self, layer):
+        """The model config the layer's variant modules read at call time."""
+        return next(layer._modules[a] for a in self.modules if a in layer._modules).config
+
+    def decide(self, layer, x, rec, named):
+        """(keep, scale) for the layer input x (B, T, H): keep (B, T) bool tokens that run, or None for
+        every token, or `STRAIGHT_THROUGH` to run every token with the decision applied in the
+        forward; scale (B, T) the weight of each token's update. Losses go to `rec.extra_losses`."""
+        raise NotImplementedError
 
 
-class MoDRouter(nn.Module):
-    """Scalar router of a Mixture-of-Depths block: r = w . x, w zero-initialised (see module doc)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config  # read at call time: `mod_capacity` can be changed after loading
-        self.weight = nn.Parameter(torch.zeros(1, config.hidden_size))
-        self.record_routing = False
-        self.routing_log = []  # (B, T) bool selections, one per forward, when `record_routing`
-
-    def forward(self, x):
-        return F.linear(x, self.weight).squeeze(-1).float()  # (B, T)
-
-    def _condcomp_init(self, std):
-        init.zeros_(self.weight)
-
-    def _condcomp_fresh(self, name, config, generator):
-        return torch.zeros(tuple(self.weight.shape))
+GATED_VARIANTS: dict[str, GatedVariant] = {}
 
 
-class MoDPredictor(nn.Module):
-    """Causal routing predictor of a decoder's routed block (Raposo et al. 2024, section 3.5):
-    logit of "this token is in the top-k", from the stop-gradient block input of that token only."""
-
-    def __init__(self, config):
-        super().__init__()
-        hidden = config.hidden_size
-        width = max(8, hidden // PREDICTOR_WIDTH_DIVISOR)
-        self.w_in = nn.Parameter(torch.empty(width, hidden))
-        self.b_in = nn.Parameter(torch.zeros(width))
-        self.w_out = nn.Parameter(torch.empty(1, width))
-        self.b_out = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        h = F.gelu(F.linear(x.detach(), self.w_in, self.b_in))  # (B, T, width)
-        return F.linear(h, self.w_out, self.b_out).squeeze(-1).float()  # (B, T)
-
-    def _condcomp_init(self, std):
-        init.normal_(self.w_in, mean=0.0, std=std)
-        init.normal_(self.w_out, mean=0.0, std=std)
-        init.zeros_(self.b_in)
-        init.zeros_(self.b_out)
-
-    def _condcomp_fresh(self, name, config, generator):
-        shape = tuple(getattr(self, name).shape)
-        if name.startswith("b_"):
-            return torch.zeros(shape)
-        return torch.randn(shape, generator=generator) * config.initializer_range
+def register_gated_variant(cls):
+    """Class decorator: register a `GatedVariant` subclass under its `name`."""
+    known = GATED_VARIANTS.get(cls.name)
+    if known is not None and type(known) is not cls:
+        raise ValueError(f"gated variant {cls.name!r} is already registered by {type(known).__name__}.")
+    GATED_VARIANTS[cls.name] = cls()
+    return cls
 
 
-class ComputeGate(nn.Module):
-    """Compute-allocation gate a = sigmoid(v . x + b), v = 0 and b = `gate_init_bias` at init."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config  # read at call time: `gate_threshold` can be swept after loading
-        self.weight = nn.Parameter(torch.zeros(1, config.hidden_size))
-        self.bias = nn.Parameter(torch.full((1,), float(config.gate_init_bias)))
-        self.record_routing = False
-        self.routing_log = []
-
-    def forward(self, x):
-        return torch.sigmoid(F.linear(x, self.weight, self.bias).squeeze(-1).float())  # (B, T)
-
-    def _condcomp_init(self, std):
-        init.zeros_(self.weight)
-        init.constant_(self.bias, float(self.config.gate_init_bias))
-
-    def _condcomp_fresh(self, name, config, generator):
-        if name == "bias":
-            return torch.full((1,), float(config.gate_init_bias))
-        return torch.zeros(tuple(self.weight.shape))
+def layer_variant(layer) -> GatedVariant:
+    """The gated variant of an installed conditional layer."""
+    return GATED_VARIANTS[layer._condcomp_variant]
 
 
-def top_capacity(scores, token_mask, capacity, pinned=None):
-    """(B, T) bool: per sequence the ceil(capacity * real tokens) real tokens of highest score;
-    `pinned` (B, T) bool tokens are taken first, within that count."""
-    B, T = scores.shape
-    if pinned is not None:
-        scores = scores.masked_fill(pinned, float("inf"))
-    if token_mask is None:
-        k = routed_token_count(T, capacity)
-        index = scores.topk(k, dim=-1).indices  # (B, k)
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, True)
-    n_real = token_mask.sum(-1)  # (B,)
-    k = torch.ceil(capacity * n_real.double() - _CEIL_SLACK).long().clamp(min=1)
-    k = torch.where(n_real > 0, k, torch.zeros_like(k))  # (B,)
-    k_max = int(k.max())
-    if k_max == 0:
-        return torch.zeros_like(token_mask)
-    index = scores.masked_fill(~token_mask, float("-inf")).topk(k_max, dim=-1).indices  # (B, k_max)
-    keep = torch.arange(k_max, device=scores.device) < k.unsqueeze(-1)  # (B, k_max)
-    return torch.zeros_like(token_mask).scatter_(1, index, keep)
+def variant_config_fields() -> set[str]:
+    """The config fields the registered variants name (their layers and any field of their own)."""
+    return {name for v in GATED_VARIANTS.values() for name in (v.layers_field, *v.config_fields)}
+
+
+def conditional_layer_indices(config) -> list[int]:
+    """Every layer of `config` that some gated variant routes or gates."""
+    return sorted({i for v in GATED_VARIANTS.values() for i in (getattr(config, v.layers_field, None) or [])})
 
 
 def masked_mean(values, mask):
@@ -185,6 +132,7 @@ class Recorder:
     router_logits: the MoE blocks' logits, in layer order; `prefiltered` indexes those whose rows
         are already restricted to real tokens (MoE blocks inside a routed layer, unpadded inputs).
     extra_losses: the gated layers' weighted losses; layer_fractions: {layer: executed share}.
+    The variants' `decide` read it (token_mask, pinned) and add to it (extra_losses, decided).
     """
 
     def __init__(self, token_mask=None, key_mask=None, pinned=None):
@@ -196,6 +144,7 @@ class Recorder:
         self.extra_losses = []
         self.layer_fractions = {}
         self.row_mask = None  # (B, C) rows of a routed layer's sub-batch that are real tokens
+        self.decided = {}  # {layer: (B, T) bool} a straight-through decision, from `decide` to the forward
 
 
 # --- the cache's per-layer validity ----------------------------------------------------------
@@ -278,8 +227,8 @@ class _ScatteredCache:
 
 
 class ConditionalLayerMixin:
-    """Mixed into a source layer class (see `conditional_layer_class`): a routed block when the layer
-    has a `mod_router`, a gated layer when it has a `compute_gate`."""
+    """Mixed into a source layer class (see `conditional_layer_class`): the layer runs the tokens its
+    gated variant (`_condcomp_variant`, a name in `GATED_VARIANTS`) keeps."""
 
     _condcomp_recorder = None
 
@@ -288,61 +237,14 @@ class ConditionalLayerMixin:
         hidden_name = next(iter(_signature(type(self)).parameters))
         x = named.pop(hidden_name)
         recorder = self.__dict__.get("_condcomp_recorder") or Recorder()
-        if "mod_router" in self._modules:
-            keep, scale = self._route(x, recorder)
-            out = self._run_subset(x, named, hidden_name, recorder, keep, scale)
+        keep, scale = layer_variant(self).decide(self, x, recorder, named)
+        if keep is STRAIGHT_THROUGH:
+            out = self._straight_through(x, named, hidden_name, recorder, scale)
         else:
-            keep, scale = self._gate(x, recorder, named)
-            if keep is _STRAIGHT_THROUGH:
-                out = self._straight_through(x, named, hidden_name, recorder, scale)
-            else:
-                out = self._run_subset(x, named, hidden_name, recorder, keep, scale)
+            out = self._run_subset(x, named, hidden_name, recorder, keep, scale)
         # Layers that return (hidden states, attention weights) (GPT-Neo) keep that shape; the
         # weights of a subset have no full-sequence shape (output_attentions is refused).
         return (out, None) if _returns_tuple(type(self)) else out
-
-    # decisions
-
-    def _route(self, x, rec):
-        router = self.mod_router
-        predictor = self._modules.get("mod_predictor")
-        config = router.config
-        scores = router(x)  # (B, T)
-        real = rec.token_mask
-        if config.mod_capacity >= 1.0:
-            keep = None
-        elif predictor is not None and not self.training:
-            keep = predictor(x) > 0  # p > 0.5: the causal decision of eval and generation
-            keep = keep if rec.pinned is None else keep | rec.pinned
-            keep = keep if real is None else keep & real
-        else:
-            keep = top_capacity(scores, real, config.mod_capacity, rec.pinned)
-            if predictor is not None and config.mod_aux_loss_coef > 0:
-                bce = F.binary_cross_entropy_with_logits(predictor(x), keep.float(), reduction="none")
-                rec.extra_losses.append(config.mod_aux_loss_coef * masked_mean(bce, real))
-        if router.record_routing:
-            router.routing_log.append((keep if keep is not None else _all_real(x, real)).detach())
-        return keep, 2.0 * torch.sigmoid(scores)
-
-    def _gate(self, x, rec, named):
-        gate = self.compute_gate
-        config = gate.config
-        a = gate(x)  # (B, T) allocations in [0, 1]
-        real = rec.token_mask
-        decided = a >= config.gate_threshold
-        decided = decided if rec.pinned is None else decided | rec.pinned
-        decided = decided if real is None else decided & real  # the inference decision
-        if self.training:
-            rec.extra_losses.append(config.gate_compute_penalty * masked_mean(a, real) / len(config.gate_layers))
-            if config.gate_straight_through:
-                self._decided = decided
-                return _STRAIGHT_THROUGH, a
-            keep = None  # soft gates: every token runs, so `a` gets its gradient
-        else:
-            keep = decided
-        if gate.record_routing:
-            gate.routing_log.append((keep if keep is not None else _all_real(x, real)).detach())
-        return keep, a
 
     # execution
 
@@ -350,10 +252,10 @@ class ConditionalLayerMixin:
         """Training forward equal to the inference one: tokens outside the inference decision get no
         update and are hidden as keys (unless `skipped_tokens_as_keys`), the rest get a times their
         update; every token is computed so each allocation gets the soft gate's gradient."""
-        keep = self.__dict__.pop("_decided")
+        keep = rec.decided.pop(self._condcomp_index)
         hard = keep.to(a.dtype)
         scale = a * hard + (a - a.detach()) * (1 - hard)  # value: a or 0; gradient: as the soft gate's
-        config = self.compute_gate.config
+        config = self._condcomp_config()
         idx = self._condcomp_index
         rec.layer_fractions[idx] = 1.0  # training computes every token
         if not config.skipped_tokens_as_keys:
@@ -405,11 +307,11 @@ class ConditionalLayerMixin:
             out = _call(self, x, named, hidden_name)
             return x + scale.unsqueeze(-1).to(x.dtype) * (out - x)
         if keep is None:
-            keep = _all_real(x, real)
+            keep = all_real(x, real)
 
         counts = keep.sum(-1)  # (B,)
         C = int(counts.max())
-        config = (self._modules.get("mod_router") or self._modules.get("compute_gate")).config
+        config = self._condcomp_config()
         as_keys = config.skipped_tokens_as_keys and cache is None
         executed = float(counts.sum())
         if as_keys:  # the key/value projections of the skipped tokens of sequences that run at all
@@ -433,7 +335,7 @@ class ConditionalLayerMixin:
         window = self._condcomp_window()
         if as_keys:
             key_index = torch.arange(T, device=x.device).expand(B, T)
-            key_valid = _all_real(x, real)
+            key_valid = all_real(x, real)
             sub[cache_name or self._condcomp_cache_param] = _KeySource(self, x, keep, key_valid)
         elif cache is None:
             key_index, key_valid = index, valid if real is None else valid & real.gather(1, index)
@@ -465,12 +367,15 @@ class ConditionalLayerMixin:
 
     # helpers
 
+    def _condcomp_config(self):
+        return layer_variant(self).config(self)
+
     def _store_valid(self, cache, past_valid, new_valid):
         store = _with_validity(cache)
         store[self._condcomp_index] = torch.cat([past_valid, new_valid], dim=1)
 
     def _condcomp_window(self):
-        config = (self._modules.get("mod_router") or self._modules.get("compute_gate")).config
+        config = self._condcomp_config()
         text = config.text_config
         types = getattr(text, "layer_types", None)
         if types:
@@ -486,7 +391,7 @@ class ConditionalLayerMixin:
         return ("causal" if self._condcomp_causal else "bidirectional", int(window))
 
     def _condcomp_kv_shape(self, B, T):
-        text = (self._modules.get("mod_router") or self._modules.get("compute_gate")).config.text_config
+        text = self._condcomp_config().text_config
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -494,7 +399,7 @@ class ConditionalLayerMixin:
 
     def _mask_format(self, allowed, dtype):
         """`allowed` (B, 1, Q, K) bool in the attention implementation's mask format."""
-        text = (self._modules.get("mod_router") or self._modules.get("compute_gate")).config.text_config
+        text = self._condcomp_config().text_config
         name = getattr(text, "_attn_implementation", None) or "sdpa"
         if name == "sdpa":
             return allowed
@@ -507,7 +412,7 @@ class ConditionalLayerMixin:
         )
 
 
-_STRAIGHT_THROUGH = object()
+STRAIGHT_THROUGH = object()  # `decide`: run every token, the decision applied in the forward
 
 
 class _KeySource:
@@ -550,7 +455,7 @@ def _kv_share(layer, config):
     return 2 * H * H / (4 * H * H + 2 * H * inter)
 
 
-def _all_real(x, real):
+def all_real(x, real):
     return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if real is None else real
 
 
@@ -698,16 +603,16 @@ def kv_modules(layer):
 
 
 def install_conditional_layers(layers, config, causal):
-    """Make the `mod_layers` routed blocks and the `gate_layers` gated layers; returns them."""
+    """Make the layers of every registered gated variant (`mod_layers`, `gate_layers`, ...); returns them."""
     installed = []
-    for kind, indices in (("mod", config.mod_layers or []), ("gate", config.gate_layers or [])):
-        for i in indices:
+    for variant in GATED_VARIANTS.values():
+        for i in getattr(config, variant.layers_field, None) or []:
             layer = layers[i]
             reason = unsupported_reason(layer)
             if reason is not None:
                 raise ValueError(
-                    f"`{kind}_layers`: model type {config.text_config.model_type!r} cannot have Mixture-of-Depths or "
-                    f"gated layers: {reason}. Upcycle it with `variant='moe'`."
+                    f"`{variant.layers_field}`: model type {config.text_config.model_type!r} cannot have "
+                    f"{variant.description}: {reason}. Upcycle it with `variant='moe'`."
                 )
             if config.skipped_tokens_as_keys and (causal or kv_modules(layer) is None):
                 raise ValueError(
@@ -718,16 +623,17 @@ def install_conditional_layers(layers, config, causal):
             layer.__class__ = conditional_layer_class(type(layer))
             layer._condcomp_index = i
             layer._condcomp_causal = causal
+            layer._condcomp_variant = variant.name
             layer._condcomp_cache_param = next((p for p in ("cache", "past_key_values", "layer_past") if p in params),
                                                None)
-            if kind == "mod":
-                layer.mod_router = MoDRouter(config)
-                if causal:
-                    layer.mod_predictor = MoDPredictor(config)
-            else:
-                layer.compute_gate = ComputeGate(config)
+            variant.install(layer, config, causal)
             installed.append(layer)
-    return installed
+    return sorted(installed, key=lambda layer: layer._condcomp_index)
 
 
 ConditionalLayerMixin._condcomp_kv_modules = lambda self: kv_modules(self)
+
+
+# The built-in variants register themselves (their modules import the names above).
+from .compute_gates import ComputeGate  # noqa: E402,F401
+from .mixture_of_depths import MoDPredictor, MoDRouter, routed_token_count, top_capacity  # noqa: E402,F401

@@ -31,7 +31,7 @@ from .architectures import find_layers, layout_from_dict
 from .common import CondCompInitMixin, compute_fraction, condcomp_losses, use_return_dict
 from .compat import CACHE_KEY, cache_argument, is_custom_code
 from .configuration_condcomp import CondCompConfig
-from .depth import Recorder, install_conditional_layers
+from .depth import Recorder, install_conditional_layers, layer_variant
 from .moe import MoEFeedForward
 
 
@@ -199,7 +199,7 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
             for module in block.modules():
                 self._initialize_weights(module, custom)
         for layer in self._conditional_layers:
-            for name in ("mod_router", "mod_predictor", "compute_gate"):
+            for name in layer_variant(layer).modules:
                 if name in layer._modules:
                     self._initialize_weights(layer._modules[name], custom)
         super().initialize_weights()

@@ -170,14 +170,16 @@ def routing_parameter_names(model) -> set[str]:
     predictors, compute-allocation gates. One definition for the optimizer's groups,
     `--router_learning_rate` and the LoRA keep-list. Found by module type, so that any wrapper's
     prefix (PEFT's `base_model.model.`, DDP's `module.`) is part of the names it returns."""
-    from ..modeling.depth import ComputeGate, MoDPredictor, MoDRouter
+    from ..modeling.depth import GATED_VARIANTS
     from ..modeling.moe import MoEFeedForward
+
+    gated = tuple(cls for v in GATED_VARIANTS.values() for cls in v.modules.values())
 
     names = set()
     for prefix, module in model.named_modules():
         if isinstance(module, MoEFeedForward):
             owned = module.router.named_parameters(prefix=f"{prefix}.router")
-        elif isinstance(module, (MoDRouter, MoDPredictor, ComputeGate)):
+        elif isinstance(module, gated):
             owned = module.named_parameters(prefix=prefix)
         else:
             continue

@@ -10,6 +10,7 @@ from transformers.activations import ACT2FN
 
 from ..modeling.architectures import activation_of, detect_layout, find_layers, layout_to_dict
 from ..modeling.configuration_condcomp import CondCompConfig
+from ..modeling.depth import variant_config_fields
 from .copy_weights import copy_rest
 from .expert_init import layout_ffn, moe_block_tensors
 from .targets import as_floats_where_expected
@@ -39,7 +40,7 @@ def native_config(src_config, native, fields, overrides):
     """CondCompConfig around a copy of the source's config; overrides of the source's own fields
     (`hidden_dropout_prob=0.0`, ...) go into that copy."""
     _, layout, _ = native
-    own = {f.name for f in dataclasses.fields(CondCompConfig)}
+    own = {f.name for f in dataclasses.fields(CondCompConfig)} | variant_config_fields()
     text_config = copy.deepcopy(src_config)
     for name, value in overrides.items():
         if name in own:

@@ -8,6 +8,7 @@ import difflib
 import typing
 
 from ..modeling.configuration_condcomp import CondCompConfig
+from ..modeling.depth import variant_config_fields
 from ..modeling.modeling_condcomp import (
     CondCompForCausalLM,
     CondCompForMaskedLM,
@@ -35,6 +36,7 @@ def check_overrides(overrides, src_config, config_class=CondCompConfig):
     """Every `upcycle(..., name=value)` override must name a field of the target config (or of the
     source's): a misspelt name would otherwise be stored as an unused attribute and silently ignored."""
     known = {f.name for f in dataclasses.fields(config_class)} | set(src_config.to_dict())
+    known |= variant_config_fields()
     for name, value in overrides.items():
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3)
