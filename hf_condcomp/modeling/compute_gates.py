@@ -9,7 +9,7 @@ layer): the gated variant "gate".
     b >= 17 rounds to 1 in fp32, and the model equals its dense parent).
 
 Config fields: `gate_layers`, `gate_compute_penalty`, `gate_threshold`, `gate_init_bias`,
-`gate_straight_through`. The layer mechanism is depth.py's.
+`gate_straight_through`. The layer mechanism is depth.py's, the registry variants.py's.
 This file travels to the Hub with every saved model: only sibling relative imports.
 """
 
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import initialization as init
 
-from .depth import STRAIGHT_THROUGH, GatedVariant, all_real, masked_mean, register_gated_variant
+from .variants import STRAIGHT_THROUGH, GatedVariant, all_real, masked_mean, register_gated_variant
 
 
 class ComputeGate(nn.Module):

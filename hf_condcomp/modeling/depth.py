@@ -9,8 +9,8 @@ run and with what weight, then runs the layer on those tokens only:
 The weights keep the dense checkpoint's names (`model.layers.3.self_attn.q_proj.weight`), the
 variant's are `model.layers.3.mod_router.weight`.
 
-A gated variant is a `GatedVariant` registered by name with `@register_gated_variant`, in a module
-of its own: Mixture-of-Depths routed blocks ("mod", mixture_of_depths.py) and compute-allocation
+A gated variant is a `GatedVariant` registered by name with `@register_gated_variant` (variants.py),
+in a module of its own: Mixture-of-Depths routed blocks ("mod", mixture_of_depths.py) and compute-allocation
 gates ("gate", compute_gates.py). A variant says which config field lists its layers, which modules
 it adds to a layer, how it decides (`decide`), and which upcycling settings it reads; this module
 owns everything else (sub-batches, positions, masks, the KV cache).
@@ -43,81 +43,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
+from .variants import (  # noqa: F401  (the registry's names, for the modules that import them from here)
+    GATED_VARIANTS,
+    STRAIGHT_THROUGH,
+    GatedVariant,
+    all_real,
+    conditional_layer_indices,
+    layer_variant,
+    masked_mean,
+    register_gated_variant,
+    variant_config_fields,
+)
+
 KV_VALID_ATTR = "condcomp_kv_valid"
 SUBSET_ATTENTION = ("sdpa", "eager")
-
-
-class GatedVariant:
-    """A per-token decision of whether a source layer runs. Subclass it in a module of its own, set the
-    class attributes and register it with `@register_gated_variant`; the module must be imported at the
-    end of this file (a sibling relative import, so that it travels to the Hub with saved models).
-
-    name: the `variant` users pass to `upcycle` ("mod").
-    layers_field: the config field listing its layers ("mod_layers").
-    modules: {attribute: module class} it adds to a layer; their parameters are routing parameters
-        (`--router_learning_rate`, kept trainable under LoRA) and are initialised by
-        `_condcomp_init(std)` / drawn by `_condcomp_fresh(name, config, generator)`.
-    spec_fields: {upcycling setting: config field} copied into the config when this variant is chosen.
-    config_fields: config fields of its own that `CondCompConfig` does not declare (a variant defined
-        outside the package); `upcycle` accepts them, with its `layers_field`, as keyword arguments.
-    description: what a refusal calls it ("Mixture-of-Depths routed blocks").
-    """
-
-    name: str = None
-    layers_field: str = None
-    modules: dict = {}
-    spec_fields: dict = {}
-    config_fields: tuple = ()
-    description: str = None
-
-    def install(self, layer, config, causal):
-        """Add this variant's modules to `layer` (every one in `modules`, unless overridden)."""
-        for attribute, cls in self.modules.items():
-            setattr(layer, attribute, cls(config))
-
-    def config(self, layer):
-        """The model config the layer's variant modules read at call time."""
-        return next(layer._modules[a] for a in self.modules if a in layer._modules).config
-
-    def decide(self, layer, x, rec, named):
-        """(keep, scale) for the layer input x (B, T, H): keep (B, T) bool tokens that run, or None for
-        every token, or `STRAIGHT_THROUGH` to run every token with the decision applied in the
-        forward; scale (B, T) the weight of each token's update. Losses go to `rec.extra_losses`."""
-        raise NotImplementedError
-
-
-GATED_VARIANTS: dict[str, GatedVariant] = {}
-
-
-def register_gated_variant(cls):
-    """Class decorator: register a `GatedVariant` subclass under its `name`."""
-    known = GATED_VARIANTS.get(cls.name)
-    if known is not None and type(known) is not cls:
-        raise ValueError(f"gated variant {cls.name!r} is already registered by {type(known).__name__}.")
-    GATED_VARIANTS[cls.name] = cls()
-    return cls
-
-
-def layer_variant(layer) -> GatedVariant:
-    """The gated variant of an installed conditional layer."""
-    return GATED_VARIANTS[layer._condcomp_variant]
-
-
-def variant_config_fields() -> set[str]:
-    """The config fields the registered variants name (their layers and any field of their own)."""
-    return {name for v in GATED_VARIANTS.values() for name in (v.layers_field, *v.config_fields)}
-
-
-def conditional_layer_indices(config) -> list[int]:
-    """Every layer of `config` that some gated variant routes or gates."""
-    return sorted({i for v in GATED_VARIANTS.values() for i in (getattr(config, v.layers_field, None) or [])})
-
-
-def masked_mean(values, mask):
-    if mask is None:
-        return values.mean()
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 # --- the per-forward state -------------------------------------------------------------------
@@ -412,7 +351,6 @@ class ConditionalLayerMixin:
         )
 
 
-STRAIGHT_THROUGH = object()  # `decide`: run every token, the decision applied in the forward
 
 
 class _KeySource:
@@ -453,10 +391,6 @@ def _kv_share(layer, config):
     if config.moe_layers and layer._condcomp_index in config.moe_layers:
         inter = config.num_experts_per_tok * (config.moe_expert_intermediate_size or inter)
     return 2 * H * H / (4 * H * H + 2 * H * inter)
-
-
-def all_real(x, real):
-    return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if real is None else real
 
 
 def _allowed(query_index, key_index, key_valid, causal, window):
@@ -634,6 +568,6 @@ def install_conditional_layers(layers, config, causal):
 ConditionalLayerMixin._condcomp_kv_modules = lambda self: kv_modules(self)
 
 
-# The built-in variants register themselves (their modules import the names above).
+# The built-in variants register themselves (variants.py) when imported.
 from .compute_gates import ComputeGate  # noqa: E402,F401
 from .mixture_of_depths import MoDPredictor, MoDRouter, routed_token_count, top_capacity  # noqa: E402,F401

@@ -12,7 +12,8 @@
     which depends on tokens <= t only, so a teacher-forced eval forward and `generate()` (with or
     without the KV cache) make the same decisions.
 
-Config fields: `mod_layers`, `mod_capacity`, `mod_aux_loss_coef`. The layer mechanism is depth.py's.
+Config fields: `mod_layers`, `mod_capacity`, `mod_aux_loss_coef`. The layer mechanism is depth.py's,
+the registry variants.py's.
 This file travels to the Hub with every saved model: only sibling relative imports.
 """
 
@@ -23,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import initialization as init
 
-from .depth import GatedVariant, all_real, masked_mean, register_gated_variant
+from .variants import GatedVariant, all_real, masked_mean, register_gated_variant
 
 PREDICTOR_WIDTH_DIVISOR = 8  # predictor hidden width = max(8, H / 8): ~2% of a block's FLOPs
 _CEIL_SLACK = 1e-6  # ceil(0.7 * 10) must be 7, not 8 from 7.000000000000001
