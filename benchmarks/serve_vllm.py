@@ -7,19 +7,21 @@ vLLM lives in its own venv (`python3 -m venv /work/vllm-venv && /work/vllm-venv/
 `pip uninstall -y torchvision torchaudio torchcodec`, whose wheels do not match the CPU torch). This script runs
 in the project venv: it builds the models, computes transformers' greedy tokens, and runs vLLM in the other venv
 in a subprocess per target (a small worker written to a temp file), so that a model vLLM refuses is recorded
-(the first line of its error) instead of stopping the run.
+(the first line of its error) instead of stopping the run. The worker does not see this package: vLLM loads
+each saved folder through its remote code (`trust_remote_code=True`).
 
 Targets:
-- `smollm2_remote_code`: SmolLM2-135M-Instruct copy-upcycled (token choice, 8 experts, top-2, every layer), as
-  hf_condcomp saves it (`CondCompLlamaForCausalLM`, remote code, `trust_remote_code=True`), `model_impl="auto"`;
-  `smollm2_remote_code_forced`: the same with `model_impl="transformers"`.
-- `smollm2_mixtral_transformers`: its `hf-condcomp export --format mixtral` folder, forced onto the Transformers
-  backend (`model_impl="transformers"`); `smollm2_mixtral_vllm_native`: the same folder on vLLM's own Mixtral.
-- `phi3_native_family`: a tiny random `Phi3ForCausalLM` upcycled with `family="native"` (4 experts, top-2, every
-  layer; `CondCompForCausalLM`, remote code) with the SmolLM2 tokenizer saved beside it; `..._language_model_only`:
-  the same with `LLM(language_model_only=True)`; `..._patched`: a copy of its folder with the model-side changes
-  in `_PATCHES` (flat config, weight names of the `AutoModel` tree, experts called as transformers' MoE blocks
-  call them), compared with the unpatched model's transformers tokens.
+- `smollm2_moe_auto`: SmolLM2-135M-Instruct copy-upcycled (token choice, 8 experts, top-2, every layer), as
+  hf_condcomp saves it (`CondCompForCausalLM`), `model_impl="auto"`; `smollm2_moe_transformers`: the same
+  with `model_impl="transformers"`.
+- `smollm2_mixtral_transformers`: its `hf-condcomp export --format mixtral` folder on the Transformers backend
+  (`model_impl="transformers"`); `smollm2_mixtral_vllm`: the same folder on vLLM's own Mixtral.
+- `phi3_moe_transformers`: a tiny random `Phi3ForCausalLM` (4 layers) copy-upcycled (4 experts, top-2, every
+  other layer: MoE and dense layers side by side), with the SmolLM2 tokenizer saved beside it, on
+  `model_impl="transformers"`; `phi3_moe_auto`: the same with `model_impl="auto"`. No Transformers class of an
+  MoE architecture expresses Phi-3 (its fused `gate_up_proj`, its rotary embedding), so there is no export.
+- `phi3_mod`: the same Phi-3 upcycled as Mixture-of-Depths blocks, which vLLM cannot serve: expected refused,
+  with the package's one-line reason.
 
 Both sides decode the same prompt token ids (no chat template), greedily, 16 new tokens, EOS ignored, float32.
 """
@@ -40,6 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import machine_info  # noqa: E402
+
+# The start of the ValueError that the package raises when vLLM builds a model it cannot serve.
+REFUSAL = "vLLM cannot serve this model"
 
 PROMPTS = [
     "The capital of France is",
@@ -96,9 +101,23 @@ WORKER = textwrap.dedent('''
 ''')
 
 
+def _tiny_phi3(tokenizer):
+    """A random 4-layer `Phi3ForCausalLM` over the SmolLM2 tokenizer's vocabulary. head_dim 64: vLLM's CPU
+    attention has kernels for some head sizes only (16 is refused)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    return transformers.Phi3ForCausalLM(config).eval()
+
+
 def build_models(work: Path) -> dict:
     """The model folders, built once into `work` (reused when already there)."""
-    import transformers
     from transformers import AutoTokenizer
 
     import hf_condcomp
@@ -106,77 +125,22 @@ def build_models(work: Path) -> dict:
     from hf_condcomp.cli import save_with_tokenizer
     from hf_condcomp.export import export_native
 
-    folders = {"smollm2": work / "smollm2_moe", "mixtral": work / "smollm2_moe_mixtral", "phi3": work / "phi3_moe"}
+    folders = {"smollm2": work / "smollm2_moe", "mixtral": work / "smollm2_moe_mixtral", "phi3": work / "phi3_moe",
+               "phi3_mod": work / "phi3_mod"}
     if not (folders["smollm2"] / "config.json").exists():
         model = hf_condcomp.upcycle("SmolLM2-135M-Instruct", num_experts=8, top_k=2, layers="all")
         save_with_tokenizer(model, "SmolLM2-135M-Instruct", folders["smollm2"])
         del model
     if not (folders["mixtral"] / "config.json").exists():
         export_native(folders["smollm2"], folders["mixtral"], format="mixtral")
-    if not (folders["phi3"] / "config.json").exists():
-        # head_dim 64: vLLM's CPU attention has kernels for some head sizes only (16 is refused)
-        tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_path())
-        torch.manual_seed(0)
-        config = transformers.Phi3Config(
-            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, initializer_range=0.2,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-        )
-        dense = transformers.Phi3ForCausalLM(config).eval()
-        model = hf_condcomp.upcycle(dense, num_experts=4, top_k=2, layers="all")
-        model.save_pretrained(folders["phi3"])
-        tokenizer.save_pretrained(folders["phi3"])
+    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_path())
+    phi3 = {"phi3": dict(num_experts=4, top_k=2, layers="every_other"), "phi3_mod": dict(variant="mod")}
+    for name, settings in phi3.items():
+        if not (folders[name] / "config.json").exists():
+            model = hf_condcomp.upcycle(_tiny_phi3(tokenizer), **settings)
+            model.save_pretrained(folders[name])
+            tokenizer.save_pretrained(folders[name])
     return folders
-
-
-# The three model-side changes vLLM's Transformers backend needs, applied to a copy of the saved Phi-3 folder (its
-# remote code and weight names), to check that they are enough. hf_condcomp itself is not changed.
-_PATCHES = {
-    "configuration_condcomp.py": (
-        "    @property\n    def num_hidden_layers(self) -> int | None:",
-        "    def get_text_config(self, decoder=None, encoder=None):  # flat: vLLM reads a nested one as multimodal\n"
-        "        return self\n\n"
-        "    def __getattr__(self, name):  # the source's fields (num_attention_heads, ...) read through\n"
-        "        text = self.__dict__.get(\"text_config\")\n"
-        "        if name.startswith(\"__\") or text is None or name == \"text_config\":\n"
-        "            raise AttributeError(name)\n"
-        "        return getattr(text, name)\n\n",
-    ),
-    "moe.py": (
-        "        shape = hidden_states.shape\n        x = hidden_states.reshape(-1, shape[-1])  # (N, H)",
-        "        if not isinstance(self.experts, Experts):  # vLLM's fused experts: experts(x, top_k_index, weights)\n"
-        "            shape = hidden_states.shape\n"
-        "            x = hidden_states.reshape(-1, shape[-1])\n"
-        "            logits = self.router(x)\n"
-        "            w, idx = torch.softmax(logits, dim=-1, dtype=torch.float32).topk(self.top_k, dim=-1)\n"
-        "            if self.norm_topk_prob:\n"
-        "                w = w / w.sum(dim=-1, keepdim=True)\n"
-        "            return self.experts(x, idx, w.to(x.dtype)).view(shape), logits\n",
-    ),
-}
-
-
-def patched_copy(src: Path, dst: Path) -> str | None:
-    """Copy `src` to `dst` with `_PATCHES` inserted before their anchors, and the weights renamed from the task
-    class's names (`backbone.model.X`, `backbone.lm_head`) to where vLLM looks for them (`model.backbone.X`, the
-    `AutoModel` class's own tree, and `lm_head`). Returns why not, if the saved code no longer has an anchor."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
-    for name, (anchor, text) in _PATCHES.items():
-        code = (dst / name).read_text()
-        if anchor not in code:
-            return f"{name} has no line {anchor.strip().splitlines()[-1]!r} to patch before"
-        (dst / name).write_text(code.replace(anchor, text + anchor, 1))
-    weights = load_file(dst / "model.safetensors")
-    renamed = {("model.backbone." + k.removeprefix("backbone.model.")) if k.startswith("backbone.model.")
-               else k.removeprefix("backbone."): v for k, v in weights.items()}
-    save_file(renamed, dst / "model.safetensors", metadata={"format": "pt"})
-    return None
 
 
 def transformers_greedy(folder: Path, prompt_ids: list, max_tokens: int) -> dict:
@@ -242,17 +206,15 @@ def main():
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="serve-vllm-models-"))
     work.mkdir(parents=True, exist_ok=True)
     folders = build_models(work)
-    # name: (folder, model_impl, extra LLM(...) arguments)
+    # name: (folder, model_impl, expected outcome)
     targets = {
-        "smollm2_remote_code": (folders["smollm2"], "auto", {}),
-        "smollm2_remote_code_forced": (folders["smollm2"], "transformers", {}),
-        "smollm2_mixtral_transformers": (folders["mixtral"], "transformers", {}),
-        "smollm2_mixtral_vllm_native": (folders["mixtral"], "vllm", {}),
-        "phi3_native_family": (folders["phi3"], "transformers", {}),
-        # the nested `text_config` makes vLLM take it for a multimodal model; serve it as text only
-        "phi3_native_family_language_model_only": (folders["phi3"], "transformers", {"language_model_only": True}),
-        # the same weights with the model-side changes of `_PATCHES` (compared with the unpatched model)
-        "phi3_native_family_patched": (work / "phi3_moe_patched", "transformers", {}),
+        "smollm2_moe_auto": (folders["smollm2"], "auto", "served"),
+        "smollm2_moe_transformers": (folders["smollm2"], "transformers", "served"),
+        "smollm2_mixtral_transformers": (folders["mixtral"], "transformers", "served"),
+        "smollm2_mixtral_vllm": (folders["mixtral"], "vllm", "served"),
+        "phi3_moe_transformers": (folders["phi3"], "transformers", "served"),
+        "phi3_moe_auto": (folders["phi3"], "auto", "served"),
+        "phi3_mod": (folders["phi3_mod"], "transformers", "refused"),
     }
     if args.only:
         targets = {name: targets[name] for name in args.only}
@@ -270,29 +232,20 @@ def main():
         "targets": {},
     }
     references = {}
-    for name, (folder, impl, extra) in targets.items():
+    for name, (folder, impl, expected) in targets.items():
         print(f"[{name}] {folder} model_impl={impl}", flush=True)
-        if name == "phi3_native_family_patched":
-            skipped = patched_copy(folders["phi3"], folder)
-            if skipped:
-                result["targets"][name] = {"folder": folder.name, "served": None, "skipped": skipped}
-                continue
         tokenizer = AutoTokenizer.from_pretrained(folder)
         prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-        # one reference per folder, whatever vLLM serves it with; the patched copy's is the unpatched model's
-        reference_folder = folders["phi3"] if name == "phi3_native_family_patched" else folder
-        if reference_folder not in references:
-            references[reference_folder] = transformers_greedy(reference_folder, prompt_ids, args.max_tokens)
-        reference = references[reference_folder]
+        if folder not in references:  # one reference per folder, whatever vLLM serves it with
+            references[folder] = transformers_greedy(folder, prompt_ids, args.max_tokens)
+        reference = references[folder]
         served = run_vllm(args.vllm_python, {"model": str(folder), "trust_remote_code": True, "model_impl": impl,
-                                             "extra": extra, "max_tokens": args.max_tokens, "prompt_ids": prompt_ids},
+                                             "extra": {}, "max_tokens": args.max_tokens, "prompt_ids": prompt_ids},
                           args.timeout)
         config = json.loads((folder / "config.json").read_text())
-        entry = {"folder": folder.name, "reference_folder": reference_folder.name,
-                 "model_type": config.get("model_type"),
-                 "architectures": config.get("architectures"), "model_impl": impl, "llm_kwargs": extra,
-                 "served": served["ok"],
-                 "error": served.get("error"), "vllm_seconds": served.get("seconds"),
+        entry = {"folder": folder.name, "model_type": config.get("model_type"),
+                 "architectures": config.get("architectures"), "model_impl": impl, "expected": expected,
+                 "served": served["ok"], "error": served.get("error"), "vllm_seconds": served.get("seconds"),
                  "transformers_class": reference["model_class"], "vllm_model_class": served.get("model_class"),
                  "prompt_ids": prompt_ids, "transformers_tokens": reference["tokens"]}
         if served["ok"]:
@@ -302,10 +255,14 @@ def main():
         else:
             entry.update(vllm_tokens=None, tokens_equal=None,
                          error_detail=served.get("traceback_tail") or served.get("stderr_tail"))
+        # served with transformers' tokens, or refused with this package's one-line reason
+        entry["as_expected"] = (bool(entry["tokens_equal"]) if expected == "served"
+                                else not served["ok"] and REFUSAL in (entry["error"] or ""))
         if "versions" in served:
             result["versions"]["vllm_runtime"] = served["versions"]
         result["targets"][name] = entry
-        print(f"  served={entry['served']} equal={entry['tokens_equal']} error={entry['error']}", flush=True)
+        print(f"  served={entry['served']} equal={entry['tokens_equal']} as_expected={entry['as_expected']} "
+              f"error={entry['error']}", flush=True)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -4,6 +4,12 @@ A `CondCompConfig` holds the source's own Transformers config (`text_config`) an
 conditional-computation fields below. Field names follow the ones users know from Mixtral,
 Switch and Qwen-MoE (`num_local_experts`, `num_experts_per_tok`, `router_aux_loss_coef`, ...).
 
+The config is flat to readers: `get_text_config()` is the config itself, and the source's fields
+(`num_attention_heads`, `hidden_act`, `intermediate_size`, ...) read through to `text_config`. A
+config whose text config is another object is a multimodal one to vLLM and to transformers'
+generation utilities; this one is a text model with Mixtral's MoE fields
+(`num_local_experts`, `num_experts_per_tok`, `moe_intermediate_size`).
+
 This file travels to the Hub with every saved model: only sibling relative imports.
 """
 
@@ -190,8 +196,9 @@ _SHARED_WITH_TEXT_CONFIG = ("id2label", "label2id", "problem_type", "chunk_size_
 
 
 def _text_config_field(name):
-    """A special token id, read and written on `text_config`, where `generate()` and the source's
-    model find it: a `CondCompConfig` has the same `bos_token_id`, ... as its dense parent."""
+    """A field of the source read and written on `text_config`, where `generate()` and the source's
+    model find it: a `CondCompConfig` has the same `bos_token_id`, `vocab_size`, ... as its dense
+    parent, and resizing the embeddings (`get_text_config().vocab_size = n`) resizes the source's."""
 
     def get(self):
         return getattr(self.text_config, name, None) if self.text_config is not None else None
@@ -204,6 +211,10 @@ def _text_config_field(name):
         setattr(self.text_config, name, value)
 
     return property(get, set_, doc=f"`text_config.{name}`.")
+
+
+# Set in a config's `__dict__` while transformers sets it up: the source's fields do not read through.
+_SETTING_UP = "_condcomp_setting_up"
 
 
 @strict
@@ -236,7 +247,12 @@ class CondCompConfig(PreTrainedConfig, CondCompFields):
         given |= {"id2label", "label2id"} if kwargs.get("num_labels") is not None else set()
         given.discard("tie_word_embeddings")  # always the source's: its head is tied or not
         kept = {} if text is None else {name: getattr(text, name, None) for name in _SHARED_WITH_TEXT_CONFIG}
-        super().__post_init__(**kwargs)
+        # transformers' own set-up (`hasattr(self, "rope_parameters")`, ...) sees this config's fields only
+        self.__dict__[_SETTING_UP] = True
+        try:
+            super().__post_init__(**kwargs)
+        finally:
+            del self.__dict__[_SETTING_UP]
         if text is None:  # `CondCompConfig()`, as transformers builds for defaults; no model from it
             return
         for name in _SHARED_WITH_TEXT_CONFIG:
@@ -249,6 +265,9 @@ class CondCompConfig(PreTrainedConfig, CondCompFields):
         _post_init(self)
 
     def __setattr__(self, name, value):
+        if self._source_field(name):  # `hidden_dropout_prob`, ...: set where the source's model reads it
+            setattr(self.__dict__["text_config"], name, value)
+            return
         super().__setattr__(name, value)
         if name in _SHARED_WITH_TEXT_CONFIG:
             text = self.__dict__.get("text_config")
@@ -258,22 +277,37 @@ class CondCompConfig(PreTrainedConfig, CondCompFields):
     bos_token_id = _text_config_field("bos_token_id")
     eos_token_id = _text_config_field("eos_token_id")
     pad_token_id = _text_config_field("pad_token_id")
-
-    @property
-    def num_hidden_layers(self) -> int | None:
-        return getattr(self.text_config, "num_hidden_layers", None)
-
-    @property
-    def hidden_size(self) -> int | None:
-        return getattr(self.text_config, "hidden_size", None)
-
-    @property
-    def vocab_size(self) -> int | None:
-        return getattr(self.text_config, "vocab_size", None)
+    num_hidden_layers = _text_config_field("num_hidden_layers")
+    hidden_size = _text_config_field("hidden_size")
+    vocab_size = _text_config_field("vocab_size")
 
     @property
     def initializer_range(self) -> float:
         return getattr(self.text_config, "initializer_range", 0.02)
+
+    @property
+    def moe_intermediate_size(self) -> int | None:
+        """FFN width of one expert (Qwen-MoE's and vLLM's name): `moe_expert_intermediate_size`, else
+        the dense FFN width."""
+        return None if self.text_config is None else expert_intermediate_size(self)
+
+    def get_text_config(self, decoder=None, encoder=None) -> "CondCompConfig":
+        """The config itself: a flat text config, whose source fields read through to `text_config`."""
+        return self
+
+    def __getattr__(self, name):
+        """A field this config does not have is the source's (`num_attention_heads`, `rope_parameters`, ...).
+        Private and special names are not read through."""
+        text = self.__dict__.get("text_config")
+        if name.startswith("_") or _SETTING_UP in self.__dict__ or not isinstance(text, PreTrainedConfig):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(text, name)
+
+    def _source_field(self, name) -> bool:
+        """Whether `name` is a field of the source's config that this config does not have itself."""
+        text = self.__dict__.get("text_config")
+        return (isinstance(text, PreTrainedConfig) and name in text.__dict__ and name not in self.__dict__
+                and not hasattr(type(self), name) and _SETTING_UP not in self.__dict__)
 
 
 def intermediate_size_of(config) -> int:
@@ -284,7 +318,8 @@ def intermediate_size_of(config) -> int:
 
 
 def expert_intermediate_size(config) -> int:
-    return config.moe_expert_intermediate_size or intermediate_size_of(config)
+    """FFN width of one expert: `moe_expert_intermediate_size`, else the source's dense FFN width."""
+    return config.moe_expert_intermediate_size or intermediate_size_of(getattr(config, "text_config", None) or config)
 
 
 def is_condcomp_config(config) -> bool:

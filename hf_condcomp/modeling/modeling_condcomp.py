@@ -23,6 +23,7 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    GenerationConfig,
     GenerationMixin,
     PreTrainedModel,
 )
@@ -159,11 +160,18 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         if config.text_config is None:
             raise ValueError("`config.text_config` is None: a CondCompConfig needs the source model's config "
                              "(hf_condcomp.upcycle writes it).")
+        serving = config._attn_implementation == VLLM_ATTENTION
+        if serving:  # vLLM's Transformers backend builds this model (its attention is set on the config)
+            check_vllm_servable(config)
         # An `experts_implementation` given to `from_pretrained` is set on `text_config` too; it names
         # the MoE blocks' implementation (installed below), and the source's model has no experts
         # of transformers' kind, whose check would refuse it.
         config.text_config._experts_implementation_internal = None
         self.backbone = self._auto_class_of_task.from_config(config.text_config)
+        if serving:
+            register_vllm_weight_names(type(self).__name__, config)
+        if self.can_generate():  # from the config's dict, which nests the source's: its special tokens
+            self.generation_config = GenerationConfig.from_model_config(config.to_dict())
         self._moe_blocks = install_moe_blocks(self.backbone, config)
         _, layers = find_layers(self.backbone, config.num_hidden_layers)
         causal = layout_from_dict(config.ffn_layout).causal
@@ -279,6 +287,61 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         return out if use_return_dict(self.config, return_dict) else out.to_tuple()
 
 
+VLLM_ATTENTION = "vllm"  # the attention implementation vLLM's Transformers backend sets on the config
+
+
+def vllm_refusal(config) -> str | None:
+    """Why vLLM's Transformers backend cannot serve a model of `config` (one line), or None.
+
+    vLLM swaps each MoE block's `experts` for its fused MoE, which computes SiLU-gated experts on the
+    `num_experts_per_tok` experts each token's router picks; its attention and KV cache run every
+    token through every layer."""
+    if config.mod_layers:
+        return (f"`mod_layers`={config.mod_layers}: Mixture-of-Depths blocks run a subset of each sequence's "
+                "tokens, and vLLM's attention and KV cache run every token through every layer.")
+    if config.gate_layers:
+        return (f"`gate_layers`={config.gate_layers}: gated layers skip tokens, and vLLM's attention and KV "
+                "cache run every token through every layer.")
+    if config.moe_layers and config.moe_routing != "token_choice":
+        return (f"`moe_routing`={config.moe_routing!r}: vLLM's fused MoE serves token-choice routing "
+                "(each token's top `num_experts_per_tok` experts) only.")
+    if config.moe_layers and config.moe_capacity_factor is not None:
+        return (f"`moe_capacity_factor`={config.moe_capacity_factor!r}: capacity-limited routing drops tokens "
+                "that vLLM's fused MoE would compute; only dropless routing (None) serves.")
+    layout = layout_from_dict(config.ffn_layout)
+    if config.moe_layers and not (layout.gated and config.ffn_activation in ("silu", "swish")):
+        kind = f"{'gated' if layout.gated else 'plain'} {config.ffn_activation!r}"
+        return (f"`ffn_activation`={config.ffn_activation!r}: vLLM's fused MoE assumes SiLU-gated experts, and "
+                f"these experts are {kind} ones.")
+    return None
+
+
+def check_vllm_servable(config) -> None:
+    """A ValueError naming the field and why, where vLLM cannot serve a model of `config`."""
+    reason = vllm_refusal(config)
+    if reason is not None:
+        raise ValueError(f"vLLM cannot serve this model: {reason}")
+
+
+def vllm_weight_renaming(config) -> tuple[str, str]:
+    """(regex, replacement) from a task class's saved weight name to where vLLM's Transformers
+    backend holds the weight: it builds `CondCompModel` (the source's base model under `backbone.`) as
+    `model.` and its own head, so `backbone.<prefix>.X` is `model.backbone.X`, and the head
+    (`backbone.lm_head.X`) is `lm_head.X` by vLLM's own mapping."""
+    return rf"^backbone\.{_source_prefix(config)}\.", "model.backbone."
+
+
+def register_vllm_weight_names(class_name: str, config) -> None:
+    """Register `vllm_weight_renaming` as transformers' checkpoint conversion mapping of `class_name`,
+    which vLLM's Transformers backend reads to name the weights it loads. Only a model that vLLM builds
+    registers it: transformers users load the weights under their saved names."""
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    source, target = vllm_weight_renaming(config)
+    register_checkpoint_conversion_mapping(class_name, [WeightRenaming(source, target)], overwrite=True)
+
+
 def begin_forward(base, args, kwargs):
     """Forward pre-hook of the source's base model: the per-forward `Recorder` of the MoE blocks and
     conditional layers, with the padding of this call."""
@@ -345,12 +408,17 @@ def _pooled_token(kind, token_mask, shape, device):
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
 
 
+def _source_prefix(config) -> str:
+    """Where the source's task classes hold its base model (`model`, `transformer`, `bert`, ...)."""
+    return AutoModel._model_mapping[type(config.text_config)].base_model_prefix
+
+
 def _cross_head_key_mapping(config, saved_base: bool, loading_base: bool) -> dict | None:
     """`key_mapping` (regex -> replacement) between a checkpoint of a base model and one of a task
     class, whose backbone holds the source's base model under its `base_model_prefix`."""
     if saved_base == loading_base:
         return None
-    prefix = AutoModel._model_mapping[type(config.text_config)].base_model_prefix
+    prefix = _source_prefix(config)
     if saved_base:
         return {r"^backbone\.": f"backbone.{prefix}."}
     return {rf"^backbone\.{prefix}\.": "backbone."}
