@@ -136,7 +136,7 @@ def test_transformers_users_load_the_saved_names(phi3_folder):
 
 REFUSALS = {
     "mod": (dict(variant="mod"), r"`mod_layers`=\[1, 3\]: Mixture-of-Depths"),
-    "gate": (dict(variant="gate"), r"`gate_layers`=\[1, 3\]: gated layers skip tokens"),
+    "gate": (dict(variant="gate"), r"`gate_layers`=\[1, 3\]: compute-allocation gates run a subset"),
     "expert_choice": (dict(routing="expert_choice"), r"`moe_routing`='expert_choice': vLLM's fused MoE serves "
                                                      r"token-choice routing"),
     "capacity": (dict(capacity_factor=1.25), r"`moe_capacity_factor`=1.25: capacity-limited routing"),

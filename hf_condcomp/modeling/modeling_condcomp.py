@@ -32,7 +32,7 @@ from .architectures import find_layers, layout_from_dict
 from .common import CondCompInitMixin, compute_fraction, condcomp_losses, use_return_dict
 from .compat import CACHE_KEY, cache_argument, is_custom_code
 from .configuration_condcomp import CondCompConfig
-from .depth import Recorder, install_conditional_layers, layer_variant
+from .depth import GATED_VARIANTS, Recorder, install_conditional_layers, layer_variant
 from .moe import MoEFeedForward
 
 
@@ -296,12 +296,11 @@ def vllm_refusal(config) -> str | None:
     vLLM swaps each MoE block's `experts` for its fused MoE, which computes SiLU-gated experts on the
     `num_experts_per_tok` experts each token's router picks; its attention and KV cache run every
     token through every layer."""
-    if config.mod_layers:
-        return (f"`mod_layers`={config.mod_layers}: Mixture-of-Depths blocks run a subset of each sequence's "
-                "tokens, and vLLM's attention and KV cache run every token through every layer.")
-    if config.gate_layers:
-        return (f"`gate_layers`={config.gate_layers}: gated layers skip tokens, and vLLM's attention and KV "
-                "cache run every token through every layer.")
+    for variant in GATED_VARIANTS.values():
+        layers = getattr(config, variant.layers_field, None)
+        if layers:
+            return (f"`{variant.layers_field}`={layers}: {variant.description} run a subset of each sequence's "
+                    "tokens, and vLLM's attention and KV cache run every token through every layer.")
     if config.moe_layers and config.moe_routing != "token_choice":
         return (f"`moe_routing`={config.moe_routing!r}: vLLM's fused MoE serves token-choice routing "
                 "(each token's top `num_experts_per_tok` experts) only.")
