@@ -5,6 +5,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
 )
@@ -14,6 +15,7 @@ from .insight import compare, inspect, routing_summary
 from .modeling.configuration_condcomp import CondCompConfig
 from .modeling.modeling_condcomp import (
     CondCompForCausalLM,
+    CondCompForConditionalGeneration,
     CondCompForMaskedLM,
     CondCompForSequenceClassification,
     CondCompForTokenClassification,
@@ -31,6 +33,7 @@ for _auto, _model in {
     AutoModelForTokenClassification: CondCompForTokenClassification,
     AutoModelForMaskedLM: CondCompForMaskedLM,
     AutoModelForCausalLM: CondCompForCausalLM,
+    AutoModelForSeq2SeqLM: CondCompForConditionalGeneration,
 }.items():
     _auto.register(CondCompConfig, _model, exist_ok=True)
 # Folders saved with the BERT / GPT-2 / Llama model types of earlier releases load as this kind.
@@ -47,4 +50,5 @@ __all__ = [
     "CondCompForTokenClassification",
     "CondCompForMaskedLM",
     "CondCompForCausalLM",
+    "CondCompForConditionalGeneration",
 ]

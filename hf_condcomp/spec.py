@@ -15,7 +15,7 @@ from .modeling.depth import GATED_VARIANTS
 from .modeling.routing import ROUTING_METHODS
 
 INITS = ("copy", "noise", "drop", "split-random", "split-kmeans")
-TASKS = ("base", "sequence-classification", "token-classification", "masked-lm", "causal-lm")
+TASKS = ("base", "sequence-classification", "token-classification", "masked-lm", "causal-lm", "seq2seq-lm")
 # "moe", then every registered gated variant (modeling/depth.py: `register_gated_variant`).
 VARIANTS = ("moe", *GATED_VARIANTS)
 
@@ -52,7 +52,8 @@ class UpcycleSpec:
         "experts from the dense FFN: copy, noise, drop (Drop-Upcycling), split-random or split-kmeans (MoEfication)",
         INITS))
     layers: str | list | None = field(default="every_other", metadata=_knob(
-        "which layers get the variant: every_other, all, or indices like 0,2,4"))
+        "which layers get the variant: every_other, all, or indices like 0,2,4; encoder-decoder sources: "
+        "the same for both stacks, or per stack as encoder:every_other,decoder:all"))
     task: str | None = field(default=None, metadata=_knob(
         "head of the upcycled model; default: the source architecture's own", TASKS, recipe=False))
     num_labels: int | None = field(default=None, metadata=_knob(

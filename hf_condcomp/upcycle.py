@@ -24,17 +24,20 @@ loading the source), `targets` (target classes and task), `layers` (layer select
 dict) and `copy_weights` (every other weight). This module composes them into `upcycle()`.
 """
 
+import copy
 import inspect
 
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from .modeling.architectures import decoder_depth
 from .modeling.common import SENTENCE_TRANSFORMERS_SOURCE
+from .modeling.configuration_condcomp import SEQ2SEQ_GATED_REFUSAL
 from .modeling.depth import GATED_VARIANTS
 from .spec import SPEC_FIELDS, UpcycleSpec, split_kwargs
-from .upcycling.convert_native import convert_native_state_dict, native_config, native_layout
+from .upcycling.convert_native import convert_native_state_dict, native_config, native_stacks
 from .upcycling.expert_init import balanced_kmeans
-from .upcycling.layers import parse_layers
+from .upcycling.layers import parse_layers, parse_stack_layers
 from .upcycling.sources import load_source, sentence_transformers_folder
 from .upcycling.targets import TARGETS, check_overrides, check_task
 
@@ -71,13 +74,22 @@ def upcycle(source, **settings):
     check_task(task)
     src_config = dense.config
     num_layers = src_config.num_hidden_layers
-    chosen = parse_layers(layers, num_layers)
-
-    native = native_layout(dense, task)
+    stacks = native_stacks(dense, task)
+    seq2seq = len(stacks) > 1
+    if seq2seq:
+        if variant != "moe" or mod_layers is not None:
+            raise ValueError(f"`variant`={variant!r}{' with `mod_layers`' if mod_layers is not None else ''} is not "
+                             f"supported on encoder-decoder models (model type {src_config.model_type!r}): "
+                             f"{SEQ2SEQ_GATED_REFUSAL}")
+        chosen, decoder_chosen = parse_stack_layers(layers, num_layers, decoder_depth(src_config))
+        if not chosen and not decoder_chosen:
+            raise ValueError(f"`layers`={layers!r} names no layer of either stack.")
+    else:
+        chosen = parse_layers(layers, num_layers)
     fields = dict(moe_implementation=moe_implementation)
     if variant == "moe":
         split = init.startswith("split")
-        inter = native[2]
+        inter = stacks[0][2]  # `native_stacks` checked that an encoder-decoder's stacks have one width
         fields.update(
             num_local_experts=num_experts,
             num_experts_per_tok=top_k,
@@ -85,6 +97,7 @@ def upcycle(source, **settings):
             moe_capacity_factor=capacity_factor,
             moe_layers=chosen,
             router_unit_weights=split,
+            **({"decoder_moe_layers": decoder_chosen} if seq2seq else {}),
             moe_expert_intermediate_size=inter // num_experts if split else inter,
         )
     gated = GATED_VARIANTS.get(variant)
@@ -104,7 +117,7 @@ def upcycle(source, **settings):
         "source_model_type": src_config.model_type,
         "task": task,
         "variant": variant,
-        "layers": chosen,
+        "layers": {"encoder": chosen, "decoder": decoder_chosen} if seq2seq else chosen,
         "init": init if variant == "moe" else None,
         "num_experts": num_experts if variant == "moe" else None,
         "top_k": top_k if variant == "moe" else None,
@@ -118,11 +131,11 @@ def upcycle(source, **settings):
     }
     target_class = TARGETS[task]
     check_overrides(config_overrides, src_config)
-    config = native_config(src_config, native, fields, config_overrides)
+    config = native_config(src_config, stacks, fields, config_overrides)
 
     with no_init_weights():  # every weight is overwritten below: skip the random init
         target = target_class(config)
-    state = convert_native_state_dict(dense, target, config, native, init, seed, noise_std, drop_ratio)
+    state = convert_native_state_dict(dense, target, config, stacks, init, seed, noise_std, drop_ratio)
     target.load_state_dict(state, strict=True)
     if getattr(config, "tie_word_embeddings", False):
         # The model was built without `post_init`'s weight init, which is also where transformers
@@ -130,6 +143,8 @@ def upcycle(source, **settings):
         # that `save_pretrained` writes once.
         target.tie_weights()
     target.to(dense.dtype)
+    if seq2seq and getattr(dense, "generation_config", None) is not None:  # decoder start, forced BOS / EOS tokens, ...
+        target.generation_config = copy.deepcopy(dense.generation_config)
     # `save_pretrained` copies the source's pooling, `Normalize`, ... next to the upcycled model.
     st_name = source if not isinstance(source, PreTrainedModel) else getattr(source, "name_or_path", "")
     st_folder = sentence_transformers_folder(st_name)

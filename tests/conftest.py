@@ -112,6 +112,14 @@ def run_clean_python(code: str, cwd) -> None:
     return result
 
 
+def save_with_reference(model, ref: dict, folder):
+    """Saves `model` to `folder` with its dense parent's reference outputs (`reference.pt`), which the
+    clean-process tests read back; returns (model, ref, folder)."""
+    model.save_pretrained(folder)
+    torch.save(ref, folder / "reference.pt")
+    return model, ref, folder
+
+
 def load_recipe(name):
     """A recipe script as a module, so tests run its `main(argv)` in process."""
     import importlib.util

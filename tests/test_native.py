@@ -18,7 +18,7 @@ from hf_condcomp.modeling import architectures
 from hf_condcomp.modeling.modeling_condcomp import CondCompPreTrainedModel, NativeMoEFeedForward
 from hf_condcomp.modeling.routing import load_balancing_loss
 
-from conftest import run_clean_python
+from conftest import run_clean_python, save_with_reference
 
 V, H, I, L, NH = 99, 32, 64, 2, 4
 _LM = dict(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=NH)
@@ -102,9 +102,7 @@ def saved(tmp_path_factory):
         ref = {"ids": ids, "mask": mask, "logits": real_logits(dense, ids, mask, task)}
         if task == "causal-lm":
             ref["greedy"] = greedy(dense, ids)
-        model.save_pretrained(root / name)
-        torch.save(ref, root / name / "reference.pt")
-        out[name] = (model, ref, root / name)
+        out[name] = save_with_reference(model, ref, root / name)
     return out
 
 

@@ -30,6 +30,9 @@ class FFNLayout:
     fused: one input matrix holds [gate; up] (Phi-3, ModernBERT).
     conv1d: GPT-2 `Conv1D` weights, stored (in, out).
     dropout: config attribute of a dropout the replaced module applies to its output, kept.
+    inner_dropout: attribute of the layer holding the rate of a dropout applied inside the FFN
+        (the BART family's `activation_dropout`), which experts have no place for: set to 0 in
+        MoE layers (T5's dropout inside `DenseReluDense` goes with the module it replaces).
     causal: a decoder (expert choice then routes causally at inference, moe.py).
     bias: the FFN's projections have biases (the experts then carry (E, out) biases).
     """
@@ -45,6 +48,7 @@ class FFNLayout:
     conv1d: bool = False
     dropout: str | None = None
     bias: bool = False  # set from the source's weights at upcycling time
+    inner_dropout: str | None = None
 
 
 _LLAMA = FFNLayout("mlp", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", ("hidden_act",), True, gated=True)
@@ -77,6 +81,29 @@ LAYOUTS = {
     "phi3": FFNLayout("mlp", ("mlp.gate_up_proj",), "mlp.down_proj", ("hidden_act",), True, gated=True, fused=True),
 }
 
+
+def _bart_family(config, layer, causal):
+    return FFNLayout("fc1", ("fc1",), "fc2", ("activation_function",), causal, ("activation_fn", "fc2"),
+                     inner_dropout="activation_dropout")
+
+
+def _t5(config, layer, causal):
+    ff = f"layer.{len(layer.layer) - 1}.DenseReluDense"  # after self-attention (and cross-attention)
+    inputs = (f"{ff}.wi_0", f"{ff}.wi_1") if config.is_gated_act else (f"{ff}.wi",)
+    return FFNLayout(ff, inputs, f"{ff}.wo", ("dense_act_fn",), causal, gated=config.is_gated_act)
+
+
+# Encoder-decoder sources: (source config, a layer of the stack, causal) -> the layout of that stack's
+# FFN, for the encoder (causal=False) and the decoder (causal=True) apart.
+SEQ2SEQ_LAYOUTS = {
+    "t5": _t5,
+    "mt5": _t5,
+    "bart": _bart_family,
+    "mbart": _bart_family,
+    "marian": _bart_family,
+    "m2m_100": _bart_family,
+}
+
 # Shapes recognised in architectures that `LAYOUTS` does not name: (child modules of `module`, layout).
 _SHAPES = (
     (("gate_proj", "up_proj", "down_proj"), _LLAMA),
@@ -100,6 +127,38 @@ def find_layers(model: nn.Module, num_layers: int):
     if best is None:
         raise ValueError(f"no list of {num_layers} transformer layers found in {type(model).__name__}")
     return best[0], best[1]
+
+
+def decoder_depth(config) -> int | None:
+    """The decoder's depth of an encoder-decoder config (T5's `num_decoder_layers`, BART's
+    `decoder_layers`), None for other configs."""
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    return getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None)
+
+
+def seq2seq_stacks(model: nn.Module) -> list:
+    """[(stack name, dotted path of the stack, dotted path of its layers within `model`, layers)] of an
+    encoder-decoder model: its encoder, then its decoder."""
+    config = model.config
+    names = {id(module): name for name, module in model.named_modules()}
+    counts = {"encoder": config.num_hidden_layers, "decoder": decoder_depth(config)}
+    stacks = []
+    for name, stack in (("encoder", model.get_encoder()), ("decoder", model.get_decoder())):
+        path = names[id(stack)]
+        inner, layers = find_layers(stack, counts[name])
+        stacks.append((name, path, f"{path}.{inner}" if path else inner, layers))
+    return stacks
+
+
+def seq2seq_layout(config, layer: nn.Module, causal: bool) -> FFNLayout:
+    """The FFN layout of one stack of an encoder-decoder source; refuses naming the type."""
+    if config.model_type not in SEQ2SEQ_LAYOUTS:
+        raise ValueError(
+            f"unsupported encoder-decoder source `model_type`={config.model_type!r}: supported encoder-decoder types "
+            f"are {', '.join(sorted(SEQ2SEQ_LAYOUTS))}."
+        )
+    return SEQ2SEQ_LAYOUTS[config.model_type](config, layer, causal)
 
 
 def detect_layout(model_type: str, layer: nn.Module, causal: bool) -> FFNLayout:

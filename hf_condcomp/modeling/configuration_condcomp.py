@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, GPT2Config, PreTrainedConfig
 
+from .architectures import decoder_depth
 from .depth import GATED_VARIANTS
 from .experts import EXPERTS_FUNCTIONS
 from .routing import ROUTING_METHODS
@@ -44,7 +45,10 @@ class CondCompFields:
         router_z_loss_coef: weight of the ST-MoE router z-loss (Zoph et al. 2022, eq. 5).
         router_jitter_noise: multiplicative jitter on router inputs during training (Switch).
         output_router_logits: return per-layer router logits and the aux loss in the outputs.
-        moe_layers: indices of the layers whose FFN is a Mixture-of-Experts.
+        moe_layers: indices of the layers whose FFN is a Mixture-of-Experts (of an encoder-decoder
+            source: of its encoder).
+        decoder_moe_layers: of an encoder-decoder source, indices of its decoder's layers whose FFN
+            is a Mixture-of-Experts.
         moe_routing: `token_choice` (each token picks k experts) or `expert_choice`
             (each expert picks its top tokens; Zhou et al. 2022).
         moe_capacity_factor: `None` for dropless token choice. Otherwise each expert takes at
@@ -88,6 +92,7 @@ class CondCompFields:
     router_jitter_noise: float = 0.0
     output_router_logits: bool = False
     moe_layers: list[int] | None = None
+    decoder_moe_layers: list[int] | None = None
     moe_routing: str = "token_choice"
     moe_capacity_factor: float | None = None
     moe_expert_intermediate_size: int | None = None
@@ -145,6 +150,18 @@ def validate_condcomp_config(config) -> None:
         raise ValueError(f"`moe_expert_intermediate_size` must be a positive integer or None, got {size!r}.")
     n = config.num_hidden_layers
     _check_layers("moe_layers", config.moe_layers, n)
+    seq2seq = getattr(config, "decoder_ffn_layout", None) is not None
+    if config.decoder_moe_layers and not seq2seq:
+        raise ValueError(
+            f"`decoder_moe_layers`={config.decoder_moe_layers} names layers of a decoder stack, which only "
+            "encoder-decoder sources have: list the layers in `moe_layers`."
+        )
+    if seq2seq:
+        _check_layers("decoder_moe_layers", config.decoder_moe_layers, config.num_decoder_layers)
+        gated = [v.layers_field for v in GATED_VARIANTS.values() if getattr(config, v.layers_field, None)]
+        if gated:
+            raise ValueError(f"`{gated[0]}` is not supported on encoder-decoder models (model type "
+                             f"{config.text_config.model_type!r}): {SEQ2SEQ_GATED_REFUSAL}")
     owner = {}  # layer -> the gated variant's field that lists it
     for variant in GATED_VARIANTS.values():
         field = variant.layers_field
@@ -180,8 +197,14 @@ def validate_condcomp_config(config) -> None:
         )
 
 
+SEQ2SEQ_GATED_REFUSAL = (
+    "routed and gated layers run a subset of a stack's tokens, and the decoder's cross-attention and "
+    "its cache over the encoder's states have no subset form; use variant 'moe'."
+)
+
+
 def _post_init(config):
-    for name in ("moe_layers", *(v.layers_field for v in GATED_VARIANTS.values())):
+    for name in ("moe_layers", "decoder_moe_layers", *(v.layers_field for v in GATED_VARIANTS.values())):
         if hasattr(config, name):  # declared here, or the field of a variant defined outside
             value = getattr(config, name)
             setattr(config, name, [] if value is None else [int(i) for i in value])
@@ -231,6 +254,8 @@ class CondCompConfig(PreTrainedConfig, CondCompFields):
     sub_configs = {"text_config": AutoConfig}
 
     ffn_layout: dict | None = None
+    # an encoder-decoder source's decoder FFN (`ffn_layout` is then its encoder's); None otherwise
+    decoder_ffn_layout: dict | None = None
     ffn_activation: str | None = None
     tie_word_embeddings: bool = False
     # The last field: the dataclass `__init__` assigns the others first, so that `__setattr__`, which
@@ -280,6 +305,11 @@ class CondCompConfig(PreTrainedConfig, CondCompFields):
     num_hidden_layers = _text_config_field("num_hidden_layers")
     hidden_size = _text_config_field("hidden_size")
     vocab_size = _text_config_field("vocab_size")
+
+    @property
+    def num_decoder_layers(self) -> int | None:
+        """The decoder's depth of an encoder-decoder source, None for other sources."""
+        return decoder_depth(self.text_config)
 
     @property
     def initializer_range(self) -> float:

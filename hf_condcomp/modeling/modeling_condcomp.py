@@ -21,6 +21,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     GenerationConfig,
@@ -28,7 +29,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .architectures import find_layers, layout_from_dict
+from .architectures import find_layers, layout_from_dict, seq2seq_stacks
 from .common import CondCompInitMixin, compute_fraction, condcomp_losses, use_return_dict
 from .compat import CACHE_KEY, cache_argument, is_custom_code
 from .configuration_condcomp import CondCompConfig
@@ -84,26 +85,40 @@ class NativeMoEFeedForward(MoEFeedForward):
                              "num_tokens": int(padding.sum())}
 
 
-def install_moe_blocks(model: nn.Module, config) -> list:
-    """Swap the FFN of every layer in `config.moe_layers` for an MoE block; returns the blocks.
+def install_moe_blocks(layers, moe_layers, config, layout) -> list:
+    """Swap the FFN of every layer of `layers` listed in `moe_layers` for an MoE block; returns the blocks.
 
     An MoE layer runs its FFN over the whole batch at once, whatever `chunk_size_feed_forward` says
     (BERT-type layers): capacity limits and expert choice rank all the tokens together, and the
     router losses read one logits tensor per layer. Dropless token choice gives the same outputs
     either way, so the setting only saves memory in the dense layers, where it still applies."""
-    layout = layout_from_dict(config.ffn_layout)
-    _, layers = find_layers(model, config.num_hidden_layers)
     blocks = []
-    for i in config.moe_layers:
+    for i in moe_layers:
         layer = layers[i]
         block = NativeMoEFeedForward(config, layout)
         _set_submodule(layer, layout.module, block)
         for name in layout.identity:
             _set_submodule(layer, name, nn.Identity())
+        if layout.inner_dropout:
+            setattr(layer, layout.inner_dropout, 0.0)
         if getattr(layer, "chunk_size_feed_forward", 0):
             layer.chunk_size_feed_forward = 0
         blocks.append(block)
     return blocks
+
+
+def model_stacks(backbone: nn.Module, config) -> list:
+    """[(stack module, its layers, the MoE layers' indices, FFN layout)]: the source's base model for a
+    decoder or an encoder; an encoder-decoder's encoder (`moe_layers`) and decoder
+    (`decoder_moe_layers`), each with its own forward hooks, padding and layout (causal in the decoder)."""
+    layout = layout_from_dict(config.ffn_layout)
+    if config.decoder_ffn_layout is None:
+        _, layers = find_layers(backbone, config.num_hidden_layers)
+        return [(backbone.base_model, layers, config.moe_layers, layout)]
+    (_, encoder, _, enc_layers), (_, decoder, _, dec_layers) = seq2seq_stacks(backbone)
+    return [(backbone.get_submodule(encoder), enc_layers, config.moe_layers, layout),
+            (backbone.get_submodule(decoder), dec_layers, config.decoder_moe_layers or [],
+             layout_from_dict(config.decoder_ffn_layout))]
 
 
 _PARALLEL_PLANS = ("_tp_plan", "_ep_plan", "_pp_plan", "_fsdp_plan")
@@ -172,17 +187,19 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
             register_vllm_weight_names(type(self).__name__, config)
         if self.can_generate():  # from the config's dict, which nests the source's: its special tokens
             self.generation_config = GenerationConfig.from_model_config(config.to_dict())
-        self._moe_blocks = install_moe_blocks(self.backbone, config)
-        _, layers = find_layers(self.backbone, config.num_hidden_layers)
-        causal = layout_from_dict(config.ffn_layout).causal
-        self._conditional_layers = install_conditional_layers(layers, config, causal)
-        # Every forward reaches the source's base model (a task head calls it, `generate()` too):
-        # its hooks give the blocks and layers the padding of each call.
-        base = self.backbone.base_model
-        base._condcomp_parts = (config, _pooled_token_kind(self.backbone, causal), self._moe_blocks,
-                                self._conditional_layers)
-        base.register_forward_pre_hook(begin_forward, with_kwargs=True)
-        base.register_forward_hook(end_forward)
+        self._moe_blocks, self._conditional_layers, self._condcomp_stacks = [], [], []
+        for stack, layers, moe_layers, layout in model_stacks(self.backbone, config):
+            blocks = install_moe_blocks(layers, moe_layers, config, layout)
+            conditional = install_conditional_layers(layers, config, layout.causal)
+            # Every forward reaches the stack (a task head calls it, `generate()` too, an encoder-decoder's
+            # `generate()` its encoder apart): its hooks give the blocks and layers the padding of each call.
+            pooled = None if config.decoder_ffn_layout is not None else _pooled_token_kind(self.backbone, layout.causal)
+            stack._condcomp_parts = (config, pooled, blocks, conditional)
+            stack.register_forward_pre_hook(begin_forward, with_kwargs=True)
+            stack.register_forward_hook(end_forward)
+            self._moe_blocks += blocks
+            self._conditional_layers += conditional
+            self._condcomp_stacks.append(stack)
         self._no_split_modules = list(getattr(self.backbone, "_no_split_modules", None) or [])
         drop_stale_plan_entries(self.backbone)
         # The backbone's tied keys under `backbone.`, where transformers looks for a class's own
@@ -260,17 +277,18 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         for name in ("output_hidden_states", "output_attentions"):  # set on this config, read by the backbone
             if kwargs.get(name) is None and getattr(self.config, name, False):
                 kwargs[name] = True
-        base = self.backbone.base_model
-        base.__dict__.pop("_condcomp_last", None)
+        for stack in self._condcomp_stacks:
+            stack.__dict__.pop("_condcomp_last", None)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
-        recorder = base.__dict__.pop("_condcomp_last", None) or Recorder()
+        recorder = merge_recorders([stack.__dict__.pop("_condcomp_last", None) for stack in self._condcomp_stacks])
         total, aux, z, extra = condcomp_losses(
             self.config, recorder, self.training or bool(output_router_logits) or labels is not None
         )
         if total is not None and getattr(out, "loss", None) is not None:
             out["loss"] = out.loss + total
         fields = {"routing_loss": total, "aux_loss": aux, "z_loss": z, "compute_loss": extra,
-                  "router_logits": tuple(recorder.router_logits) if output_router_logits else None}
+                  "router_logits": tuple(getattr(recorder, "outputs", recorder.router_logits))
+                  if output_router_logits else None}
         for name, value in fields.items():
             if value is not None:
                 out[name] = value
@@ -339,6 +357,26 @@ def register_vllm_weight_names(class_name: str, config) -> None:
 
     source, target = vllm_weight_renaming(config)
     register_checkpoint_conversion_mapping(class_name, [WeightRenaming(source, target)], overwrite=True)
+
+
+def merge_recorders(recorders: list) -> Recorder:
+    """One `Recorder` for the losses and outputs of a forward from the stacks that ran in it (an
+    encoder-decoder's two, or its decoder alone when the encoder's outputs were given): each stack's
+    router logits restricted to its own real tokens, as its padding has its own shape."""
+    ran = [rec for rec in recorders if rec is not None]
+    if len(ran) <= 1:
+        return ran[0] if ran else Recorder()
+    merged = Recorder()
+    merged.outputs = []  # every row's logits, as `output_router_logits` returns them
+    for rec in ran:
+        flat = None if rec.token_mask is None else rec.token_mask.reshape(-1)
+        for i, logits in enumerate(rec.router_logits):
+            keep = flat is not None and i not in rec.prefiltered
+            merged.prefiltered.add(len(merged.router_logits))
+            merged.router_logits.append(logits[flat] if keep else logits)
+            merged.outputs.append(logits)
+        merged.extra_losses += rec.extra_losses
+    return merged
 
 
 def begin_forward(base, args, kwargs):
@@ -418,6 +456,10 @@ def _cross_head_key_mapping(config, saved_base: bool, loading_base: bool) -> dic
     if saved_base == loading_base:
         return None
     prefix = _source_prefix(config)
+    if getattr(config.text_config, "is_encoder_decoder", False):
+        with torch.device("meta"):  # T5's task model holds its base model's modules at its root, not under it
+            if not isinstance(getattr(AutoModelForSeq2SeqLM.from_config(config.text_config), prefix, None), nn.Module):
+                return None
     if saved_base:
         return {r"^backbone\.": f"backbone.{prefix}."}
     return {rf"^backbone\.{prefix}\.": "backbone."}
@@ -454,14 +496,33 @@ class CondCompForCausalLM(CondCompPreTrainedModel, GenerationMixin):
         return self.backbone.prepare_inputs_for_generation(*args, **kwargs)
 
 
+class CondCompForConditionalGeneration(CondCompPreTrainedModel, GenerationMixin):
+    """An encoder-decoder source (T5, BART, Marian, M2M100, ...) with MoE blocks in its encoder's and
+    decoder's chosen layers (`moe_layers`, `decoder_moe_layers`). It generates with the source model's
+    own `generate()`, over transformers' encoder-decoder cache."""
+
+    _auto_class_of_task = AutoModelForSeq2SeqLM
+
+    def generate(self, *args, **kwargs):
+        """The source model's own `generate()`, run on the backbone with this model's generation config."""
+        self.backbone.generation_config = self.generation_config
+        return self.backbone.generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        return self.backbone.prepare_inputs_for_generation(*args, **kwargs)
+
+    def get_encoder(self, *args, **kwargs):
+        return self.backbone.get_encoder(*args, **kwargs)
+
+    def get_decoder(self):
+        return self.backbone.get_decoder()
+
+
+_HEADS = (CondCompModel, CondCompForSequenceClassification, CondCompForTokenClassification, CondCompForMaskedLM,
+          CondCompForCausalLM, CondCompForConditionalGeneration)
 CondCompConfig.register_for_auto_class()
-for _cls in (CondCompModel, CondCompForSequenceClassification, CondCompForTokenClassification, CondCompForMaskedLM,
-             CondCompForCausalLM):
+for _cls in _HEADS:
     _cls.register_for_auto_class(_cls._auto_class_of_task.__name__)
 # a saved model loads as any of them (from_pretrained maps the keys); a task the source
 # architecture has no class for is refused by transformers' own auto class
-CondCompPreTrainedModel._auto_heads = {
-    c._auto_class_of_task.__name__: c.__name__
-    for c in (CondCompModel, CondCompForSequenceClassification, CondCompForTokenClassification, CondCompForMaskedLM,
-              CondCompForCausalLM)
-}
+CondCompPreTrainedModel._auto_heads = {c._auto_class_of_task.__name__: c.__name__ for c in _HEADS}

@@ -8,7 +8,14 @@ import dataclasses
 import torch
 from transformers.activations import ACT2FN
 
-from ..modeling.architectures import activation_of, detect_layout, find_layers, layout_to_dict
+from ..modeling.architectures import (
+    activation_of,
+    detect_layout,
+    find_layers,
+    layout_to_dict,
+    seq2seq_layout,
+    seq2seq_stacks,
+)
 from ..modeling.configuration_condcomp import CondCompConfig
 from ..modeling.depth import variant_config_fields
 from .copy_weights import copy_rest
@@ -23,9 +30,33 @@ def native_layout(dense, task):
     # A decoder's attention is causal whatever its head (a decoder classifier's too).
     causal = task == "causal-lm" or any(getattr(m, "is_causal", False) is True for m in layers[0].modules())
     layout = detect_layout(src_config.model_type, layers[0], causal=causal)
+    return (path, *_checked_layout(layers[0], layout, src_config))
+
+
+def native_stacks(dense, task) -> list:
+    """[(layers' path, FFN layout, dense FFN width)] per stack of the source: one, or an
+    encoder-decoder's encoder and decoder (causal), each with its own layout (T5's FFN sits after
+    the decoder's cross-attention)."""
+    src_config = dense.config
+    if not getattr(src_config, "is_encoder_decoder", False):
+        return [native_layout(dense, task)]
+    stacks = []
+    for name, _, path, layers in seq2seq_stacks(dense):
+        layout = seq2seq_layout(src_config, layers[0], causal=name == "decoder")
+        stacks.append((path, *_checked_layout(layers[0], layout, src_config)))
+    if stacks[0][2] != stacks[1][2]:
+        raise ValueError(
+            f"source model type {src_config.model_type!r}: its encoder's FFN width {stacks[0][2]} differs from its "
+            f"decoder's {stacks[1][2]}; upcycling takes one expert width for both stacks."
+        )
+    return stacks
+
+
+def _checked_layout(layer, layout, src_config):
+    """(layout with its `bias` read off the layer, the dense FFN width)."""
     try:
-        first_in = layers[0].get_submodule(layout.inputs[0])
-        out = layers[0].get_submodule(layout.output)
+        first_in = layer.get_submodule(layout.inputs[0])
+        out = layer.get_submodule(layout.output)
     except AttributeError as err:
         raise ValueError(
             f"source model type {src_config.model_type!r}: its layers do not have the FFN modules its layout names "
@@ -33,13 +64,13 @@ def native_layout(dense, task):
         ) from None
     layout = dataclasses.replace(layout, bias=first_in.bias is not None)
     inter = out.weight.shape[0] if layout.conv1d else out.weight.shape[1]
-    return path, layout, inter
+    return layout, inter
 
 
-def native_config(src_config, native, fields, overrides):
+def native_config(src_config, stacks, fields, overrides):
     """CondCompConfig around a copy of the source's config; overrides of the source's own fields
-    (`hidden_dropout_prob=0.0`, ...) go into that copy."""
-    _, layout, _ = native
+    (`hidden_dropout_prob=0.0`, ...) go into that copy. `stacks` as `native_stacks` gives them."""
+    layout = stacks[0][1]
     own = {f.name for f in dataclasses.fields(CondCompConfig)} | variant_config_fields()
     text_config = copy.deepcopy(src_config)
     for name, value in overrides.items():
@@ -53,6 +84,7 @@ def native_config(src_config, native, fields, overrides):
         **as_floats_where_expected(CondCompConfig, fields),
         text_config=text_config,
         ffn_layout=layout_to_dict(layout),
+        decoder_ffn_layout=layout_to_dict(stacks[1][1]) if len(stacks) > 1 else None,
         ffn_activation=activation_of(src_config, layout),
         id2label=src_config.id2label,
         label2id=src_config.label2id,
@@ -84,19 +116,20 @@ def _check_native_ffn(layer, layout, ffn, activation, model_type):
         )
 
 
-def convert_native_state_dict(dense, target, config, native, init="copy", seed=0, noise_std=0.01, drop_ratio=0.5):
-    """The dense state dict under `backbone.`, with the MoE layers' FFNs turned into experts."""
-    path, layout, _ = native
+def convert_native_state_dict(dense, target, config, stacks, init="copy", seed=0, noise_std=0.01, drop_ratio=0.5):
+    """The dense state dict under `backbone.`, with the MoE layers' FFNs turned into experts.
+    `stacks` as `native_stacks` gives them; their MoE layers are `moe_layers` (and `decoder_moe_layers`)."""
     gen = torch.Generator().manual_seed(seed)
     src_state = dense.state_dict()
-    layers = dense.get_submodule(path)  # found by `native_layout`
     target_keys = dict(target.state_dict(keep_vars=True))
     out, consumed = {}, set()
-    for i in config.moe_layers:
-        src_prefix = f"{path}.{i}."
-        ffn = layout_ffn(src_state, src_prefix, layout)
-        _check_native_ffn(layers[i], layout, ffn, config.ffn_activation, dense.config.model_type)
-        out.update(moe_block_tensors(ffn, f"backbone.{src_prefix}{layout.module}.", target_keys, config,
-                                      layout.gated, init, gen, noise_std, drop_ratio))
-        consumed.update(ffn[4])
+    for (path, layout, _), moe_layers in zip(stacks, (config.moe_layers, config.decoder_moe_layers)):
+        layers = dense.get_submodule(path)  # found by `native_stacks`
+        for i in moe_layers or []:
+            src_prefix = f"{path}.{i}."
+            ffn = layout_ffn(src_state, src_prefix, layout)
+            _check_native_ffn(layers[i], layout, ffn, config.ffn_activation, dense.config.model_type)
+            out.update(moe_block_tensors(ffn, f"backbone.{src_prefix}{layout.module}.", target_keys, config,
+                                          layout.gated, init, gen, noise_std, drop_ratio))
+            consumed.update(ffn[4])
     return copy_rest(src_state, target, target_keys, out, consumed, config, gen, lambda key: key[len("backbone."):])

@@ -26,3 +26,35 @@ def parse_layers(layers, num_layers: int, argument: str = "layers") -> list[int]
             f"layers, so indices must be in [0, {num_layers - 1}]."
         )
     return sorted(set(layers))
+
+
+STACKS = ("encoder", "decoder")
+
+
+def parse_stack_layers(layers, num_encoder: int, num_decoder: int, argument: str = "layers") -> tuple[list, list]:
+    """(encoder layers, decoder layers) of an encoder-decoder source. `layers` is what `parse_layers`
+    takes, for both stacks (`every_other`: layers 1, 3, ... of each), or names the stacks:
+    'encoder:every_other,decoder:all', 'encoder:0,2,decoder:1', or {'encoder': ..., 'decoder': ...};
+    a stack it does not name keeps dense FFNs."""
+    if isinstance(layers, str) and any(f"{stack}:" in layers for stack in STACKS):
+        parts, current = {}, None
+        for part in (p.strip() for p in layers.split(",") if p.strip()):
+            stack, colon, value = part.partition(":")
+            if colon:
+                if stack.strip() not in STACKS or stack.strip() in parts:
+                    raise _error(argument, layers, "stacks named once each, as 'encoder:every_other,decoder:all'")
+                current = stack.strip()
+                parts[current] = [value.strip()]
+            elif current is None:
+                raise _error(argument, layers, "'encoder:...' or 'decoder:...' first, as 'encoder:0,2,decoder:all'")
+            else:
+                parts[current].append(part)
+        layers = {stack: ",".join(values) for stack, values in parts.items()}
+    if isinstance(layers, dict):
+        unknown = set(layers) - set(STACKS)
+        if unknown or not layers:
+            raise _error(argument, layers, f"a mapping of {STACKS} to layers")
+        counts = {"encoder": num_encoder, "decoder": num_decoder}
+        return tuple(parse_layers(layers[stack], counts[stack], f"{argument} ({stack})") if stack in layers else []
+                     for stack in STACKS)
+    return parse_layers(layers, num_encoder, argument), parse_layers(layers, num_decoder, argument)

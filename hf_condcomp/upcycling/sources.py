@@ -9,6 +9,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     PreTrainedModel,
@@ -18,7 +19,7 @@ from .. import assets
 from ..modeling.common import SENTENCE_TRANSFORMERS_FILES, sentence_transformers_modules
 from ..modeling.configuration_condcomp import is_condcomp_config
 from ..spec import _error
-from .convert_native import native_layout
+from .convert_native import native_stacks
 from .targets import check_task
 
 _AUTO_SOURCE = {
@@ -27,6 +28,7 @@ _AUTO_SOURCE = {
     "token-classification": AutoModelForTokenClassification,
     "masked-lm": AutoModelForMaskedLM,
     "causal-lm": AutoModelForCausalLM,
+    "seq2seq-lm": AutoModelForSeq2SeqLM,
 }
 
 
@@ -42,7 +44,10 @@ _ARCH_SUFFIX_TASK = (
 )
 
 
-def _task_of_architecture(architecture: str | None) -> str:
+def _task_of_architecture(architecture: str | None, config=None) -> str:
+    if architecture and getattr(config, "is_encoder_decoder", False) and architecture.endswith(
+            ("ForConditionalGeneration", "MTModel")):  # MarianMTModel
+        return "seq2seq-lm"
     if architecture:
         for suffix, task in _ARCH_SUFFIX_TASK:
             if architecture.endswith(suffix):
@@ -55,7 +60,7 @@ def load_source(source, task, num_labels):
     if isinstance(source, PreTrainedModel):
         model, name = source, getattr(source.config, "_name_or_path", "") or type(source).__name__
         _refuse_upcycled(model.config, name)
-        source_task = _task_of_architecture(type(model).__name__)
+        source_task = _task_of_architecture(type(model).__name__, model.config)
         task = task or source_task
         check_task(task)
         if task != source_task:
@@ -79,7 +84,7 @@ def load_source(source, task, num_labels):
         ) from err
     _refuse_upcycled(config, name)
     architecture = (config.architectures or [None])[0]
-    task = task or _task_of_architecture(architecture)
+    task = task or _task_of_architecture(architecture, config)
     check_task(task)
     with torch.device("meta"):  # refuse an architecture without a known FFN before reading its weights
         try:
@@ -87,7 +92,7 @@ def load_source(source, task, num_labels):
         except ValueError as err:
             raise ValueError(f"`source`={name!r} (model type {config.model_type!r}) has no {task} model in "
                              f"transformers: {err}") from err
-    native_layout(skeleton, task)
+    native_stacks(skeleton, task)
     kwargs = {}
     if num_labels is not None and task in ("sequence-classification", "token-classification"):
         kwargs["num_labels"] = num_labels

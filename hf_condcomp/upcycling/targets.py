@@ -11,6 +11,7 @@ from ..modeling.configuration_condcomp import CondCompConfig
 from ..modeling.depth import variant_config_fields
 from ..modeling.modeling_condcomp import (
     CondCompForCausalLM,
+    CondCompForConditionalGeneration,
     CondCompForMaskedLM,
     CondCompForSequenceClassification,
     CondCompForTokenClassification,
@@ -24,6 +25,7 @@ TARGETS = {
     "token-classification": CondCompForTokenClassification,
     "masked-lm": CondCompForMaskedLM,
     "causal-lm": CondCompForCausalLM,
+    "seq2seq-lm": CondCompForConditionalGeneration,
 }
 
 
