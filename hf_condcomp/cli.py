@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_upcycle)
     from .export import FORMATS
 
-    p = sub.add_parser("export", help="write an upcycled Llama-family MoE in a native transformers MoE architecture")
+    p = sub.add_parser("export",
+                       help="write an upcycled Llama-family or T5 MoE in a native transformers MoE architecture")
     p.add_argument("model_dir", help="a folder saved by hf-condcomp upcycle or a recipe")
     p.add_argument("output_dir")
     p.add_argument("--format", default="auto", choices=FORMATS,

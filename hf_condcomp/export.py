@@ -1,5 +1,5 @@
 """Export a model upcycled from a Llama, Mistral, Qwen2 or Qwen3 source to a native transformers
-MoE architecture.
+MoE architecture (T5 sources: export_seq2seq.py, Switch Transformers).
 
 Serving engines (vLLM, SGLang, TGI, llama.cpp's converters) load native architectures, not remote
 code. Where one expresses an upcycled model exactly, this writes the model in it, so that it loads
@@ -34,13 +34,20 @@ from types import SimpleNamespace
 
 import torch
 
+from .export_seq2seq import (
+    SEQ2SEQ_FORMATS,
+    seq2seq_blocker,
+    switch_config,
+    switch_state_dict,
+    verification_inputs,
+)
 from .legacy import LEGACY_TYPES, convert_folder
 from .legacy import native_config as legacy_native_config
 from .modeling.depth import GATED_VARIANTS
 from .modeling.routing import get_routing_method
 from .saving import check_output_dir, save_atomically
 
-FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
+FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe", *SEQ2SEQ_FORMATS)
 SOURCES = ("llama", "mistral", "qwen2", "qwen3")  # source model types of the Llama family
 
 
@@ -105,6 +112,14 @@ def choose_format(config, requested: str = "auto") -> str:
     """The native architecture that expresses `config` exactly, or an `ExportError` naming what blocks it."""
     if requested not in FORMATS:
         raise ExportError(f"`--format` must be one of {FORMATS}, got {requested!r}.")
+    if getattr(config, "decoder_ffn_layout", None) is not None:  # an encoder-decoder source
+        blocker = seq2seq_blocker(config, requested)
+        if blocker:
+            raise _refuse(*blocker)
+        return SEQ2SEQ_FORMATS[0]
+    if requested in SEQ2SEQ_FORMATS:
+        raise _refuse(f"`{requested}` is an encoder-decoder architecture; this model is not one",
+                      "Use --format auto.")
     config = _llama_family_view(config)
     source = (config.upcycling or {}).get("source_model_type", "llama")
     qk_norm = bool(getattr(config, "qk_norm", False))
@@ -254,11 +269,12 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
         MixtralForCausalLM,
         Qwen2MoeForCausalLM,
         Qwen3MoeForCausalLM,
+        SwitchTransformersForConditionalGeneration,
     )
     from transformers.initialization import no_init_weights
 
     from .assets import load_config, load_pretrained
-    from .modeling.modeling_condcomp import CondCompForCausalLM
+    from .modeling.modeling_condcomp import CondCompForCausalLM, CondCompForConditionalGeneration
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
@@ -269,14 +285,20 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
 
     with tempfile.TemporaryDirectory(prefix="condcomp_export_") as tmp:
         folder = convert_folder(model_dir, tmp) if config.model_type in LEGACY_TYPES else model_dir
-        ours = load_pretrained(CondCompForCausalLM, folder, "MODEL_DIR", dtype="auto").eval()
-    # transformers' own Llama / Mistral / Qwen under `backbone.`: the native names
+        ours_cls = CondCompForConditionalGeneration if fmt in SEQ2SEQ_FORMATS else CondCompForCausalLM
+        ours = load_pretrained(ours_cls, folder, "MODEL_DIR", dtype="auto").eval()
+    # transformers' own Llama / Mistral / Qwen / T5 under `backbone.`: the native names
     state = {key.removeprefix("backbone."): value for key, value in ours.state_dict().items()}
-    native_cls = {"mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM,
-                  "qwen3_moe": Qwen3MoeForCausalLM}[fmt]
+    native_cls = {"mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM,
+                  "switch_transformers": SwitchTransformersForConditionalGeneration}[fmt]
     with no_init_weights():
-        native = native_cls(native_config(ours.config, fmt))
-    native.load_state_dict(native_state_dict(state, native), strict=True)
+        if fmt in SEQ2SEQ_FORMATS:
+            native = native_cls(switch_config(ours.config))
+            state = switch_state_dict(state)
+        else:
+            native = native_cls(native_config(ours.config, fmt))
+            state = native_state_dict(state, native)
+    native.load_state_dict(state, strict=True)
     if native.config.tie_word_embeddings:
         native.tie_weights()
     native.to(ours.dtype).eval()
@@ -287,10 +309,13 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
 
     diff = None
     if verify:
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, native.config.vocab_size, (2, 16), generator=g)
+        if fmt in SEQ2SEQ_FORMATS:
+            inputs = verification_inputs(native)
+        else:
+            inputs = {"input_ids": torch.randint(0, native.config.vocab_size, (2, 16),
+                                                 generator=torch.Generator().manual_seed(0))}
         with torch.no_grad():
-            diff = float((native(ids).logits.float() - ours(ids).logits.float()).abs().max())
+            diff = float((native(**inputs).logits.float() - ours(**inputs).logits.float()).abs().max())
         tolerance = 1e-4 if ours.dtype == torch.float32 else 5e-2
         if not diff <= tolerance:
             raise AssertionError(f"the {fmt} export differs from the model by {diff:.3g} (> {tolerance}); "

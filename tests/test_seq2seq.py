@@ -8,6 +8,7 @@ choice (causal in the decoder at inference), a training step, the other inits an
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -234,3 +235,54 @@ def test_a_base_model_loads_as_the_seq2seq_model(tmp_path):
     ids, mask, decoder_ids = batch()
     torch.testing.assert_close(logits_of(model, ids, mask, decoder_ids), logits_of(dense, ids, mask, decoder_ids),
                                atol=1e-4, rtol=0)
+
+
+# --- native export --------------------------------------------------------------------------
+
+def test_a_t5_moe_weighted_by_the_router_probability_exports_as_switch_transformers(tmp_path):
+    from hf_condcomp.export import export_native
+
+    model = upcycle(dense_model("t5"), num_experts=4, top_k=1, norm_topk_prob=False, init="noise",
+                    layers="encoder:every_other,decoder:all")
+    model.save_pretrained(tmp_path / "ours")
+    result = export_native(tmp_path / "ours", tmp_path / "switch")
+    assert result["architecture"] == "SwitchTransformersForConditionalGeneration" and result["max_abs_diff"] <= 1e-4
+    assert not list((tmp_path / "switch").glob("*.py")), "a native export carries no code"
+    ids, mask, decoder_ids = batch()
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    torch.save({"ids": ids, "mask": mask, "decoder_ids": decoder_ids, "greedy": greedy,
+                "logits": logits_of(model, ids, mask, decoder_ids)}, tmp_path / "ref.pt")
+    run_clean_python(f"""
+import torch, transformers
+ref = torch.load({str(tmp_path / 'ref.pt')!r})
+model = transformers.AutoModelForSeq2SeqLM.from_pretrained({str(tmp_path / 'switch')!r}).eval()  # no remote code
+assert type(model).__name__ == "SwitchTransformersForConditionalGeneration", type(model)
+with torch.no_grad():
+    logits = model(input_ids=ref["ids"], attention_mask=ref["mask"], decoder_input_ids=ref["decoder_ids"]).logits
+torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
+greedy = model.generate(ref["ids"], attention_mask=ref["mask"], max_new_tokens=5, do_sample=False)
+assert torch.equal(greedy, ref["greedy"]), (greedy, ref["greedy"])
+""", cwd=tmp_path)
+
+
+def test_what_switch_transformers_does_not_compute_is_refused_and_nothing_written(tmp_path):
+    import subprocess
+    import sys
+
+    from hf_condcomp.export import ExportError, choose_format
+
+    copy_top1 = upcycle(dense_model("t5"), num_experts=4, top_k=1, layers="all")  # expert weighted by 1
+    copy_top1.save_pretrained(tmp_path / "ours")
+    proc = subprocess.run([sys.executable, "-m", "hf_condcomp.cli", "export", str(tmp_path / "ours"),
+                           str(tmp_path / "switch")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "weights it by the router probability" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "switch").exists()
+    for name, settings, feature in [
+        ("t5-gated", dict(top_k=1, norm_topk_prob=False), "gated FFN"),
+        ("t5", dict(top_k=2), "top-2 routing"),
+        ("t5", dict(top_k=1, norm_topk_prob=False, layers="encoder:0"), "encoder MoE layers [0]"),
+        ("m2m_100", dict(top_k=2), "upcycled from 'm2m_100'"),
+    ]:
+        config = upcycle(dense_model(name), num_experts=4, **{"layers": "all", **settings}).config
+        with pytest.raises(ExportError, match=re.escape(feature)):
+            choose_format(config)
