@@ -236,8 +236,22 @@ def _text_config_field(name):
     return property(get, set_, doc=f"`text_config.{name}`.")
 
 
-# Set in a config's `__dict__` while transformers sets it up: the source's fields do not read through.
+# Set in a config's `__dict__` while transformers sets it up or checks its own fields: the source's
+# fields do not read through.
 _SETTING_UP = "_condcomp_setting_up"
+
+
+class _OwnFieldsOnly:
+    """`with _OwnFieldsOnly(config):` transformers' code sees the config's own fields only."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __enter__(self):
+        self.config.__dict__[_SETTING_UP] = True
+
+    def __exit__(self, *exc):
+        del self.config.__dict__[_SETTING_UP]
 
 
 @strict
@@ -273,11 +287,8 @@ class CondCompConfig(PreTrainedConfig, CondCompFields):
         given.discard("tie_word_embeddings")  # always the source's: its head is tied or not
         kept = {} if text is None else {name: getattr(text, name, None) for name in _SHARED_WITH_TEXT_CONFIG}
         # transformers' own set-up (`hasattr(self, "rope_parameters")`, ...) sees this config's fields only
-        self.__dict__[_SETTING_UP] = True
-        try:
+        with _OwnFieldsOnly(self):
             super().__post_init__(**kwargs)
-        finally:
-            del self.__dict__[_SETTING_UP]
         if text is None:  # `CondCompConfig()`, as transformers builds for defaults; no model from it
             return
         for name in _SHARED_WITH_TEXT_CONFIG:
@@ -320,6 +331,12 @@ class CondCompConfig(PreTrainedConfig, CondCompFields):
         """FFN width of one expert (Qwen-MoE's and vLLM's name): `moe_expert_intermediate_size`, else
         the dense FFN width."""
         return None if self.text_config is None else expert_intermediate_size(self)
+
+    def _get_generation_parameters(self):
+        """Generation parameters set on this config itself: a source's own (a translation model's
+        `num_beams`, `forced_eos_token_id`, ...) stay in `text_config`, which declares them."""
+        with _OwnFieldsOnly(self):
+            return super()._get_generation_parameters()
 
     def get_text_config(self, decoder=None, encoder=None) -> "CondCompConfig":
         """The config itself: a flat text config, whose source fields read through to `text_config`."""
