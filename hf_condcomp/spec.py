@@ -15,6 +15,8 @@ from .modeling.depth import GATED_VARIANTS
 from .modeling.routing import ROUTING_METHODS
 
 INITS = ("copy", "noise", "drop", "split-random", "split-kmeans")
+# How the routers start (upcycling/router_init.py): random, or from prompts per expert.
+ROUTER_INITS = ("random", "hidden", "hidden_last", "cheap_embed")
 TASKS = ("base", "sequence-classification", "token-classification", "masked-lm", "causal-lm", "seq2seq-lm")
 # "moe", then every registered gated variant (modeling/depth.py: `register_gated_variant`).
 VARIANTS = ("moe", *GATED_VARIANTS)
@@ -42,7 +44,9 @@ class UpcycleSpec:
     variant: str = field(default="moe", metadata=_knob(
         "moe: FFNs become experts; mod: Mixture-of-Depths routed blocks; gate: compute-allocation gates",
         VARIANTS))
-    num_experts: int = field(default=8, metadata=_knob("experts per MoE layer (E)"))
+    num_experts: int | None = field(default=None, metadata=_knob(
+        "experts per MoE layer (E); default 8 from one source, one per source from several (a multiple of the "
+        "number of sources gives each source that many experts)"))
     top_k: int = field(default=2, metadata=_knob("experts each token picks under token choice (k)"))
     routing: str = field(default="token_choice", metadata=_knob(
         "token_choice (each token picks k experts) or expert_choice (each expert picks its tokens)", ROUTING_TYPES))
@@ -66,6 +70,18 @@ class UpcycleSpec:
         "gate: tokens whose allocation is below it skip the layer at inference"))
     mod_layers: str | list | None = field(default=None, metadata=_knob(
         "with variant moe: also make these blocks Mixture-of-Depths routed blocks at `capacity`"))
+    base: str | None = field(default=None, metadata=_knob(
+        "several sources: the model whose non-FFN (shared) weights the MoE takes; default: the sources' average "
+        "(Branch-Train-MiX)"))
+    router_init: str = field(default="random", metadata=_knob(
+        "routers: random, hidden (each expert's row is the normalised mean hidden state of its prompts at the "
+        "layer's input), hidden_last (of the prompts' last tokens), cheap_embed (mean token embedding)",
+        ROUTER_INITS))
+    expert_prompts: str | list | dict | None = field(default=None, metadata=_knob(
+        "prompts of each expert (per source or per expert) for router_init hidden / hidden_last / cheap_embed: "
+        "a list of prompt lists or {positive_prompts, negative_prompts}, a dict by source, or a YAML / text file"))
+    tokenizer: str | None = field(default=None, metadata=_knob(
+        "tokenizer of the prompts; default: the base's, else the first source's"))
     noise_std: float = field(default=0.01, metadata=_knob("init noise: noise std relative to each matrix's std"))
     drop_ratio: float = field(default=0.5, metadata=_knob("init drop: share of neurons re-initialised per expert"))
     seed: int = field(default=0, metadata=_knob("seeds the router, noise, drop and split initialisation"))
@@ -89,9 +105,9 @@ class UpcycleSpec:
         variants = ("moe", *GATED_VARIANTS)  # a variant registered after import is accepted too
         if self.variant not in variants:
             raise _error("variant", self.variant, f"one of {variants}")
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+        if self.num_experts is not None and (not isinstance(self.num_experts, int) or self.num_experts < 1):
             raise _error("num_experts", self.num_experts, "a positive integer")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= (self.num_experts or self.top_k):
             raise ValueError(
                 f"`top_k` (num_experts_per_tok) must be between 1 and `num_experts`={self.num_experts}, got "
                 f"{self.top_k!r}: lower top_k or raise num_experts."
@@ -100,6 +116,11 @@ class UpcycleSpec:
             raise _error("routing", self.routing, f"one of {tuple(ROUTING_METHODS)}")
         if self.init not in INITS:
             raise _error("init", self.init, f"one of {INITS}")
+        if self.router_init not in ROUTER_INITS:
+            raise _error("router_init", self.router_init, f"one of {ROUTER_INITS}")
+        if self.router_init != "random" and self.init.startswith("split"):
+            raise ValueError(f"`router_init`={self.router_init!r} with `init`={self.init!r}: split experts start "
+                             "with routers of their own (the groups' mean input weights); use router_init random.")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise _error("capacity_factor", self.capacity_factor, "> 0, or None for dropless routing")
         if self.task is not None and self.task not in TASKS:

@@ -20,12 +20,16 @@ The target is transformers' own model of the source (`hf_condcomp.modeling.model
 with MoE blocks in the chosen layers' FFN places, and routed blocks or gates on the chosen layers.
 The steps live in `hf_condcomp.upcycling`, one module per concern: `sources` (resolving and
 loading the source), `targets` (target classes and task), `layers` (layer selection),
-`expert_init` (the FFN readers and the inits above), `convert_native` (target config and state
-dict) and `copy_weights` (every other weight). This module composes them into `upcycle()`.
+`expert_init` (the FFN readers and the inits above), `merging` (several sources as the experts,
+shared weights from a base or their average), `router_init` (routers from prompts),
+`convert_native` (target config and state dict) and `copy_weights` (every other weight). This
+module composes them into `upcycle()`.
 """
 
 import copy
+import dataclasses
 import inspect
+import os
 
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
@@ -38,6 +42,9 @@ from .spec import SPEC_FIELDS, UpcycleSpec, split_kwargs
 from .upcycling.convert_native import convert_native_state_dict, native_config, native_stacks
 from .upcycling.expert_init import balanced_kmeans
 from .upcycling.layers import parse_layers, parse_stack_layers
+from .upcycling.merging import average_model, load_sources, load_tokenizer
+from .upcycling.merging import source_name as source_name_of
+from .upcycling.router_init import expert_prompt_sets, prompt_router_rows
 from .upcycling.sources import load_source, sentence_transformers_folder
 from .upcycling.targets import TARGETS, check_overrides, check_task
 
@@ -53,7 +60,10 @@ def upcycle(source, **settings):
     Args:
         source: Hub id, local folder, embedded name (`all-MiniLM-L6-v2`, `SmolLM2-135M-Instruct`)
             or a loaded `PreTrainedModel` of any supported architecture (README: "Models and
-            architectures").
+            architectures"); or a list of them, dense fine-tunes of one model, which become the
+            experts of each MoE layer, one expert per source, or `num_experts / len(sources)` each
+            (a source may be named twice); the shared weights are then `base`'s, or the sources'
+            average (upcycling/merging.py).
         **settings: the fields of `hf_condcomp.spec.UpcycleSpec`, with its defaults and help
             (`variant`, `num_experts`, `top_k`, `routing`, `capacity_factor`, `init`, `layers`,
             `task`, `num_labels`, `capacity`, `compute_penalty`, `threshold`, `mod_layers`,
@@ -64,13 +74,21 @@ def upcycle(source, **settings):
     """
     spec_settings, config_overrides = split_kwargs(settings)
     spec = UpcycleSpec(**spec_settings)  # checks every setting, naming it
+    sources = list(source) if isinstance(source, (list, tuple)) else [source]
+    spec = _resolve_num_experts(spec, len(sources))
     config_overrides = {**spec.config_overrides(), **config_overrides}
     (variant, num_experts, top_k, routing, capacity_factor, init, layers, task, num_labels, mod_layers, noise_std,
      drop_ratio, seed, moe_implementation) = (getattr(spec, name) for name in (
         "variant", "num_experts", "top_k", "routing", "capacity_factor", "init", "layers", "task", "num_labels",
         "mod_layers", "noise_std", "drop_ratio", "seed", "moe_implementation"))
 
-    dense, task, source_name = load_source(source, task, num_labels)
+    merged = len(sources) > 1 or spec.base is not None
+    if merged:
+        dense, expert_sources, task, names = _shared_and_expert_sources(sources, spec, task, num_labels)
+        source_name = source_name_of(spec.base) if spec.base is not None else None
+    else:
+        dense, task, source_name = load_source(sources[0], task, num_labels)
+        expert_sources, names = None, [source_name]
     check_task(task)
     src_config = dense.config
     num_layers = src_config.num_hidden_layers
@@ -81,6 +99,10 @@ def upcycle(source, **settings):
             raise ValueError(f"`variant`={variant!r}{' with `mod_layers`' if mod_layers is not None else ''} is not "
                              f"supported on encoder-decoder models (model type {src_config.model_type!r}): "
                              f"{SEQ2SEQ_GATED_REFUSAL}")
+        if spec.router_init != "random":
+            raise ValueError(f"`router_init`={spec.router_init!r} is not supported on encoder-decoder models (model "
+                             f"type {src_config.model_type!r}): prompts start the routers of one stack's layers. "
+                             "Use router_init='random'.")
         chosen, decoder_chosen = parse_stack_layers(layers, num_layers, decoder_depth(src_config))
         if not chosen and not decoder_chosen:
             raise ValueError(f"`layers`={layers!r} names no layer of either stack.")
@@ -125,6 +147,9 @@ def upcycle(source, **settings):
         "capacity_factor": capacity_factor,
         **{name: getattr(spec, name) if v.name == variant else None
            for v in GATED_VARIANTS.values() for name in v.spec_fields},
+        "expert_sources": names if merged else None,
+        "shared_weights": ("base" if spec.base is not None else "average") if merged else None,
+        "router_init": spec.router_init if variant == "moe" else None,
         "noise_std": noise_std if init == "noise" else None,
         "drop_ratio": drop_ratio if init == "drop" else None,
         "seed": seed,
@@ -135,7 +160,11 @@ def upcycle(source, **settings):
 
     with no_init_weights():  # every weight is overwritten below: skip the random init
         target = target_class(config)
-    state = convert_native_state_dict(dense, target, config, stacks, init, seed, noise_std, drop_ratio)
+    routers = None
+    if variant == "moe" and spec.router_init != "random":
+        routers = prompt_routers(spec, dense, names, sources, num_experts, chosen)
+    state = convert_native_state_dict(dense, target, config, stacks, init, seed, noise_std, drop_ratio,
+                                      expert_sources, routers)
     target.load_state_dict(state, strict=True)
     if getattr(config, "tie_word_embeddings", False):
         # The model was built without `post_init`'s weight init, which is also where transformers
@@ -146,11 +175,56 @@ def upcycle(source, **settings):
     if seq2seq and getattr(dense, "generation_config", None) is not None:  # decoder start, forced BOS / EOS tokens, ...
         target.generation_config = copy.deepcopy(dense.generation_config)
     # `save_pretrained` copies the source's pooling, `Normalize`, ... next to the upcycled model.
-    st_name = source if not isinstance(source, PreTrainedModel) else getattr(source, "name_or_path", "")
+    first = spec.base if spec.base is not None else sources[0]
+    st_name = first if not isinstance(first, PreTrainedModel) else getattr(first, "name_or_path", "")
     st_folder = sentence_transformers_folder(st_name)
     if st_folder is not None:
         setattr(target, SENTENCE_TRANSFORMERS_SOURCE, st_folder)
     return target.eval()
+
+
+def _resolve_num_experts(spec, num_sources):
+    """`num_experts` unset: 8 from one source, one expert per source from several. Set: a multiple
+    of the number of sources, each source giving as many experts."""
+    if num_sources == 0:
+        raise ValueError("`source` is an empty list: give one source, or several to merge as experts.")
+    if spec.num_experts is None:
+        return dataclasses.replace(spec, num_experts=8 if num_sources == 1 else num_sources)
+    if spec.num_experts % num_sources:
+        raise ValueError(f"`num_experts`={spec.num_experts} is not a multiple of the {num_sources} sources: each "
+                         "source gives the same number of experts (leave it unset for one expert per source).")
+    return spec
+
+
+def _shared_and_expert_sources(sources, spec, task, num_labels):
+    """(model holding the shared weights, one dense model per source, task, source names)."""
+    if spec.variant != "moe":
+        raise ValueError(f"several sources (or a `base`) make the experts of MoE layers; `variant`={spec.variant!r} "
+                         "has no experts: use variant moe.")
+    if spec.init.startswith("split"):
+        raise ValueError(f"`init`={spec.init!r} splits one FFN into experts; from several sources use copy, noise or "
+                         "drop.")
+    expert_sources, base_model, task = load_sources(sources, spec.base, task, num_labels)
+    names = [source_name_of(s) for s in sources]
+    shared = base_model if base_model is not None else average_model(expert_sources)
+    return shared, expert_sources, task, names
+
+
+def prompt_routers(spec, dense, names, sources, num_experts, layers):
+    """{layer: (E, H)} router starts from each expert's prompts (upcycling/router_init.py)."""
+    import copy
+
+    tokenizer = spec.tokenizer
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        origin = tokenizer or (spec.base if spec.base is not None else sources[0])
+        loaded = load_tokenizer(origin)
+        if loaded is None:
+            raise ValueError(f"`router_init`={spec.router_init!r} tokenizes each expert's prompts, and "
+                             f"{source_name_of(origin)!r} has no tokenizer: pass `tokenizer` (a folder or a "
+                             "tokenizer).")
+        tokenizer = loaded
+    sets = expert_prompt_sets(spec.expert_prompts, names, num_experts)
+    return prompt_router_rows(dense, copy.deepcopy(tokenizer), sets, layers, spec.router_init)
 
 
 # `help(upcycle)` and `inspect.signature(upcycle)` show the spec's fields with its defaults.

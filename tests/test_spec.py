@@ -60,7 +60,7 @@ def test_cli_reads_values_as_the_recipes_do(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(variant="moed"), "`variant`"), (dict(top_k=9), "`top_k`"), (dict(init="clone"), "`init`"),
+    (dict(variant="moed"), "`variant`"), (dict(num_experts=8, top_k=9), "`top_k`"), (dict(init="clone"), "`init`"),
     (dict(routing="random"), "`routing`"), (dict(capacity_factor=0), "`capacity_factor`"),
 ])
 def test_the_spec_refuses_bad_values_naming_the_field(kwargs, field):

@@ -116,20 +116,31 @@ def _check_native_ffn(layer, layout, ffn, activation, model_type):
         )
 
 
-def convert_native_state_dict(dense, target, config, stacks, init="copy", seed=0, noise_std=0.01, drop_ratio=0.5):
-    """The dense state dict under `backbone.`, with the MoE layers' FFNs turned into experts.
-    `stacks` as `native_stacks` gives them; their MoE layers are `moe_layers` (and `decoder_moe_layers`)."""
+def convert_native_state_dict(dense, target, config, stacks, init="copy", seed=0, noise_std=0.01, drop_ratio=0.5,
+                              expert_sources=None, routers=None):
+    """The dense state dict under `backbone.`, with the MoE layers' FFNs turned into experts: made
+    from `dense`'s FFNs, or from those of `expert_sources` (dense models of the same architecture,
+    each giving an equal share of the experts; `dense` then holds the shared weights). `stacks` as
+    `native_stacks` gives them; their MoE layers are `moe_layers` (and `decoder_moe_layers`).
+    `routers`: {layer: (E, H)} router starts of the first stack, random (or the split groups') where
+    absent."""
     gen = torch.Generator().manual_seed(seed)
     src_state = dense.state_dict()
     target_keys = dict(target.state_dict(keep_vars=True))
+    expert_states = None if expert_sources is None else [source.state_dict() for source in expert_sources]
     out, consumed = {}, set()
-    for (path, layout, _), moe_layers in zip(stacks, (config.moe_layers, config.decoder_moe_layers)):
+    stack_layers = (config.moe_layers, config.decoder_moe_layers)
+    for stack, ((path, layout, _), moe_layers) in enumerate(zip(stacks, stack_layers)):
         layers = dense.get_submodule(path)  # found by `native_stacks`
         for i in moe_layers or []:
             src_prefix = f"{path}.{i}."
             ffn = layout_ffn(src_state, src_prefix, layout)
             _check_native_ffn(layers[i], layout, ffn, config.ffn_activation, dense.config.model_type)
-            out.update(moe_block_tensors(ffn, f"backbone.{src_prefix}{layout.module}.", target_keys, config,
-                                          layout.gated, init, gen, noise_std, drop_ratio))
+            ffns = ffn
+            if expert_sources is not None:
+                ffns = [layout_ffn(state, src_prefix, layout) for state in expert_states]
+            router = (routers or {}).get(i) if stack == 0 else None
+            out.update(moe_block_tensors(ffns, f"backbone.{src_prefix}{layout.module}.", target_keys, config,
+                                          layout.gated, init, gen, noise_std, drop_ratio, router))
             consumed.update(ffn[4])
     return copy_rest(src_state, target, target_keys, out, consumed, config, gen, lambda key: key[len("backbone."):])

@@ -115,14 +115,21 @@ def _experts_from_dense(ffn, num_experts, top_k, init, gen, noise_std, drop_rati
     return tensors, router
 
 
-def moe_block_tensors(ffn, block_prefix, target_keys, config, gated, init, gen, noise_std, drop_ratio):
-    """{target key: tensor} of the MoE block at `block_prefix` (experts and router) made from `ffn`."""
-    tensors, router = _experts_from_dense(
-        ffn, config.num_local_experts, config.num_experts_per_tok, init, gen, noise_std, drop_ratio, gated
-    )
+def moe_block_tensors(ffns, block_prefix, target_keys, config, gated, init, gen, noise_std, drop_ratio, router=None):
+    """{target key: tensor} of the MoE block at `block_prefix` (experts and router) made from `ffns`:
+    one dense FFN, or one per source, each giving an equal share of the experts in turn. `router`
+    (E, H), when given, is the router's start (prompt-based `router_init`)."""
+    if not isinstance(ffns, list):
+        ffns = [ffns]
+    per_source = config.num_local_experts // len(ffns)
+    parts = [_experts_from_dense(ffn, per_source, config.num_experts_per_tok, init, gen, noise_std, drop_ratio, gated)
+             for ffn in ffns]
+    tensors = {name: torch.cat([p[0][name] for p in parts]) for name in parts[0][0]}
     out = {f"{block_prefix}experts.{name}": tensor.contiguous() for name, tensor in tensors.items()}
     router_key = f"{block_prefix}router.weight"
     if router is None:
+        router = parts[0][1]  # split inits: the groups' mean input weights (one source only)
+    if router is None:
         router = torch.randn(target_keys[router_key].shape, generator=gen) * config.initializer_range
-    out[router_key] = router.to(ffn[2].dtype).contiguous()
+    out[router_key] = router.to(ffns[0][2].dtype).contiguous()
     return out
