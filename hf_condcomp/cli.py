@@ -75,13 +75,34 @@ def save_with_tokenizer(model, source, folder):
             pass  # a source without a tokenizer (random test checkpoints) still upcycles
 
 
-def cmd_upcycle(args):
+def _upcycle_and_save(sources, settings, output_dir, overwrite, dtype=None):
+    """Upcycle one source (or several, as experts) and save it with the tokenizer of the base, else
+    of the first source."""
+    from .saving import check_output_dir
     from .upcycle import upcycle
 
-    model = upcycle(args.source, **upcycle_kwargs(args))
-    save_atomically(Path(args.output_dir), lambda tmp: save_with_tokenizer(model, args.source, tmp), args.overwrite)
-    print(json.dumps({"output_dir": str(args.output_dir), "architecture": type(model).__name__,
+    check_output_dir(output_dir, overwrite)  # refuse before the sources are read
+    model = upcycle(sources if len(sources) > 1 else sources[0], **settings)
+    if dtype is not None:
+        import torch
+
+        model.to(getattr(torch, dtype))
+    tokenizer_source = settings.get("tokenizer") or settings.get("base") or sources[0]
+    save_atomically(Path(output_dir), lambda tmp: save_with_tokenizer(model, tokenizer_source, tmp), overwrite)
+    print(json.dumps({"output_dir": str(output_dir), "architecture": type(model).__name__,
                       "upcycling": model.config.upcycling}, indent=2))
+
+
+def cmd_upcycle(args):
+    _upcycle_and_save(args.source, upcycle_kwargs(args), args.output_dir, args.overwrite)
+
+
+def cmd_merge(args):
+    """A mergekit-moe YAML: its fine-tunes as the experts of every layer (merge_config.py)."""
+    from .merge_config import read_merge_config
+
+    sources, settings, dtype = read_merge_config(args.config)
+    _upcycle_and_save(sources, {**settings, "seed": args.seed}, args.output_dir, args.overwrite, dtype)
 
 
 def cmd_export(args):
@@ -138,11 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-condcomp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("upcycle", help="upcycle a dense checkpoint into a conditional-computation model")
-    p.add_argument("source", help="Hub id, local folder, or embedded name (all-MiniLM-L6-v2, SmolLM2-135M-Instruct)")
+    p.add_argument("source", nargs="+", metavar="SOURCE",
+                   help="Hub id, local folder, or embedded name (all-MiniLM-L6-v2, SmolLM2-135M-Instruct); several: "
+                        "dense fine-tunes of one model, which become the experts of each MoE layer")
     p.add_argument("output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     add_upcycle_arguments(p)
     p.set_defaults(func=cmd_upcycle)
+    p = sub.add_parser("merge", help="a mergekit-moe YAML: several fine-tunes into one MoE (export: the native class)")
+    p.add_argument("config", help="mergekit-moe YAML (base_model, gate_mode, dtype, experts_per_token, experts)")
+    p.add_argument("output_dir")
+    p.add_argument("--seed", type=int, default=0, help="seeds random routers; default: 0")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    p.set_defaults(func=cmd_merge)
     from .export import FORMATS
 
     p = sub.add_parser("export",
