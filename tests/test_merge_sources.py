@@ -251,3 +251,24 @@ def test_bad_merges_are_refused_in_one_line_and_write_nothing(tmp_path, capsys):
     merge(f"base_model: {bert_path}\ngate_mode: random\n{experts}", "model type")
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_model_card_names_the_sources_the_base_and_the_router_init(tmp_path):
+    from types import SimpleNamespace
+
+    from hf_condcomp.training import write_model_card
+
+    base, (a, b) = fine_tunes("llama", 2)
+    a.config._name_or_path, b.config._name_or_path = "org/tune-a", "org/tune-b"
+    moe = hf_condcomp.upcycle([a, b], base=base, layers="all")
+    moe.config.upcycling["source"] = "org/base"
+    settings = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                "num_train_epochs", "lr_scheduler_type", "num_warmup_steps", "weight_decay", "max_length", "seed",
+                "mixed_precision", "lora_r", "lora_alpha", "lora_targets")
+    args = SimpleNamespace(hub_model_id=None, output_dir=str(tmp_path), model_name_or_path="org/base",
+                           export_format="remote", **dict.fromkeys(settings))
+    card = write_model_card(args, moe.config, {}, task_type="text-generation", task_name="causal-lm",
+                            dataset_name="d", dataset_type="d", metrics={}, data_text="text").content
+    assert "[`org/tune-a`](org/tune-a), [`org/tune-b`](org/tune-b)" in card
+    assert "the base model [`org/base`]" in card and "routers initialised by `random`" in card
+    assert "- org/tune-a" in card  # the metadata's base_model lists every source

@@ -82,8 +82,12 @@ def write_model_card(args, config, results, *, task_type, task_name, dataset_nam
                    dataset_split="validation", metric_type=metric, metric_name=metric, metric_value=float(results[key]))
         for key, metric in metrics.items() if results.get(key) is not None
     ]
+    source = up.get("source") or args.model_name_or_path
+    # Several fine-tunes as experts: the card's base models are the base (if any) and every source.
+    expert_sources = list(dict.fromkeys(up.get("expert_sources") or []))
+    base_models = list(dict.fromkeys([source, *expert_sources])) if up.get("shared_weights") == "base" else None
     card_data = ModelCardData(
-        model_name=name, base_model=up.get("source") or args.model_name_or_path, library_name="transformers",
+        model_name=name, base_model=base_models or (expert_sources or source), library_name="transformers",
         tags=["hf_condcomp", "mixture-of-experts", "upcycling", up.get("variant") or "moe"],
         eval_results=evals, license=None, pipeline_tag=task_type,
     )
@@ -98,7 +102,10 @@ def write_model_card(args, config, results, *, task_type, task_name, dataset_nam
     training["num_processes"] = results.get("num_processes")
     card_kwargs = dict(
         model_id=name,
-        source=up.get("source") or args.model_name_or_path,
+        source=source,
+        expert_sources=expert_sources,
+        shared_weights=up.get("shared_weights"),
+        router_init=up.get("router_init"),
         upcycling=settings,
         moe_layers=getattr(config, "moe_layers", []),
         data_text=data_text,
