@@ -55,9 +55,10 @@ def _dense_ffn(family, model, layer, x):
     return block.output.dense(block.intermediate(x))
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_identical_sources_give_the_copy_upcycle_of_that_source(family):
-    source = tiny_source(family)
+@pytest.mark.parametrize("family,task", [("llama", None), ("bert", None), ("bert", "sequence-classification"),
+                                         ("gpt2", None), ("mistral", None), ("qwen2", None), ("qwen3", None)])
+def test_identical_sources_give_the_copy_upcycle_of_that_source(family, task):
+    source = tiny_source(family, task)
     merged = hf_condcomp.upcycle([source] * 4, top_k=2, seed=3)
     copied = hf_condcomp.upcycle(source, num_experts=4, top_k=2, seed=3)
     ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -209,6 +210,28 @@ def test_mergekit_config_merges_and_exports_to_mixtral_with_the_sources_weights(
         f"AutoTokenizer.from_pretrained({str(tmp_path / 'native')!r})\n",
         tmp_path,
     )
+
+
+def test_cli_upcycle_takes_several_sources_of_an_encoder_with_prompt_routers(tmp_path, capsys):
+    from transformers import AutoModel
+
+    tokenizer = sample_bpe_tokenizer()
+    base, (a, b) = fine_tunes("bert", 2, vocab_size=len(tokenizer))
+    paths = [_save(m, tmp_path / name, tokenizer) for m, name in ((base, "base"), (a, "a"), (b, "b"))]
+    prompts = tmp_path / "prompts.yml"
+    prompts.write_text("- ['How do I transfer money?']\n- {positive_prompts: ['A man rides a horse.'], "
+                       "negative_prompts: ['My card was declined.']}\n")
+    out = tmp_path / "moe"
+    argv = ["upcycle", paths[1], paths[2], paths[1], paths[2], str(out), "--base", paths[0], "--num-experts", "4",
+            "--init", "noise", "--router-init", "hidden", "--expert-prompts", str(prompts)]
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+    moe = AutoModel.from_pretrained(out, trust_remote_code=True)
+    assert moe.config.upcycling["expert_sources"] == paths[1:] * 2 and moe.config.num_local_experts == 4
+    router = moe.backbone.encoder.layer[1].intermediate.router.weight  # (4, H): experts in the sources' order
+    torch.testing.assert_close(router.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(router[0], router[2])
+    assert (out / "tokenizer.json").exists()
 
 
 def _refused(capsys, argv, *words):

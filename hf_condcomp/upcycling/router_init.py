@@ -10,10 +10,11 @@
   layer (with negative prompts: positive minus negative, each unit norm, the difference again).
 
 `expert_prompts` gives the prompts of each source (or of each expert): a list with one entry
-per source or per expert, or a dict keyed by the source as given; an entry is a list of
-positive prompts, a dict with `positive_prompts` and `negative_prompts` (each a list or a file),
-or a path to a text file (one positive prompt a line) or a YAML file (either form). The whole setting may be a path
-to a YAML file holding the list or dict.
+per source, per expert or per distinct source (in order of first mention), or a dict keyed by
+the source as given; an entry is a list of positive prompts, a dict with `positive_prompts` and
+`negative_prompts` (each a list or a file), or a path to a text file (one positive prompt a
+line) or a YAML file (either form). The whole setting may be a path to a YAML file holding the
+list or dict.
 """
 
 from pathlib import Path
@@ -78,6 +79,8 @@ def expert_prompt_sets(expert_prompts, source_names, num_experts):
             entries = [entry for entry in expert_prompts for _ in range(per_source)]
         elif len(expert_prompts) == num_experts:
             entries = list(expert_prompts)
+        elif len(expert_prompts) == len(distinct := list(dict.fromkeys(source_names))):  # a source named twice
+            entries = [expert_prompts[distinct.index(name)] for name in source_names for _ in range(per_source)]
         else:
             raise ValueError(f"`expert_prompts` has {len(expert_prompts)} entries: give one per source "
                              f"({len(source_names)}) or one per expert ({num_experts}).")
