@@ -150,6 +150,21 @@ def test_hidden_router_rows_are_the_normalised_mean_hidden_states_of_the_prompts
     assert moe.config.upcycling["router_init"] == "hidden"
 
 
+def test_hidden_last_rows_take_each_prompts_last_real_token():
+    tokenizer = sample_bpe_tokenizer()
+    base, (a, b) = fine_tunes("llama", 2, vocab_size=len(tokenizer))
+    prompts = [["How do I transfer money to another account?", "Hi"], ["A man rides a horse."]]
+    moe = hf_condcomp.upcycle([a, b], base=base, layers=[1], router_init="hidden_last", expert_prompts=prompts,
+                              tokenizer=tokenizer)
+    with torch.no_grad():
+        rows = torch.stack([
+            torch.stack([base(**tokenizer(p, return_tensors="pt"), output_hidden_states=True).hidden_states[1][0, -1]
+                         for p in texts]).mean(0)
+            for texts in prompts])  # one prompt at a time: no padding
+    torch.testing.assert_close(moe.backbone.model.layers[1].mlp.router.weight,
+                               rows / rows.norm(dim=-1, keepdim=True), atol=1e-5, rtol=1e-4)
+
+
 def test_cheap_embed_rows_are_the_normalised_sum_of_the_prompts_embeddings(tmp_path):
     tokenizer = sample_bpe_tokenizer()
     base, (a, b) = fine_tunes("llama", 2, vocab_size=len(tokenizer))
