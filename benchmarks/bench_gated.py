@@ -46,7 +46,7 @@ def build_models(capacities, thresholds, seed):
         model = hf_condcomp.upcycle("all-MiniLM-L6-v2", variant="gate", threshold=t, layers="all")
         hidden = model.config.hidden_size
         with torch.no_grad():
-            for layer in model.encoder.layer:
+            for layer in model._conditional_layers:  # the source's BertLayer modules, each with its gate
                 layer.compute_gate.weight.copy_(torch.randn(1, hidden, generator=gen) / hidden**0.5)
                 layer.compute_gate.bias.zero_()
         models[f"gate t={t:g}"] = model

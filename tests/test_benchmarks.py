@@ -71,3 +71,22 @@ def test_paired_ratios_divide_within_each_round():
     assert got == {"median": 0.5, "min": 0.5, "max": 0.5, "rounds": 3, "rounds_faster": 3}
     got = paired_ratios(times, "ours", "other")
     assert got["median"] == 0.25 and got["rounds_faster"] == 2 and got["max"] == 2.0
+
+
+def test_bench_gated_runs_and_reports_the_executed_fraction(tmp_path):
+    """bench_gated.py at a toy size: every model runs, and the executed fractions are the models' own
+    (capacity 0.5 executes half the tokens; random gates at threshold 0.5 a share strictly between)."""
+    import json
+    import subprocess
+
+    out = tmp_path / "gated.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gated.py"
+    proc = subprocess.run([sys.executable, str(script), "--batch", "2", "--seq-len", "16", "--capacities", "1.0,0.5",
+                           "--thresholds", "0.5", "--repeats", "1", "--train-repeats", "1", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["model"]: row for row in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"dense", "mod c=1", "mod c=0.5", "gate t=0.5"}
+    assert rows["mod c=1"]["executed_fraction"] == 1.0
+    assert rows["mod c=0.5"]["executed_fraction"] == 0.5
+    assert 0.0 < rows["gate t=0.5"]["executed_fraction"] < 1.0
