@@ -27,9 +27,7 @@ module composes them into `upcycle()`.
 """
 
 import copy
-import dataclasses
 import inspect
-import os
 
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
@@ -42,9 +40,8 @@ from .spec import SPEC_FIELDS, UpcycleSpec, split_kwargs
 from .upcycling.convert_native import convert_native_state_dict, native_config, native_stacks
 from .upcycling.expert_init import balanced_kmeans
 from .upcycling.layers import parse_layers, parse_stack_layers
-from .upcycling.merging import average_model, load_sources, load_tokenizer
+from .upcycling.merging import prompt_routers, resolve_num_experts, shared_and_expert_sources
 from .upcycling.merging import source_name as source_name_of
-from .upcycling.router_init import expert_prompt_sets, prompt_router_rows
 from .upcycling.sources import load_source, sentence_transformers_folder
 from .upcycling.targets import TARGETS, check_overrides, check_task
 
@@ -75,7 +72,7 @@ def upcycle(source, **settings):
     spec_settings, config_overrides = split_kwargs(settings)
     spec = UpcycleSpec(**spec_settings)  # checks every setting, naming it
     sources = list(source) if isinstance(source, (list, tuple)) else [source]
-    spec = _resolve_num_experts(spec, len(sources))
+    spec = resolve_num_experts(spec, len(sources))
     config_overrides = {**spec.config_overrides(), **config_overrides}
     (variant, num_experts, top_k, routing, capacity_factor, init, layers, task, num_labels, mod_layers, noise_std,
      drop_ratio, seed, moe_implementation) = (getattr(spec, name) for name in (
@@ -84,7 +81,7 @@ def upcycle(source, **settings):
 
     merged = len(sources) > 1 or spec.base is not None
     if merged:
-        dense, expert_sources, task, names = _shared_and_expert_sources(sources, spec, task, num_labels)
+        dense, expert_sources, task, names = shared_and_expert_sources(sources, spec, task, num_labels)
         source_name = source_name_of(spec.base) if spec.base is not None else None
     else:
         dense, task, source_name = load_source(sources[0], task, num_labels)
@@ -181,50 +178,6 @@ def upcycle(source, **settings):
     if st_folder is not None:
         setattr(target, SENTENCE_TRANSFORMERS_SOURCE, st_folder)
     return target.eval()
-
-
-def _resolve_num_experts(spec, num_sources):
-    """`num_experts` unset: 8 from one source, one expert per source from several. Set: a multiple
-    of the number of sources, each source giving as many experts."""
-    if num_sources == 0:
-        raise ValueError("`source` is an empty list: give one source, or several to merge as experts.")
-    if spec.num_experts is None:
-        return dataclasses.replace(spec, num_experts=8 if num_sources == 1 else num_sources)
-    if spec.num_experts % num_sources:
-        raise ValueError(f"`num_experts`={spec.num_experts} is not a multiple of the {num_sources} sources: each "
-                         "source gives the same number of experts (leave it unset for one expert per source).")
-    return spec
-
-
-def _shared_and_expert_sources(sources, spec, task, num_labels):
-    """(model holding the shared weights, one dense model per source, task, source names)."""
-    if spec.variant != "moe":
-        raise ValueError(f"several sources (or a `base`) make the experts of MoE layers; `variant`={spec.variant!r} "
-                         "has no experts: use variant moe.")
-    if spec.init.startswith("split"):
-        raise ValueError(f"`init`={spec.init!r} splits one FFN into experts; from several sources use copy, noise or "
-                         "drop.")
-    expert_sources, base_model, task = load_sources(sources, spec.base, task, num_labels)
-    names = [source_name_of(s) for s in sources]
-    shared = base_model if base_model is not None else average_model(expert_sources)
-    return shared, expert_sources, task, names
-
-
-def prompt_routers(spec, dense, names, sources, num_experts, layers):
-    """{layer: (E, H)} router starts from each expert's prompts (upcycling/router_init.py)."""
-    import copy
-
-    tokenizer = spec.tokenizer
-    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-        origin = tokenizer or (spec.base if spec.base is not None else sources[0])
-        loaded = load_tokenizer(origin)
-        if loaded is None:
-            raise ValueError(f"`router_init`={spec.router_init!r} tokenizes each expert's prompts, and "
-                             f"{source_name_of(origin)!r} has no tokenizer: pass `tokenizer` (a folder or a "
-                             "tokenizer).")
-        tokenizer = loaded
-    sets = expert_prompt_sets(spec.expert_prompts, names, num_experts)
-    return prompt_router_rows(dense, copy.deepcopy(tokenizer), sets, layers, spec.router_init)
 
 
 # `help(upcycle)` and `inspect.signature(upcycle)` show the spec's fields with its defaults.

@@ -9,10 +9,12 @@ size and, where both have one, the same tokenizer vocabulary. A difference is a 
 the source and what differs."""
 
 import copy
+import dataclasses
 import os
 
 from transformers import PreTrainedModel
 
+from .router_init import expert_prompt_sets, prompt_router_rows
 from .sources import load_source
 
 
@@ -116,3 +118,45 @@ def average_model(models):
                 averaged[key] = (sum(s[key].float() for s in states) / len(states)).to(tensor.dtype)
         merged.load_state_dict(averaged, strict=False)
     return merged
+
+
+def resolve_num_experts(spec, num_sources):
+    """`num_experts` unset: 8 from one source, one expert per source from several. Set: a multiple
+    of the number of sources, each source giving as many experts."""
+    if num_sources == 0:
+        raise ValueError("`source` is an empty list: give one source, or several to merge as experts.")
+    if spec.num_experts is None:
+        return dataclasses.replace(spec, num_experts=8 if num_sources == 1 else num_sources)
+    if spec.num_experts % num_sources:
+        raise ValueError(f"`num_experts`={spec.num_experts} is not a multiple of the {num_sources} sources: each "
+                         "source gives the same number of experts (leave it unset for one expert per source).")
+    return spec
+
+
+def shared_and_expert_sources(sources, spec, task, num_labels):
+    """(model holding the shared weights, one dense model per source, task, source names)."""
+    if spec.variant != "moe":
+        raise ValueError(f"several sources (or a `base`) make the experts of MoE layers; `variant`={spec.variant!r} "
+                         "has no experts: use variant moe.")
+    if spec.init.startswith("split"):
+        raise ValueError(f"`init`={spec.init!r} splits one FFN into experts; from several sources use copy, noise or "
+                         "drop.")
+    expert_sources, base_model, task = load_sources(sources, spec.base, task, num_labels)
+    names = [source_name(s) for s in sources]
+    shared = base_model if base_model is not None else average_model(expert_sources)
+    return shared, expert_sources, task, names
+
+
+def prompt_routers(spec, dense, names, sources, num_experts, layers):
+    """{layer: (E, H)} router starts from each expert's prompts (router_init.py)."""
+    tokenizer = spec.tokenizer
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        origin = tokenizer or (spec.base if spec.base is not None else sources[0])
+        loaded = load_tokenizer(origin)
+        if loaded is None:
+            raise ValueError(f"`router_init`={spec.router_init!r} tokenizes each expert's prompts, and "
+                             f"{source_name(origin)!r} has no tokenizer: pass `tokenizer` (a folder or a "
+                             "tokenizer).")
+        tokenizer = loaded
+    sets = expert_prompt_sets(spec.expert_prompts, names, num_experts)
+    return prompt_router_rows(dense, copy.deepcopy(tokenizer), sets, layers, spec.router_init)
