@@ -106,3 +106,21 @@ def pad_collate(pad_token_id, keys=("input_ids", "labels")):
             batch["labels"].append(list(f["labels"]) + [-100] * (length - n))
         return {k: torch.tensor(v) for k, v in batch.items()}
     return collate
+
+
+def seq2seq_collate(pad_token_id):
+    """For encoder-decoder models: right-pads the encoder's `input_ids` (pad id, with `attention_mask`)
+    and the decoder's `labels` (-100, with `decoder_attention_mask`, so the router losses leave the
+    decoder's padding out) to their own lengths; the model shifts the labels into its decoder inputs."""
+    def collate(features):
+        source = max(len(f["input_ids"]) for f in features)
+        target = max(len(f["labels"]) for f in features)
+        batch = {"input_ids": [], "attention_mask": [], "labels": [], "decoder_attention_mask": []}
+        for f in features:
+            n, m = len(f["input_ids"]), len(f["labels"])
+            batch["input_ids"].append(list(f["input_ids"]) + [pad_token_id] * (source - n))
+            batch["attention_mask"].append([1] * n + [0] * (source - n))
+            batch["labels"].append(list(f["labels"]) + [-100] * (target - m))
+            batch["decoder_attention_mask"].append([1] * m + [0] * (target - m))
+        return {k: torch.tensor(v) for k, v in batch.items()}
+    return collate

@@ -19,15 +19,7 @@ def load_model(args, auto_class, task, **head_kwargs):
     name = args.model_name_or_path
     path = assets.resolve(name)
     what = "`--model_name_or_path`"
-    try:
-        config = assets.load_config(path, what, trust_remote_code=args.trust_remote_code)
-    except assets.CheckpointError as err:
-        raise RecipeError(str(err)) from err
-    except (OSError, ValueError) as err:
-        raise RecipeError(
-            f"{what} {name!r} could not be read ({assets.one_line(err)}). Pass a Hub id, a folder with config.json, "
-            f"or one of {list(assets.EMBEDDED)}."
-        ) from err
+    config = source_config(args)
     if is_condcomp_config(config):
         kwargs = {}
         if "num_labels" in head_kwargs:
@@ -61,6 +53,28 @@ def load_model(args, auto_class, task, **head_kwargs):
     return model
 
 
+def source_config(args):
+    """The config of `--model_name_or_path` (dense or upcycled), read before any weight is loaded."""
+    name = args.model_name_or_path
+    what = "`--model_name_or_path`"
+    try:
+        return assets.load_config(assets.resolve(name), what, trust_remote_code=args.trust_remote_code)
+    except assets.CheckpointError as err:
+        raise RecipeError(str(err)) from err
+    except (OSError, ValueError) as err:
+        raise RecipeError(
+            f"{what} {name!r} could not be read ({assets.one_line(err)}). Pass a Hub id, a folder with config.json, "
+            f"or one of {list(assets.EMBEDDED)}."
+        ) from err
+
+
+def is_encoder_decoder(config) -> bool:
+    """Whether a config (a dense source's, or an upcycled model's, whose source config is its
+    `text_config`) is an encoder-decoder model's: T5, BART, Marian, M2M100, ..."""
+    text = getattr(config, "text_config", None)
+    return bool(getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False))
+
+
 def _label_configs(config):
     """The configs that hold a classifier's labels: the model's, and for a model of this package the
     source's `text_config` too, from which transformers builds the head."""
@@ -89,14 +103,17 @@ def load_tokenizer(args):
         raise RecipeError(str(err)) from err
 
 
-_ATTENTION = re.compile(r"(self_)?att(n|ention)")
+# Attention modules by name: `attention`, `attn`, `self_attn`; an encoder-decoder's cross-attention
+# (BART-family `encoder_attn`) and T5's `SelfAttention` / `EncDecAttention`.
+_ATTENTION = re.compile(r"(self_|encoder_)?att(n|ention)|SelfAttention|EncDecAttention")
 
 
 def lora_targets(model, targets):
     """(target_modules, target_parameters) for attention and experts, read off the model's modules
     for every architecture: each linear layer inside a layer's attention module, by its name from that
     module on (`self_attn.q_proj`, `attention.self.query`, `attn.c_attn`, ...), and the stacked
-    weights of each MoE block's experts (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`)."""
+    weights of each MoE block's experts (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`; an
+    encoder-decoder's `fc1.experts.up_proj`, `DenseReluDense.experts.gate_up_proj`, ...)."""
     from transformers.pytorch_utils import Conv1D
 
     from ..modeling.experts import Experts

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..modeling.compat import MINIMUM_TORCH, TESTED_TORCH, TESTED_TRANSFORMERS
 from .checkpoints import CHECKPOINT_DIR
+from .models import is_encoder_decoder
 
 # Folders in the output that are not part of the shared model.
 NATIVE_DIR = "native"
@@ -59,12 +60,18 @@ def write_predictions(args, rows, accelerator):
 
 def _routing_rows(routing):
     rows = []
-    for layer, s in sorted((routing or {}).get("moe_layers", {}).items(), key=lambda kv: int(kv[0])):
+    for layer, s in sorted((routing or {}).get("moe_layers", {}).items(), key=lambda kv: _layer_key(kv[0])):
         rows.append(
             f"| {layer} | {s.get('tokens_per_expert')} | {s.get('load_entropy', float('nan')):.3f} | "
             f"{s.get('max_over_mean', float('nan')):.2f} | {s.get('dropped')} | {s.get('dead_experts')} |"
         )
     return "\n".join(rows)
+
+
+def _layer_key(layer):
+    """Sort key of a routing-table layer: `3`, or an encoder-decoder's `encoder.1` before `decoder.0`."""
+    stack, _, index = layer.rpartition(".")
+    return (stack != "encoder", stack, int(index))
 
 
 def write_model_card(args, config, results, *, task_type, task_name, dataset_name, dataset_type, metrics, data_text,
@@ -107,7 +114,7 @@ def write_model_card(args, config, results, *, task_type, task_name, dataset_nam
         shared_weights=up.get("shared_weights"),
         router_init=up.get("router_init"),
         upcycling=settings,
-        moe_layers=getattr(config, "moe_layers", []),
+        moe_layers=_moe_layers(config),
         data_text=data_text,
         training=training,
         results={k: results[k] for k in metrics if results.get(k) is not None},
@@ -117,9 +124,9 @@ def write_model_card(args, config, results, *, task_type, task_name, dataset_nam
         torch_tested=" and ".join(TESTED_TORCH),
         torch_minimum=MINIMUM_TORCH,
         compute_fraction=(results.get("routing") or {}).get("compute_fraction", results.get("eval_compute_fraction")),
-        auto_class=(config.auto_map.get(_auto_class_for(task_type), "AutoModel").split(".")[-1]
+        auto_class=(config.auto_map.get(_auto_class_for(task_type, config), "AutoModel").split(".")[-1]
                     if getattr(config, "auto_map", None) else ""),
-        auto_name=_auto_class_for(task_type),
+        auto_name=_auto_class_for(task_type, config),
     )
     card = ModelCard.from_template(card_data, template_path=str(template_path), native=False, **card_kwargs)
     card.save(Path(args.output_dir) / "README.md")
@@ -130,7 +137,16 @@ def write_model_card(args, config, results, *, task_type, task_name, dataset_nam
     return card
 
 
-def _auto_class_for(task_type):
+def _moe_layers(config):
+    """The MoE layers for the card: a list, or per stack for an encoder-decoder model."""
+    layers = getattr(config, "moe_layers", [])
+    decoder = getattr(config, "decoder_moe_layers", None)
+    return layers if decoder is None else f"encoder {list(layers)}, decoder {list(decoder)}"
+
+
+def _auto_class_for(task_type, config=None):
+    if config is not None and is_encoder_decoder(config):
+        return "AutoModelForSeq2SeqLM"
     return {"text-classification": "AutoModelForSequenceClassification"}.get(task_type, "AutoModelForCausalLM")
 
 
