@@ -1,9 +1,16 @@
-"""Fine-tune an upcycled decoder (GPT-2, Llama, Qwen, ...) for translation with a prompt format.
+"""Fine-tune an upcycled model for translation: a decoder (GPT-2, Llama, Qwen, ...) with a prompt
+format, or an encoder-decoder (Marian, NLLB / M2M100, mBART, BART, T5, mT5) as translators are.
 
     accelerate launch recipes/translation.py --config recipes/configs/translation_multi30k_smollm2.yaml
+    accelerate launch recipes/translation.py --config recipes/configs/translation_multi30k_marian.yaml
     python recipes/translation.py --config recipes/configs/translation_multi30k_gpt2.yaml max_train_steps=20
 
-Each example is `prompt(source) + " " + target + eos`; the loss covers the target tokens only.
+The kind of model is read off its config (`is_encoder_decoder`, of a dense source or an upcycled
+folder). Decoder: each example is `prompt(source) + " " + target + eos`; the loss covers the target
+tokens only. Encoder-decoder: the source text goes to the encoder and the target is the decoder's
+`labels`, no prompt; `--source_lang_code` / `--target_lang_code` set the language codes of mBART,
+NLLB and M2M100 tokenizers (and force the target code as the first generated token where the
+tokenizer starts targets with it).
 Data: JSON lines `{"translation": {"en": ..., "de": ...}}`, line-aligned text pairs (`train.en` +
 `train.de`, passed as `--train_file .../train`), or a Hub dataset with a `translation` column.
 Reports sacreBLEU and chrF on greedy translations of the evaluation split, the teacher-forced
@@ -17,7 +24,7 @@ from functools import partial
 from pathlib import Path
 
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from hf_condcomp import metrics, training  # noqa: E402
@@ -82,7 +89,41 @@ def build_parser():
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--num_generation_samples", type=int, default=None,
                         help="evaluation examples translated for BLEU/chrF (default: all)")
+    parser.add_argument("--source_lang_code", default=None,
+                        help="encoder-decoder tokenizers with language codes: the source's (mBART `en_XX`, NLLB "
+                             "`eng_Latn`, M2M100 `en`)")
+    parser.add_argument("--target_lang_code", default=None,
+                        help="the target's language code (`de_DE`, `deu_Latn`, `de`)")
     return parser
+
+
+def language_codes(args, tokenizer):
+    """Sets the tokenizer's `src_lang` / `tgt_lang` from `--source_lang_code` / `--target_lang_code`
+    (mBART, NLLB, M2M100 tokenizers), and returns {"forced_bos_token_id": id of the target code} when
+    the tokenizer starts targets with that code (mBART-50, NLLB, M2M100), so that generation starts in
+    the target language; else {}."""
+    lookup = getattr(tokenizer, "get_lang_id", tokenizer.convert_tokens_to_ids)  # M2M100 spells codes `__de__`
+    ids = {}
+    for attr, flag in (("src_lang", "--source_lang_code"), ("tgt_lang", "--target_lang_code")):
+        code = getattr(args, flag[2:])
+        if code is None:
+            continue
+        if not hasattr(tokenizer, attr):
+            raise training.RecipeError(f"`{flag}` {code!r}: the tokenizer ({type(tokenizer).__name__}) has no "
+                                       f"language codes (`{attr}`); leave `{flag}` out.")
+        try:
+            ids[attr] = lookup(code)
+        except KeyError:
+            ids[attr] = None
+        if ids[attr] is None or ids[attr] == tokenizer.unk_token_id:
+            raise training.RecipeError(f"`{flag}` {code!r} is not a language code of the tokenizer "
+                                       f"({type(tokenizer).__name__}); use its code for the language (NLLB "
+                                       "`deu_Latn`, mBART-50 `de_DE`, M2M100 `de`).")
+        setattr(tokenizer, attr, code)
+    if "tgt_lang" not in ids:
+        return {}
+    first = tokenizer(text_target="a")["input_ids"][:1]
+    return {"forced_bos_token_id": ids["tgt_lang"]} if first == [ids["tgt_lang"]] else {}
 
 
 def main(argv=None):
@@ -110,14 +151,35 @@ def main(argv=None):
     tokenizer = training.load_tokenizer(args)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = training.load_model(args, AutoModelForCausalLM, "causal-lm")
+    seq2seq = training.is_encoder_decoder(training.source_config(args))
+    generate_kwargs = language_codes(args, tokenizer) if seq2seq else {}
+    if seq2seq:
+        model = training.load_model(args, AutoModelForSeq2SeqLM, "seq2seq-lm")
+        if generate_kwargs:  # the saved model translates into the target language by default too
+            model.generation_config.forced_bos_token_id = generate_kwargs["forced_bos_token_id"]
+    else:
+        model = training.load_model(args, AutoModelForCausalLM, "causal-lm")
     model = training.apply_lora(model, args)
     config = training.unwrap(accelerator, model).config
+    # Tokenizers of translation models add their end (and language) tokens; others get eos appended.
+    adds_special = len(tokenizer("a")["input_ids"]) > len(tokenizer("a", add_special_tokens=False)["input_ids"])
+
+    def encoded(ids):
+        if adds_special or tokenizer.eos_token_id is None:
+            return ids[: args.max_length]
+        return ids[: args.max_length - 1] + [tokenizer.eos_token_id]
+
+    def source_ids(source):
+        return encoded(tokenizer(source)["input_ids"])
 
     def prompt_ids(source):
         return tokenizer(args.prompt_template.format(source_lang=src, target_lang=tgt, source=source))["input_ids"]
 
     def tokenize(examples):
+        if seq2seq:  # source to the encoder, target as the decoder's labels
+            pairs = examples["translation"]
+            targets = tokenizer(text_target=[p[tgt] for p in pairs])["input_ids"]
+            return {"input_ids": [source_ids(p[src]) for p in pairs], "labels": [encoded(t) for t in targets]}
         out = {"input_ids": [], "labels": []}
         for pair in examples["translation"]:
             prompt = prompt_ids(pair[src])
@@ -130,7 +192,7 @@ def main(argv=None):
     with accelerator.main_process_first():
         processed = {name: ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
                      for name, ds in splits.items()}
-    collate = training.pad_collate(tokenizer.pad_token_id)
+    collate = (training.seq2seq_collate if seq2seq else training.pad_collate)(tokenizer.pad_token_id)
     train_dataloader = DataLoader(processed["train"], shuffle=True, collate_fn=collate,
                                   batch_size=args.per_device_train_batch_size)
     eval_dataloader = DataLoader(processed["validation"], collate_fn=collate,
@@ -152,10 +214,16 @@ def main(argv=None):
     # BLEU on the test split when one is given (Multi30k: test 2016), else on the validation split.
     bleu_split = "test" if "test" in splits else "validation"
     pairs = splits[bleu_split]["translation"][: args.num_generation_samples]
-    hypotheses = training.generate(accelerator, model, tokenizer, [prompt_ids(p[src]) for p in pairs],
-                                   args.max_target_length, args.per_device_eval_batch_size, args.num_beams,
-                                   stop_strings=["\n"])
-    hypotheses = [h.split("\n")[0].strip() for h in hypotheses]  # the answer ends at the line break
+    if seq2seq:
+        hypotheses = training.generate(accelerator, model, tokenizer, [source_ids(p[src]) for p in pairs],
+                                       args.max_target_length, args.per_device_eval_batch_size, args.num_beams,
+                                       **generate_kwargs)
+        hypotheses = [h.strip() for h in hypotheses]
+    else:
+        hypotheses = training.generate(accelerator, model, tokenizer, [prompt_ids(p[src]) for p in pairs],
+                                       args.max_target_length, args.per_device_eval_batch_size, args.num_beams,
+                                       stop_strings=["\n"])
+        hypotheses = [h.split("\n")[0].strip() for h in hypotheses]  # the answer ends at the line break
     references = [p[tgt] for p in pairs]
     scores = metrics.load("sacrebleu_scores").compute(predictions=hypotheses, references=references)
     results.update(
@@ -167,6 +235,7 @@ def main(argv=None):
         eval_bleu_split=bleu_split,
         eval_compute_fraction=teacher_forced["compute_fraction"],
         num_processes=accelerator.num_processes,
+        encoder_decoder=seq2seq,
         samples=[{"source": p[src], "reference": r, "translation": h}
                  for p, r, h in zip(pairs[:3], references, hypotheses)],
         routing=training.routing_stats(accelerator, model, eval_dataloader, args.routing_eval_batches),
@@ -184,13 +253,18 @@ def main(argv=None):
     if accelerator.is_main_process:
         data = args.dataset_name or ", ".join(str(getattr(args, f"{s}_file")) for s in ("train", "validation")
                                               if getattr(args, f"{s}_file"))
+        if seq2seq:
+            codes = f" (language codes {args.source_lang_code} -> {args.target_lang_code})" if (
+                args.source_lang_code or args.target_lang_code) else ""
+            how = f"Source text to the encoder, target as the decoder's labels{codes}; no prompt."
+        else:
+            how = (f"Prompt: `{args.prompt_template!r}`, target after a space, loss on target tokens only.")
         training.write_model_card(
             args, saved.config, results, task_type="translation", task_name=f"Translation {src}-{tgt}",
             dataset_name=args.dataset_name or Path(args.train_file).parent.name,
             dataset_type=args.dataset_name or "text",
             metrics={"eval_bleu": "bleu", "eval_chrf": "chrf", "eval_loss": "loss"},
-            data_text=f"{data}; {src} -> {tgt}, {len(processed['train'])} training pairs. Prompt: "
-                      f"`{args.prompt_template!r}`, target after a space, loss on target tokens only.",
+            data_text=f"{data}; {src} -> {tgt}, {len(processed['train'])} training pairs. {how}",
         )
     training.push_to_hub(args, accelerator)
     training.end_training(accelerator, args)

@@ -78,13 +78,18 @@ def dense_source(kind, vocab_size):
             **small, num_labels=2, relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"]))
     if kind == "bert":
         return transformers.BertForSequenceClassification(transformers.BertConfig(**small, num_labels=2))
+    if kind == "bart":
+        return transformers.BartForConditionalGeneration(transformers.BartConfig(
+            vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0, forced_eos_token_id=0))
     return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
         **small, num_key_value_heads=2, head_dim=8, sliding_window=4, bos_token_id=0, eos_token_id=0, pad_token_id=0))
 
 
 def save_upcycled(folder, kind):
     """An upcycled model saved with its tokenizer, as someone shares a fine-tuned one."""
-    tokenizer = bpe_tokenizer() if kind == "gemma2" else wordpiece_tokenizer()
+    tokenizer = bpe_tokenizer() if kind in ("gemma2", "bart") else wordpiece_tokenizer()
     model = hf_condcomp.upcycle(dense_source(kind, len(tokenizer)), num_experts=4, layers="all")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -147,9 +152,12 @@ def test_a_new_label_set_gets_a_fresh_head_and_keeps_the_rest(tmp_path, loaded, 
         assert labels["id2label"] == {"0": "a", "1": "b", "2": "c"}
 
 
-def test_translation_continues_from_an_upcycled_native_decoder(tmp_path, loaded):
-    """Gemma 2 (sliding windows) upcycled, saved, and trained on."""
-    source, saved_type = save_upcycled(tmp_path / "shared", "gemma2")
+@pytest.mark.parametrize("kind", ["gemma2", "bart"])
+def test_translation_continues_from_an_upcycled_model(tmp_path, loaded, kind):
+    """Gemma 2 (sliding windows), or BART as an encoder-decoder (read off the saved config), upcycled,
+    saved, and trained on. The BART tokenizer adds no end token: the recipe appends one to sources
+    and targets."""
+    source, saved_type = save_upcycled(tmp_path / "shared", kind)
     assert saved_type == "condcomp"
     pairs = [{"translation": {"en": s, "de": s[::-1]}} for s in SENTENCES * 4]
     data = tmp_path / "pairs.jsonl"
@@ -159,10 +167,13 @@ def test_translation_continues_from_an_upcycled_native_decoder(tmp_path, loaded)
                   "--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 4, "--max_length", 48,
                   "--max_target_length", 4, "--learning_rate", "1e-2", "--output_dir", out)
 
-    assert results["train_steps"] == 2
+    assert results["train_steps"] == 2 and results["encoder_decoder"] == (kind == "bart")
     saved, routers = assert_started_from(source, loaded[0])
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "condcomp" and config["text_config"]["model_type"] == "gemma2"
+    assert config["model_type"] == "condcomp" and config["text_config"]["model_type"] == kind
+    if kind == "bart":
+        assert config["decoder_moe_layers"] == [0, 1]
+        assert set(results["routing"]["moe_layers"]) == {"encoder.0", "encoder.1", "decoder.0", "decoder.1"}
     trained = load_file(out / "model.safetensors")
     assert any(not torch.equal(trained[key], saved[key]) for key in routers), "the routers did not train"
 

@@ -440,3 +440,158 @@ print("OK")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+
+
+# --- translation with encoder-decoder sources ---------------------------------------------------------
+
+def seq2seq_tokenizer():
+    """A Marian-like tokenizer: subword BPE with `<pad>` (0), `</s>` (1) and `<unk>` (2), which ends
+    every text with `</s>`, trained on the Multi30k samples of both languages."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False)
+    tokenizer.train(sorted(str(p) for p in MULTI30K.glob("train.*")), trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_seq2seq_config(config_class, vocab_size, dropout=0.1, **ids):
+    return config_class(vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_position_embeddings=128,
+                        dropout=dropout, attention_dropout=dropout, activation_dropout=dropout, **ids)
+
+
+@pytest.fixture(scope="session")
+def tiny_marian(tmp_path_factory):
+    """A random 2+2-layer Marian translation model (Marian's token layout: the decoder starts at `<pad>`)."""
+    from transformers import MarianConfig, MarianMTModel
+
+    folder = tmp_path_factory.mktemp("tiny_marian")
+    tokenizer = seq2seq_tokenizer()
+    torch.manual_seed(0)
+    MarianMTModel(tiny_seq2seq_config(MarianConfig, len(tokenizer), pad_token_id=0, eos_token_id=1,
+                                      decoder_start_token_id=0, forced_eos_token_id=1)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+SEQ2SEQ_LAYERS = "upcycling.layers=encoder:every_other,decoder:all"
+
+
+def test_seq2seq_translation_reports_bleu_chrf_card_and_pushes(tiny_marian, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, ModelCard
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: type("R", (), {"repo_id": repo_id})())
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, *, repo_id, folder_path, **kw: calls.update(
+        upload=(repo_id, sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).iterdir()))))
+    out = tmp_path / "out"
+    results = run("translation", *translation_args(tiny_marian, out, "--max_train_steps", 4, SEQ2SEQ_LAYERS,
+                                                   "--push_to_hub", "--hub_model_id", "someone/tiny-marian-moe"))
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved["encoder_decoder"] and saved["train_steps"] == 4 and saved["eval_samples"] == 8
+    assert saved["eval_chrf"] > 0 and saved["eval_loss"] == saved["eval_loss"]
+    import sacrebleu
+
+    rows = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    hyps, refs = [r["translation"] for r in rows], [r["reference"] for r in rows]
+    assert all(hyps) and not any("</s>" in h or "<pad>" in h for h in hyps)
+    assert saved["eval_bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-12)
+    assert saved["eval_chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=1e-12)
+    # Routing per stack, over real tokens: top-2 gives two assignments per token.
+    layers = results["routing"]["moe_layers"]
+    assert list(layers) == ["encoder.1", "decoder.0", "decoder.1"]
+    assert all(sum(s["tokens_per_expert"]) == 2 * s["num_tokens"] > 0 for s in layers.values())
+    assert all(h["train/aux_loss"] > 0 for h in saved["log_history"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["model_type"] == "marian"
+    assert config["upcycling"]["layers"] == {"encoder": [1], "decoder": [0, 1]}
+    card = ModelCard.load(out / "README.md")
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics["bleu"] == pytest.approx(saved["eval_bleu"]) and metrics["chrf"] == pytest.approx(saved["eval_chrf"])
+    assert "AutoModelForSeq2SeqLM.from_pretrained" in card.text and "| decoder.1 | [" in card.text
+    assert "MoE layers: encoder [1], decoder [0, 1]." in card.text and "decoder's labels" in card.text
+    repo_id, files = calls["upload"]
+    assert repo_id == "someone/tiny-marian-moe" and {"README.md", "model.safetensors", "all_results.json"} <= set(files)
+    model = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    batch = AutoTokenizer.from_pretrained(out)(["A dog runs."], return_tensors="pt")
+    assert model.generate(**batch, max_new_tokens=4, do_sample=False).shape[0] == 1
+
+
+def test_seq2seq_resume_equals_uninterrupted(tiny_marian, tmp_path):
+    # As for decoders: 5 batches per epoch, a checkpoint mid-epoch, the end in the second epoch, dropout on.
+    common = ("--max_train_steps", 7, "--num_generation_samples", 2, SEQ2SEQ_LAYERS)
+    full = tmp_path / "full"
+    run("translation", *translation_args(tiny_marian, full, *common, "--checkpointing_steps", 3))
+    resumed = tmp_path / "resumed"
+    results = run("translation", *translation_args(tiny_marian, resumed, *common, "--resume_from_checkpoint",
+                                                   full / "checkpoints" / "step_3"))
+    assert results["train_steps"] == 7
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and any("experts" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_seq2seq_lora_on_attention_and_experts_of_both_stacks(tiny_marian, tmp_path, monkeypatch):
+    from hf_condcomp.training import models
+
+    picked = {}
+    original = models.lora_targets
+
+    def recording(model, targets):
+        picked["modules"], picked["parameters"] = original(model, targets)
+        return picked["modules"], picked["parameters"]
+
+    monkeypatch.setattr(models, "lora_targets", recording)
+    out = tmp_path / "out"
+    results = run("translation", *translation_args(tiny_marian, out, "--max_train_steps", 2, "--lora_r", 4,
+                                                   "--num_generation_samples", 4, SEQ2SEQ_LAYERS))
+    # Self- and cross-attention of both stacks, and every MoE block's experts.
+    assert picked["modules"] == [f"{attn}.{p}" for attn in ("encoder_attn", "self_attn")
+                                 for p in ("k_proj", "out_proj", "q_proj", "v_proj")]
+    assert picked["parameters"] == ["fc1.experts.down_proj", "fc1.experts.up_proj"]
+    assert results["eval_chrf"] > 0 and results["routing"]["moe_layers"]
+    before = load_file(tiny_marian / "model.safetensors")
+    keys = load_file(out / "model.safetensors")
+    assert not [k for k in keys if "lora" in k]
+    q = "backbone.model.decoder.layers.0.encoder_attn.q_proj.weight"
+    assert not torch.equal(keys[q], before["model.decoder.layers.0.encoder_attn.q_proj.weight"]), "LoRA merged"
+
+
+def test_nllb_language_codes_set_the_tokenizer_and_force_the_target_code(tmp_path):
+    """NLLB (an M2M100 model): `--source_lang_code` / `--target_lang_code` go to the tokenizer, and the
+    target code, which NLLB's tokenizer puts first in targets, is forced as the first generated token."""
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, NllbTokenizer
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for char in "▁" + "".join(sorted(set((MULTI30K / "train.en").read_text() + (MULTI30K / "train.de").read_text()))):
+        vocab.setdefault(char, len(vocab))
+    tokenizer = NllbTokenizer(vocab=vocab, merges=[], additional_special_tokens=["eng_Latn", "deu_Latn"])
+    torch.manual_seed(0)
+    M2M100ForConditionalGeneration(tiny_seq2seq_config(
+        M2M100Config, len(tokenizer), pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2)).save_pretrained(tmp_path / "nllb")
+    tokenizer.save_pretrained(tmp_path / "nllb")
+    out = tmp_path / "out"
+    run("translation", *translation_args(tmp_path / "nllb", out, "--max_train_steps", 1, "--num_generation_samples", 2,
+                                         "--source_lang_code", "eng_Latn", "--target_lang_code", "deu_Latn",
+                                         "--max_target_length", 4))
+    deu = tokenizer.convert_tokens_to_ids("deu_Latn")
+    assert json.loads((out / "generation_config.json").read_text())["forced_bos_token_id"] == deu
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    ids = torch.tensor([tokenizer("A dog.")["input_ids"]])
+    assert ids[0, 0] == tokenizer.convert_tokens_to_ids("eng_Latn")
+    assert model.generate(ids, max_new_tokens=3, do_sample=False)[0, 1] == deu
+    from hf_condcomp.training import RecipeError
+
+    with pytest.raises(RecipeError, match=r"--target_lang_code.*'fra_Latn' is not a language code"):
+        run("translation", *translation_args(tmp_path / "nllb", tmp_path / "bad", "--target_lang_code", "fra_Latn"))
