@@ -90,3 +90,20 @@ def test_bench_gated_runs_and_reports_the_executed_fraction(tmp_path):
     assert rows["mod c=1"]["executed_fraction"] == 1.0
     assert rows["mod c=0.5"]["executed_fraction"] == 0.5
     assert 0.0 < rows["gate t=0.5"]["executed_fraction"] < 1.0
+
+
+def test_bench_seq2seq_quick_writes_its_rows(tmp_path):
+    """The encoder-decoder benchmark runs end to end on a toy Marian and writes its table as JSON."""
+    import json
+    import subprocess
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_seq2seq.py"),
+                           "--quick", "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [row["bench"] for row in result["rows"]] == [f"{what}, top-{k}" for k in (2, 1) for what in (
+        "train step (s)", "greedy decode (tok/s)")]
+    assert all(row["dense"] > 0 and row["moe"] > 0 for row in result["rows"])
+    assert set(result["paired_time_ratios"]) == {"moe-top2", "moe-top1"} and result["machine"]["torch_threads"] == 1
+    assert result["param_counts"]["moe-top2"] > result["param_counts"]["dense"]
