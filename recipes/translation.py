@@ -161,16 +161,14 @@ def main(argv=None):
         model = training.load_model(args, AutoModelForCausalLM, "causal-lm")
     model = training.apply_lora(model, args)
     config = training.unwrap(accelerator, model).config
-    # Tokenizers of translation models add their end (and language) tokens; others get eos appended.
+    # Tokenizers of translation models add their end (and language) tokens, which truncation keeps;
+    # others get eos appended.
     adds_special = len(tokenizer("a")["input_ids"]) > len(tokenizer("a", add_special_tokens=False)["input_ids"])
+    eos = [] if adds_special or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
-    def encoded(ids):
-        if adds_special or tokenizer.eos_token_id is None:
-            return ids[: args.max_length]
-        return ids[: args.max_length - 1] + [tokenizer.eos_token_id]
-
-    def source_ids(source):
-        return encoded(tokenizer(source)["input_ids"])
+    def encode(texts, side="text"):
+        ids = tokenizer(**{side: texts}, truncation=True, max_length=args.max_length - len(eos))["input_ids"]
+        return [i + eos for i in ids]
 
     def prompt_ids(source):
         return tokenizer(args.prompt_template.format(source_lang=src, target_lang=tgt, source=source))["input_ids"]
@@ -178,8 +176,8 @@ def main(argv=None):
     def tokenize(examples):
         if seq2seq:  # source to the encoder, target as the decoder's labels
             pairs = examples["translation"]
-            targets = tokenizer(text_target=[p[tgt] for p in pairs])["input_ids"]
-            return {"input_ids": [source_ids(p[src]) for p in pairs], "labels": [encoded(t) for t in targets]}
+            return {"input_ids": encode([p[src] for p in pairs]),
+                    "labels": encode([p[tgt] for p in pairs], side="text_target")}
         out = {"input_ids": [], "labels": []}
         for pair in examples["translation"]:
             prompt = prompt_ids(pair[src])
@@ -215,7 +213,7 @@ def main(argv=None):
     bleu_split = "test" if "test" in splits else "validation"
     pairs = splits[bleu_split]["translation"][: args.num_generation_samples]
     if seq2seq:
-        hypotheses = training.generate(accelerator, model, tokenizer, [source_ids(p[src]) for p in pairs],
+        hypotheses = training.generate(accelerator, model, tokenizer, encode([p[src] for p in pairs]),
                                        args.max_target_length, args.per_device_eval_batch_size, args.num_beams,
                                        **generate_kwargs)
         hypotheses = [h.strip() for h in hypotheses]
