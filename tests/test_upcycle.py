@@ -249,11 +249,15 @@ def test_config_validation_names_the_field():
 
 
 def test_unsupported_source_architecture(tmp_path):
-    from transformers import T5Config
+    from transformers import BloomConfig, PegasusConfig
 
-    T5Config(vocab_size=99, d_model=32, num_layers=1, num_heads=2, d_ff=40).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"unsupported source architecture `model_type`='t5'.*supported are"):
-        hf_condcomp.upcycle(str(tmp_path))
+    BloomConfig(vocab_size=99, hidden_size=32, n_layer=1, n_head=2).save_pretrained(tmp_path / "bloom")
+    with pytest.raises(ValueError, match=r"unsupported source architecture `model_type`='bloom'.*supported are"):
+        hf_condcomp.upcycle(str(tmp_path / "bloom"))
+    PegasusConfig(vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=40, decoder_ffn_dim=40).save_pretrained(tmp_path / "pg")
+    with pytest.raises(ValueError, match=r"unsupported encoder-decoder source `model_type`='pegasus'.*bart"):
+        hf_condcomp.upcycle(str(tmp_path / "pg"))
 
 
 def test_unreadable_source_names_it(tmp_path):
