@@ -1,5 +1,6 @@
 """The benchmark helpers measure what they claim (the benchmarks themselves are not timed tests)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -107,3 +108,30 @@ def test_bench_seq2seq_quick_writes_its_rows(tmp_path):
     assert all(row["dense"] > 0 and row["moe"] > 0 for row in result["rows"])
     assert set(result["paired_time_ratios"]) == {"moe-top2", "moe-top1"} and result["machine"]["torch_threads"] == 1
     assert result["param_counts"]["moe-top2"] > result["param_counts"]["dense"]
+
+
+def test_merge_finetunes_runs_end_to_end_on_a_tiny_random_llama(tmp_path):
+    """The RESULTS.md merge benchmark, on a random tiny Llama and made-up texts (`--tiny --quick`):
+    every model is evaluated on both domains, the copy-upcycle of fine-tune A starts exactly at
+    fine-tune A, and each MoE layer's first-choice shares are a distribution over the 2 experts."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+    from merge_finetunes import main as merge_finetunes
+
+    out = tmp_path / "merge.json"
+    threads = torch.get_num_threads()
+    try:  # one thread, as the benchmark runs: a tiny model's ops gain nothing from more
+        record = merge_finetunes(["--tiny", "--quick", "--threads", "1", "--output", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text())["eval_loss"] == record["eval_loss"]
+    a, b = record["domain_names"]
+    copy_label = f"copy-upcycle of fine-tune {a}"
+    assert set(record["eval_loss"]) == {"base", f"fine-tune {a}", f"fine-tune {b}", "merged, step 0",
+                                        "merged (average as shared), step 0", f"{copy_label}, step 0",
+                                        "merged, after joint fine-tune", f"{copy_label}, after joint fine-tune"}
+    for domain in (a, b):
+        assert abs(record["eval_loss"][f"{copy_label}, step 0"][domain]
+                   - record["eval_loss"][f"fine-tune {a}"][domain]) < 1e-5
+    shares = record["routing_share"]["merged, step 0"]
+    assert set(shares) == {a, b} and len(shares[a]) == len(record["moe_layers"]) == 4
+    assert all(len(s) == 2 and abs(sum(s) - 1) < 1e-6 for per in shares.values() for s in per.values())
