@@ -227,6 +227,69 @@ def dialogue_table(runs):
     return "\n".join(lines) + "\n" if len(lines) > 2 else "_Not run._\n"
 
 
+def merge_data():
+    path = RESULTS / "merge_finetunes.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def merge_loss_table(data):
+    """Held-out loss (and perplexity) of every model of the merge run, on both domains."""
+    if data is None:
+        return "_Not run._\n"
+    a, b = data["domain_names"]
+    lines = [f"| model | {a} loss (perplexity) | {b} loss (perplexity) | mean loss |", "|---|---|---|---|"]
+    for label, per in data["eval_loss"].items():
+        cells = " | ".join(f"{per[d]:.3f} ({data['perplexity'][label][d]:.2f})" for d in (a, b))
+        lines.append(f"| {label} | {cells} | {(per[a] + per[b]) / 2:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def merge_routing_table(data):
+    """Share of each domain's held-out tokens whose first-choice expert is its own domain's expert:
+    mean, min and max over the MoE layers, and in how many layers it is the majority."""
+    if data is None:
+        return "_Not run._\n"
+    lines = ["| model | held-out domain | its own expert | share to it: mean over layers | min | max | "
+             "layers where it is the majority |", "|---|---|---|---|---|---|---|"]
+    for label, per_domain in data["routing_share"].items():
+        for domain, layers in per_domain.items():
+            own = data["expert_of_domain"][domain]
+            shares = [s[own] for s in layers.values()]
+            lines.append(f"| {label} | {domain} | {own} ({domain}) | {statistics.mean(shares):.3f} | "
+                         f"{min(shares):.3f} | {max(shares):.3f} | {sum(s > 0.5 for s in shares)} of {len(shares)} |")
+    return "\n".join(lines) + "\n"
+
+
+def merge_layer_table(data, label="merged, step 0"):
+    """Per layer, the share of each domain's tokens sent to expert 0, at step 0."""
+    if data is None or label not in data["routing_share"]:
+        return ""
+    per_domain = data["routing_share"][label]
+    domains = list(per_domain)
+    layers = list(per_domain[domains[0]])
+    lines = ["| layer | " + " | ".join(layers) + " |", "|---|" + "---|" * len(layers)]
+    for domain in domains:
+        lines.append(f"| {domain} | " + " | ".join(f"{per_domain[domain][layer][0]:.2f}" for layer in layers) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def merge_fields(data):
+    machine = data["machine"] if data else {}
+    return {
+        "merge_loss_table": merge_loss_table(data),
+        "merge_routing_table": merge_routing_table(data),
+        "merge_layer_table": merge_layer_table(data),
+        "merge_command": data["command"] if data else "n/a",
+        "merge_commit": machine.get("commit", "n/a"),
+        "merge_wall": f"{data['wall_seconds']:.0f}" if data else "n/a",
+        "merge_cpu": f"{data['cpu_seconds']:.0f}" if data else "n/a",
+        "merge_machine": (f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch "
+                          f"thread{'s' if machine['torch_threads'] > 1 else ''}, "
+                          f"torch {machine['torch']}, load average at start {' '.join(machine['loadavg_at_start'])}"
+                          if data else "n/a"),
+    }
+
+
 def commands(all_runs):
     seen = []
     for folder, labels in FOLDERS.items():
@@ -234,6 +297,9 @@ def commands(all_runs):
         for arm in labels:
             for r in sorted(runs.get(arm, []), key=lambda r: r["seed"]):
                 seen.append(f"# {folder}: {arm} seed {r['seed']} (commit {r['commit'][:12]})\n{r['command']}")
+    merge = merge_data()
+    if merge is not None:
+        seen.append(f"# merge_finetunes (commit {merge['machine']['commit']})\n{merge['command']}")
     return "\n".join(seen)
 
 
@@ -307,6 +373,7 @@ def main():
         "translation_table": translation_table(all_runs["translation"]),
         "translation_samples": translation_samples(all_runs["translation"]),
         "dialogue_table": dialogue_table(all_runs["dialogue"]),
+        **merge_fields(merge_data()),
     }
     for key, value in fields.items():
         text = text.replace("{{" + key + "}}", value)
