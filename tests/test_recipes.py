@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import hf_condcomp
 from hf_condcomp.modeling.compat import TESTED_TORCH, TESTED_TRANSFORMERS
 
 from conftest import DATA, ROOT, run_recipe, sample_bpe_tokenizer
@@ -595,3 +596,48 @@ def test_nllb_language_codes_set_the_tokenizer_and_force_the_target_code(tmp_pat
 
     with pytest.raises(RecipeError, match=r"--target_lang_code.*'fra_Latn' is not a language code"):
         run("translation", *translation_args(tmp_path / "nllb", tmp_path / "bad", "--target_lang_code", "fra_Latn"))
+
+
+# --- a model merged from several fine-tunes, fine-tuned by a recipe -------------------------------------
+
+def test_dialogue_fine_tunes_a_merged_model_with_lora_and_router_learning_rate(tiny_llama, tmp_path):
+    """Two fine-tunes of one base merged into one MoE (one expert each, the base's shared weights) is
+    a saved model like any other: the recipe trains it with LoRA, a router learning rate and the
+    load-balancing loss, without upcycling it again, and its card names the sources and the base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sources = []
+    for seed in (1, 2):  # the base with its FFNs moved differently: two "fine-tunes"
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".mlp." in name:
+                    param.add_(torch.randn(param.shape, generator=gen) * 0.02)
+        folder = tmp_path / f"ft{seed}"
+        model.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(folder)
+        sources.append(str(folder))
+    merged = tmp_path / "merged"
+    moe = hf_condcomp.upcycle(sources, base=str(tiny_llama), top_k=1, layers="all")
+    moe.save_pretrained(merged)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(merged)
+    before = load_file(merged / "model.safetensors")
+
+    out = tmp_path / "out"
+    results = run(
+        "dialogue", "--model_name_or_path", merged, "--dataset_name", "chitchat", "--max_train_samples", 16,
+        "--max_eval_samples", 8, "--max_train_steps", 3, "--per_device_train_batch_size", 4,
+        "--learning_rate", "3e-3", "--router_learning_rate", "1e-2", "--lora_r", 4, "--max_length", 64,
+        "--max_new_tokens", 4, "--num_sample_replies", 1, "--output_dir", out,
+    )
+    saved = json.loads((out / "all_results.json").read_text())
+    assert results["routing"]["moe_layers"] and all(h["train/aux_loss"] > 0 for h in saved["log_history"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_local_experts"] == 2 and config["upcycling"]["expert_sources"] == sources
+    after = load_file(out / "model.safetensors")
+    assert set(after) == set(before)  # trained as it was saved, not upcycled again
+    router = next(k for k in after if k.endswith("router.weight"))
+    assert not torch.equal(after[router], before[router])  # the routers trained
+    card = (out / "README.md").read_text()
+    assert all(source in card for source in sources) and str(tiny_llama) in card
