@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir")
     p.add_argument("--format", default="auto", choices=FORMATS,
                    help="auto: qwen3_moe for a Qwen3 source, else mixtral when every layer is MoE, else qwen2_moe "
-                        "(dense layers as mlp_only_layers)")
+                        "(dense layers as mlp_only_layers); switch_transformers for T5, nllb_moe for M2M100 / NLLB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("demo", help="upcycle the embedded all-MiniLM-L6-v2 and check it against its parent")

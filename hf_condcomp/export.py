@@ -1,5 +1,5 @@
 """Export a model upcycled from a Llama, Mistral, Qwen2 or Qwen3 source to a native transformers
-MoE architecture (T5 sources: export_seq2seq.py, Switch Transformers).
+MoE architecture (T5 sources: export_seq2seq.py, Switch Transformers; M2M100 / NLLB sources: NLLB-MoE).
 
 Serving engines (vLLM, SGLang, TGI, llama.cpp's converters) load native architectures, not remote
 code. Where one expresses an upcycled model exactly, this writes the model in it, so that it loads
@@ -36,7 +36,10 @@ import torch
 
 from .export_seq2seq import (
     SEQ2SEQ_FORMATS,
-    seq2seq_blocker,
+    nllb_moe_config,
+    nllb_moe_state_dict,
+    nllb_moe_weight_blocker,
+    seq2seq_format,
     switch_config,
     switch_state_dict,
     verification_inputs,
@@ -113,10 +116,10 @@ def choose_format(config, requested: str = "auto") -> str:
     if requested not in FORMATS:
         raise ExportError(f"`--format` must be one of {FORMATS}, got {requested!r}.")
     if getattr(config, "decoder_ffn_layout", None) is not None:  # an encoder-decoder source
-        blocker = seq2seq_blocker(config, requested)
+        fmt, blocker = seq2seq_format(config, requested)
         if blocker:
             raise _refuse(*blocker)
-        return SEQ2SEQ_FORMATS[0]
+        return fmt
     if requested in SEQ2SEQ_FORMATS:
         raise _refuse(f"`{requested}` is an encoder-decoder architecture; this model is not one",
                       "Use --format auto.")
@@ -267,6 +270,7 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
         AutoTokenizer,
         GenerationConfig,
         MixtralForCausalLM,
+        NllbMoeForConditionalGeneration,
         Qwen2MoeForCausalLM,
         Qwen3MoeForCausalLM,
         SwitchTransformersForConditionalGeneration,
@@ -290,9 +294,15 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
     # transformers' own Llama / Mistral / Qwen / T5 under `backbone.`: the native names
     state = {key.removeprefix("backbone."): value for key, value in ours.state_dict().items()}
     native_cls = {"mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM,
-                  "switch_transformers": SwitchTransformersForConditionalGeneration}[fmt]
+                  "switch_transformers": SwitchTransformersForConditionalGeneration,
+                  "nllb_moe": NllbMoeForConditionalGeneration}[fmt]
+    if fmt == "nllb_moe" and (blocker := nllb_moe_weight_blocker(state)):
+        raise _refuse(*blocker)  # before anything is written
     with no_init_weights():
-        if fmt in SEQ2SEQ_FORMATS:
+        if fmt == "nllb_moe":
+            native = native_cls(nllb_moe_config(ours.config))
+            state = nllb_moe_state_dict(state)
+        elif fmt in SEQ2SEQ_FORMATS:
             native = native_cls(switch_config(ours.config))
             state = switch_state_dict(state)
         else:
@@ -320,6 +330,11 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
         if not diff <= tolerance:
             raise AssertionError(f"the {fmt} export differs from the model by {diff:.3g} (> {tolerance}); "
                                  "nothing written")
+        if fmt in SEQ2SEQ_FORMATS:  # and the greedy tokens of the batch
+            greedy = {name: model.generate(inputs["input_ids"], max_new_tokens=5, do_sample=False)
+                      for name, model in (("native", native), ("ours", ours))}
+            if not torch.equal(greedy["native"], greedy["ours"]):
+                raise AssertionError(f"the {fmt} export's greedy tokens differ from the model's; nothing written")
 
     def write(folder):
         native.save_pretrained(folder)

@@ -281,8 +281,95 @@ def test_what_switch_transformers_does_not_compute_is_refused_and_nothing_writte
         ("t5-gated", dict(top_k=1, norm_topk_prob=False), "gated FFN"),
         ("t5", dict(top_k=2), "top-2 routing"),
         ("t5", dict(top_k=1, norm_topk_prob=False, layers="encoder:0"), "encoder MoE layers [0]"),
-        ("m2m_100", dict(top_k=2), "upcycled from 'm2m_100'"),
+        ("bart", dict(top_k=2), "upcycled from 'bart'"),
     ]:
         config = upcycle(dense_model(name), num_experts=4, **{"layers": "all", **settings}).config
         with pytest.raises(ExportError, match=re.escape(feature)):
             choose_format(config)
+
+
+def test_an_m2m100_top2_moe_exports_as_nllb_moe(tmp_path):
+    from hf_condcomp.export import export_native
+
+    model = upcycle(dense_model("m2m_100"), num_experts=4, top_k=2, layers="encoder:every_other,decoder:all")
+    model.save_pretrained(tmp_path / "ours")
+    result = export_native(tmp_path / "ours", tmp_path / "nllb")
+    assert result["architecture"] == "NllbMoeForConditionalGeneration" and result["max_abs_diff"] <= 1e-4
+    config = json.loads((tmp_path / "nllb" / "config.json").read_text())
+    assert (config["encoder_sparse_step"], config["decoder_sparse_step"]) == (2, 1)
+    ids, mask, decoder_ids = batch()
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    torch.save({"ids": ids, "mask": mask, "decoder_ids": decoder_ids, "greedy": greedy,
+                "logits": logits_of(model, ids, mask, decoder_ids)}, tmp_path / "ref.pt")
+    run_clean_python(f"""
+import torch, transformers
+ref = torch.load({str(tmp_path / 'ref.pt')!r})
+model = transformers.AutoModelForSeq2SeqLM.from_pretrained({str(tmp_path / 'nllb')!r}).eval()  # no remote code
+assert type(model).__name__ == "NllbMoeForConditionalGeneration", type(model)
+with torch.no_grad():
+    logits = model(input_ids=ref["ids"], attention_mask=ref["mask"], decoder_input_ids=ref["decoder_ids"]).logits
+torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
+greedy = model.generate(ref["ids"], attention_mask=ref["mask"], max_new_tokens=5, do_sample=False)
+assert torch.equal(greedy, ref["greedy"]), (greedy, ref["greedy"])
+""", cwd=tmp_path)
+
+
+def test_nllb_moe_computes_distinct_experts_only_where_it_dispatches_by_expert_id(tmp_path, monkeypatch):
+    """transformers' NllbMoeExperts sends each token's weights to expert_1 and expert_0 whatever its router
+    picked: a noise-upcycled model is refused naming that; under an exact dispatch it exports within 1e-4."""
+    import subprocess
+    import sys
+
+    from transformers.models.nllb_moe import modeling_nllb_moe as nllb
+
+    from hf_condcomp.export import export_native
+    from hf_condcomp.export_seq2seq import nllb_moe_dispatches_by_expert
+
+    model = upcycle(dense_model("m2m_100"), num_experts=4, top_k=2, layers="encoder:every_other,decoder:all",
+                    init="noise")
+    model.save_pretrained(tmp_path / "ours")
+    if not nllb_moe_dispatches_by_expert():
+        proc = subprocess.run([sys.executable, "-m", "hf_condcomp.cli", "export", str(tmp_path / "ours"),
+                               str(tmp_path / "nllb")], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2 and "not by expert id" in proc.stderr, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]  # after a progress bar of the weights
+        assert len(errors) == 1 and not (tmp_path / "nllb").exists()
+
+    def exact(self, hidden_states, router_mask, router_probs):  # each token to the experts of its weights
+        out = torch.zeros_like(hidden_states)
+        for j in range(self.num_experts):
+            rows = router_probs[:, j].nonzero().squeeze(-1)
+            out.index_add_(0, rows, self[f"expert_{j}"](hidden_states[rows]) * router_probs[rows, j, None])
+        return out
+
+    monkeypatch.setattr(nllb.NllbMoeExperts, "forward", exact)
+    assert nllb_moe_dispatches_by_expert()
+    result = export_native(tmp_path / "ours", tmp_path / "exact")
+    assert result["format"] == "nllb_moe" and result["max_abs_diff"] <= 1e-4
+
+
+def test_what_nllb_moe_does_not_compute_is_refused_and_nothing_written(tmp_path):
+    import subprocess
+    import sys
+
+    from hf_condcomp.export import ExportError, choose_format
+
+    upcycle(dense_model("m2m_100"), num_experts=4, top_k=1, layers="all").save_pretrained(tmp_path / "ours")
+    proc = subprocess.run([sys.executable, "-m", "hf_condcomp.cli", "export", str(tmp_path / "ours"),
+                           str(tmp_path / "nllb")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "top-1 routing: NLLB-MoE routes top-2" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "nllb").exists()
+    for settings, feature in [
+        (dict(layers="encoder:0"), "encoder MoE layers [0] of 2"),
+        (dict(norm_topk_prob=False), "renormalised over the two"),
+        (dict(routing="expert_choice"), "`moe_routing`='expert_choice'"),
+        (dict(capacity_factor=1.0), "`moe_capacity_factor`=1.0"),
+        (dict(top_k=3), "top-3 routing"),
+    ]:
+        config = upcycle(dense_model("m2m_100"), num_experts=4, **{"layers": "all", "top_k": 2, **settings}).config
+        with pytest.raises(ExportError, match=re.escape(feature)):
+            choose_format(config)
+    config = upcycle(dense_model("m2m_100"), num_experts=4, top_k=2, layers="all").config
+    assert choose_format(config) == "nllb_moe"
+    with pytest.raises(ExportError, match="not the architecture of a model upcycled from 'm2m_100'"):
+        choose_format(config, "switch_transformers")
