@@ -239,6 +239,26 @@ def test_a_base_model_loads_as_the_seq2seq_model(tmp_path):
 
 # --- native export --------------------------------------------------------------------------
 
+def check_in_clean_process(model, tmp_path, folder, architecture):
+    """The export in `tmp_path / folder` loads as `architecture` without hf_condcomp and gives `model`'s
+    logits (<= 1e-4) and greedy tokens on a padded batch."""
+    ids, mask, decoder_ids = batch()
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    torch.save({"ids": ids, "mask": mask, "decoder_ids": decoder_ids, "greedy": greedy,
+                "logits": logits_of(model, ids, mask, decoder_ids)}, tmp_path / "ref.pt")
+    run_clean_python(f"""
+import torch, transformers
+ref = torch.load({str(tmp_path / 'ref.pt')!r})
+model = transformers.AutoModelForSeq2SeqLM.from_pretrained({str(tmp_path / folder)!r}).eval()  # no remote code
+assert type(model).__name__ == "{architecture}", type(model)
+with torch.no_grad():
+    logits = model(input_ids=ref["ids"], attention_mask=ref["mask"], decoder_input_ids=ref["decoder_ids"]).logits
+torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
+greedy = model.generate(ref["ids"], attention_mask=ref["mask"], max_new_tokens=5, do_sample=False)
+assert torch.equal(greedy, ref["greedy"]), (greedy, ref["greedy"])
+""", cwd=tmp_path)
+
+
 def test_a_t5_moe_weighted_by_the_router_probability_exports_as_switch_transformers(tmp_path):
     from hf_condcomp.export import export_native
 
@@ -248,21 +268,7 @@ def test_a_t5_moe_weighted_by_the_router_probability_exports_as_switch_transform
     result = export_native(tmp_path / "ours", tmp_path / "switch")
     assert result["architecture"] == "SwitchTransformersForConditionalGeneration" and result["max_abs_diff"] <= 1e-4
     assert not list((tmp_path / "switch").glob("*.py")), "a native export carries no code"
-    ids, mask, decoder_ids = batch()
-    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    torch.save({"ids": ids, "mask": mask, "decoder_ids": decoder_ids, "greedy": greedy,
-                "logits": logits_of(model, ids, mask, decoder_ids)}, tmp_path / "ref.pt")
-    run_clean_python(f"""
-import torch, transformers
-ref = torch.load({str(tmp_path / 'ref.pt')!r})
-model = transformers.AutoModelForSeq2SeqLM.from_pretrained({str(tmp_path / 'switch')!r}).eval()  # no remote code
-assert type(model).__name__ == "SwitchTransformersForConditionalGeneration", type(model)
-with torch.no_grad():
-    logits = model(input_ids=ref["ids"], attention_mask=ref["mask"], decoder_input_ids=ref["decoder_ids"]).logits
-torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
-greedy = model.generate(ref["ids"], attention_mask=ref["mask"], max_new_tokens=5, do_sample=False)
-assert torch.equal(greedy, ref["greedy"]), (greedy, ref["greedy"])
-""", cwd=tmp_path)
+    check_in_clean_process(model, tmp_path, "switch", "SwitchTransformersForConditionalGeneration")
 
 
 def test_what_switch_transformers_does_not_compute_is_refused_and_nothing_written(tmp_path):
@@ -297,21 +303,7 @@ def test_an_m2m100_top2_moe_exports_as_nllb_moe(tmp_path):
     assert result["architecture"] == "NllbMoeForConditionalGeneration" and result["max_abs_diff"] <= 1e-4
     config = json.loads((tmp_path / "nllb" / "config.json").read_text())
     assert (config["encoder_sparse_step"], config["decoder_sparse_step"]) == (2, 1)
-    ids, mask, decoder_ids = batch()
-    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    torch.save({"ids": ids, "mask": mask, "decoder_ids": decoder_ids, "greedy": greedy,
-                "logits": logits_of(model, ids, mask, decoder_ids)}, tmp_path / "ref.pt")
-    run_clean_python(f"""
-import torch, transformers
-ref = torch.load({str(tmp_path / 'ref.pt')!r})
-model = transformers.AutoModelForSeq2SeqLM.from_pretrained({str(tmp_path / 'nllb')!r}).eval()  # no remote code
-assert type(model).__name__ == "NllbMoeForConditionalGeneration", type(model)
-with torch.no_grad():
-    logits = model(input_ids=ref["ids"], attention_mask=ref["mask"], decoder_input_ids=ref["decoder_ids"]).logits
-torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
-greedy = model.generate(ref["ids"], attention_mask=ref["mask"], max_new_tokens=5, do_sample=False)
-assert torch.equal(greedy, ref["greedy"]), (greedy, ref["greedy"])
-""", cwd=tmp_path)
+    check_in_clean_process(model, tmp_path, "nllb", "NllbMoeForConditionalGeneration")
 
 
 def test_nllb_moe_computes_distinct_experts_only_where_it_dispatches_by_expert_id(tmp_path, monkeypatch):
