@@ -1,6 +1,6 @@
 """The fast CPU paths of the MoE layer against the plain reference they replace.
 
-`grouped` (hand-written grouped-GEMM backward, segmented bias gradient) is checked against `eager`
+`grouped` (hand-written grouped-GEMM backward, per-expert bias gradient) is checked against `eager`
 with an expert that receives no rows; the dropless dispatch/combine (gathers and a batched GEMM
 instead of scatter-adds) is checked against the scatter-add formula with autograd's derivatives.
 """
