@@ -60,37 +60,43 @@ def switch_sparse_count(moe_layers, num_layers):
     return None
 
 
-def seq2seq_blocker(config, requested="auto"):
-    """None where `switch_transformers` computes `config`'s function, else (the difference, the fix),
-    which export.py raises as its `ExportError`."""
-    if requested not in ("auto", *SEQ2SEQ_FORMATS):
-        return (f"`--format {requested}` is for decoder-only models; this model is an encoder-decoder",
-                f"Use --format {SEQ2SEQ_FORMATS[0]} (or auto).")
+def _dropless_token_choice_blockers(config, architecture):
+    """The routing blockers every native encoder-decoder MoE shares: token choice, no capacity limit."""
+    return [
+        (not get_routing_method(config.moe_routing).exports_natively,
+         f"`moe_routing`={config.moe_routing!r}: {architecture} routes by token choice"),
+        (config.moe_capacity_factor is not None,
+         f"`moe_capacity_factor`={config.moe_capacity_factor!r}: the export is dropless"),
+    ]
+
+
+def _first_blocker(config, blockers):
+    """(the first difference, the fix) among `blockers`, then a model without MoE layers; or None."""
+    blockers = [*blockers, (not (config.moe_layers or config.decoder_moe_layers), "the model has no MoE layer")]
+    return next(((feature, KEEP) for blocked, feature in blockers if blocked), None)
+
+
+def switch_blocker(config):
+    """None where `switch_transformers` computes the function of `config` (a T5 upcycle), else (the
+    difference, the fix), which export.py raises as its `ExportError`."""
     text = config.text_config
-    if text.model_type != "t5":
-        return (f"the model was upcycled from {text.model_type!r}; encoder-decoder models export to Switch "
-                "Transformers from T5 sources", KEEP)
     width = config.moe_expert_intermediate_size or text.d_ff
     blockers = [
         (text.is_gated_act, f"a gated FFN (`feed_forward_proj`={text.feed_forward_proj!r}): Switch's experts are "
                             "T5 v1.0's ReLU FFN, not gated"),
-        (not get_routing_method(config.moe_routing).exports_natively,
-         f"`moe_routing`={config.moe_routing!r}: Switch routes by token choice"),
-        (config.moe_capacity_factor is not None,
-         f"`moe_capacity_factor`={config.moe_capacity_factor!r}: the export is dropless"),
+        *_dropless_token_choice_blockers(config, "Switch"),
         (config.num_experts_per_tok != 1, f"top-{config.num_experts_per_tok} routing: Switch routes top-1"),
         (config.router_unit_weights or config.norm_topk_prob,
          "the top-1 expert weighted by 1 (`norm_topk_prob`=True or `router_unit_weights`=True): Switch weights it "
          "by the router probability; upcycle with norm_topk_prob=False for a Switch-exportable model"),
         (width != text.d_ff, f"expert width {width} apart from the dense FFN's {text.d_ff} (Switch has one `d_ff`)"),
-        (not (config.moe_layers or config.decoder_moe_layers), "the model has no MoE layer"),
     ]
     for stack, layers, n in (("encoder", config.moe_layers, text.num_layers),
                              ("decoder", config.decoder_moe_layers, text.num_decoder_layers)):
         blockers.append((switch_sparse_count(layers, n) is None,
                          f"{stack} MoE layers {layers or []} of {n}: Switch places its sparse layers every "
                          "`num_layers // num_sparse_layers` layers from layer 1"))
-    return next(((feature, KEEP) for blocked, feature in blockers if blocked), None)
+    return _first_blocker(config, blockers)
 
 
 def switch_config(config):
@@ -178,7 +184,7 @@ def seq2seq_format(config, requested="auto"):
     if requested not in ("auto", fmt):
         return None, (f"`{requested}` is not the architecture of a model upcycled from {source!r}",
                       f"Use --format {fmt} (or auto).")
-    blocker = seq2seq_blocker(config) if fmt == "switch_transformers" else nllb_moe_blocker(config)
+    blocker = switch_blocker(config) if fmt == "switch_transformers" else nllb_moe_blocker(config)
     return (None, blocker) if blocker else (fmt, None)
 
 
@@ -188,24 +194,20 @@ def nllb_moe_blocker(config):
     text = config.text_config
     width = config.moe_expert_intermediate_size
     blockers = [
-        (not get_routing_method(config.moe_routing).exports_natively,
-         f"`moe_routing`={config.moe_routing!r}: NLLB-MoE routes by token choice"),
-        (config.moe_capacity_factor is not None,
-         f"`moe_capacity_factor`={config.moe_capacity_factor!r}: the export is dropless"),
+        *_dropless_token_choice_blockers(config, "NLLB-MoE"),
         (config.num_experts_per_tok != 2, f"top-{config.num_experts_per_tok} routing: NLLB-MoE routes top-2"),
         (config.router_unit_weights or not config.norm_topk_prob,
          "top-2 weights that are not the router probabilities renormalised over the two (`norm_topk_prob`=False "
          "or `router_unit_weights`=True): NLLB-MoE renormalises them"),
         (width is not None and (width != text.encoder_ffn_dim or width != text.decoder_ffn_dim),
          f"expert width {width} apart from the dense FFN's (NLLB-MoE's experts have the stack's ffn_dim)"),
-        (not (config.moe_layers or config.decoder_moe_layers), "the model has no MoE layer"),
     ]
     for stack, layers, n in (("encoder", config.moe_layers, text.encoder_layers),
                              ("decoder", config.decoder_moe_layers, text.decoder_layers)):
         blockers.append((nllb_sparse_step(layers, n) is None,
                          f"{stack} MoE layers {layers or []} of {n}: NLLB-MoE places its sparse layers at every "
                          f"`{stack}_sparse_step`-th layer (layer i where (i + 1) % step == 0)"))
-    return next(((feature, KEEP) for blocked, feature in blockers if blocked), None)
+    return _first_blocker(config, blockers)
 
 
 def nllb_moe_weight_blocker(state: dict):
