@@ -481,35 +481,29 @@ class CondCompForMaskedLM(CondCompPreTrainedModel):
     _auto_class_of_task = AutoModelForMaskedLM
 
 
-class CondCompForCausalLM(CondCompPreTrainedModel, GenerationMixin):
+class _BackboneGeneration:
+    """Generation by the source model's own `generate()`, run on the backbone (which holds the MoE
+    blocks) with this model's generation config: positions, masks, caches (an encoder-decoder's
+    too) and every hook a model class gives its `generate()` (OPT's positions from the padding mask,
+    Phi-3's, ...) stay the source's. Router losses play no part in decoding."""
+
+    def generate(self, *args, **kwargs):
+        self.backbone.generation_config = self.generation_config
+        return self.backbone.generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        return self.backbone.prepare_inputs_for_generation(*args, **kwargs)
+
+
+class CondCompForCausalLM(_BackboneGeneration, CondCompPreTrainedModel, GenerationMixin):
     _auto_class_of_task = AutoModelForCausalLM
 
-    def generate(self, *args, **kwargs):
-        """The source model's own `generate()`, run on the backbone (which holds the MoE blocks)
-        with this model's generation config: positions, masks, caches and every hook a model class
-        gives its `generate()` (OPT's positions from the padding mask, Phi-3's, ...) stay the
-        source's. Router losses play no part in decoding."""
-        self.backbone.generation_config = self.generation_config
-        return self.backbone.generate(*args, **kwargs)
 
-    def prepare_inputs_for_generation(self, *args, **kwargs):
-        return self.backbone.prepare_inputs_for_generation(*args, **kwargs)
-
-
-class CondCompForConditionalGeneration(CondCompPreTrainedModel, GenerationMixin):
+class CondCompForConditionalGeneration(_BackboneGeneration, CondCompPreTrainedModel, GenerationMixin):
     """An encoder-decoder source (T5, BART, Marian, M2M100, ...) with MoE blocks in its encoder's and
-    decoder's chosen layers (`moe_layers`, `decoder_moe_layers`). It generates with the source model's
-    own `generate()`, over transformers' encoder-decoder cache."""
+    decoder's chosen layers (`moe_layers`, `decoder_moe_layers`)."""
 
     _auto_class_of_task = AutoModelForSeq2SeqLM
-
-    def generate(self, *args, **kwargs):
-        """The source model's own `generate()`, run on the backbone with this model's generation config."""
-        self.backbone.generation_config = self.generation_config
-        return self.backbone.generate(*args, **kwargs)
-
-    def prepare_inputs_for_generation(self, *args, **kwargs):
-        return self.backbone.prepare_inputs_for_generation(*args, **kwargs)
 
     def get_encoder(self, *args, **kwargs):
         return self.backbone.get_encoder(*args, **kwargs)
