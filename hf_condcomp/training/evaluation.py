@@ -100,8 +100,9 @@ def routing_stats(accelerator, model, dataloader, max_batches):
 
 def _stack_routing_summary(net, batches):
     """`routing_summary`'s MoE statistics of an encoder-decoder model, one entry per MoE block of each
-    stack, from the blocks' routing records (which leave each stack's padding out)."""
-    from ..insight.collect import load_stats
+    stack, from the blocks' routing records (which leave each stack's padding out), summed as
+    `routing_summary` sums them (`insight.collect.Totals`)."""
+    from ..insight.collect import Totals
 
     blocks = {}
     for name, module in net.named_modules():
@@ -109,30 +110,22 @@ def _stack_routing_summary(net, batches):
             parts = name.split(".")
             stack = "decoder" if "decoder" in parts else "encoder"
             blocks[f"{stack}.{next(p for p in parts if p.isdigit())}"] = module
-    sums = {key: {"counts": torch.zeros(m.num_experts, dtype=torch.long), "dropped": 0, "unrouted_tokens": 0,
-                  "num_tokens": 0} for key, m in blocks.items()}
     flags = {key: m.record_routing for key, m in blocks.items()}
     device = next(net.parameters()).device
+    totals = Totals()
     try:
         for m in blocks.values():
             m.record_routing = True
         for batch in batches:
             for m in blocks.values():
                 m.last_routing = None
-            net(**{k: v.to(device) for k, v in batch.items()})
-            for key, m in blocks.items():
-                record, total = m.last_routing, sums[key]
-                if record is None:
-                    continue
-                total["counts"] += record["counts"].cpu().long()
-                total["dropped"] += int(record["dropped"])
-                total["unrouted_tokens"] += int(record["num_tokens"]) - int(record["token_rows"].unique().numel())
-                total["num_tokens"] += int(record["num_tokens"])
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            outputs = net(**inputs)
+            totals.add(inputs, outputs, {key: m.last_routing for key, m in blocks.items()
+                                              if m.last_routing is not None})
     finally:
         for key, m in blocks.items():
             m.record_routing = flags[key]
-    layers = {}
-    for key, total in sums.items():
-        counts = total.pop("counts").tolist()
-        layers[key] = {"tokens_per_expert": counts, **load_stats(counts), **total}
-    return {"moe_layers": layers, "gated_layers": {}, "compute_fraction": 1.0}
+    summary = totals.summary(blocks, [])
+    summary["moe_layers"] = {key: summary["moe_layers"][key] for key in blocks}  # the model's order, stack by stack
+    return summary
