@@ -4,7 +4,7 @@ transformers releases.
 A model saved by this package carries its code, which then runs on whatever transformers the
 person who downloads it has. This script saves one tiny model per source (BERT, GPT-2, Llama) and
 variant (MoE token choice, MoE expert choice, Mixture-of-Depths, compute gates, MoE + MoD), plus
-MoE models of 13 more architectures and routed or gated models of six (`EXTRA_CASES`), with the
+MoE models of 13 more architectures and routed or gated models of seven (`EXTRA_CASES`), with the
 outputs they give here, builds one virtual environment per transformers release with only that release (torch is
 shared with the running interpreter through a path file, hf_condcomp is not installed), and runs
 `compat_check.py` there: logits and the training loss within 1e-4, identical greedy tokens with
@@ -53,7 +53,7 @@ VARIANTS = {
 SOURCES = ("bert", "gpt2", "llama")
 # Beyond source x variant: RoBERTa (its positions and head) and Qwen3 (per-head q/k norms), MoE
 # models of five encoders and eight decoders (Mistral and Gemma 2 with sliding windows; OLMo
-# recognised from its layers, not named in the table), and routed or gated layers of six more.
+# recognised from its layers, not named in the table), and routed or gated layers of seven more.
 EXTRA_CASES = {
     "roberta_moe_tc": ("roberta", VARIANTS["moe_tc"]),
     "roberta_mod": ("roberta", VARIANTS["mod"]),
@@ -64,7 +64,7 @@ EXTRA_CASES = {
         "gpt_neox", "distilbert", "deberta_v2", "modernbert", "gpt_neo", "opt", "gemma2", "phi3", "olmo")},
     **{f"{arch}_{variant}": (arch, VARIANTS[variant]) for arch, variant in (
         ("modernbert", "mod"), ("gpt_neox", "gate"), ("phi3", "mod"), ("olmo", "moe_mod"),
-        ("mistral_sliding", "mod"), ("qwen3", "gate"))},
+        ("mistral_sliding", "mod"), ("qwen3", "gate"), ("deberta_v2", "mod"))},
 }
 ENCODERS = ("bert", "roberta", "distilbert", "deberta_v2", "modernbert")
 VOCAB = 99

@@ -10,6 +10,7 @@ never reach the layer).
 
 import pytest
 import torch
+import transformers as T
 from test_native import ARCHS, batch, dense_model, greedy, real_logits
 
 from hf_condcomp import upcycle
@@ -17,8 +18,8 @@ from hf_condcomp.modeling.depth import ConditionalLayerMixin
 
 from conftest import run_clean_python
 
-GATED_ARCHS = ["bert", "roberta", "modernbert", "distilbert", "gpt2", "gpt_neox", "opt", "llama", "mistral", "qwen2",
-               "qwen3", "gemma2", "phi3", "starcoder2"]
+GATED_ARCHS = ["bert", "roberta", "deberta-v2", "modernbert", "distilbert", "gpt2", "gpt_neox", "opt", "llama",
+               "mistral", "qwen2", "qwen3", "gemma2", "phi3", "starcoder2"]
 DECODERS = [n for n in GATED_ARCHS if ARCHS[n][1] == "causal-lm"]
 _AUTO = {"sequence-classification": "AutoModelForSequenceClassification", "masked-lm": "AutoModelForMaskedLM",
          "token-classification": "AutoModelForTokenClassification", "causal-lm": "AutoModelForCausalLM"}
@@ -132,12 +133,12 @@ def test_generate_from_inputs_embeds_and_without_inputs(name):
     assert model.generate(**kw).shape == (1, 6)  # from the bos token alone
 
 
-@pytest.mark.parametrize("name", ["bert", "modernbert", "llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("name", ["bert", "deberta-v2", "modernbert", "llama", "gpt2", "gemma2"])
 @pytest.mark.parametrize("variant", ["mod", "gate"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_a_rows_routing_depends_neither_on_other_rows_nor_on_its_padding(name, variant, attn):
-    if name == "gemma2" and attn == "sdpa":
-        pytest.skip("transformers' Gemma 2 has no SDPA attention")
+    if name in ("gemma2", "deberta-v2") and attn == "sdpa":
+        pytest.skip(f"transformers' {name} has no SDPA attention")
     task = ARCHS[name][1]
     model = _routed(name, variant)
     model.set_attn_implementation(attn)
@@ -151,6 +152,53 @@ def test_a_rows_routing_depends_neither_on_other_rows_nor_on_its_padding(name, v
     if task != "sequence-classification":
         together = together[real]
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+def _deberta_v3(**kwargs):
+    """A tiny DeBERTa-v3-style model: log-bucketed relative positions, keys shared with positions."""
+    config = T.DebertaV2Config(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, relative_attention=True, position_biased_input=False,
+                               position_buckets=4, max_relative_positions=16, share_att_key=True,
+                               pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", num_labels=3)
+    torch.manual_seed(0)
+    return T.DebertaV2ForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("variant", ["mod", "gate"])
+def test_a_routed_deberta_layer_is_transformers_layer_on_each_rows_kept_tokens(variant):
+    """DeBERTa's relative positions: a routed (gated) layer's update of a kept token is transformers'
+    dense layer run on that row's kept tokens alone, with the relative positions of their original
+    places (transformers' own bias, one row at a time); skipped tokens are left unchanged."""
+    dense = _deberta_v3()
+    settings = dict(capacity=0.5) if variant == "mod" else {}
+    model = routing(upcycle(dense, variant=variant, layers="1", **settings)).eval()
+    layer = model.backbone.deberta.encoder.layer[1]
+    seen = {}
+    layer.register_forward_hook(lambda m, args, kwargs, out: seen.update(x=args[0], y=out[0], kw=kwargs),
+                                with_kwargs=True)
+    ids = torch.randint(3, 99, (3, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[2, -4:] = 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        x, y = seen["x"], seen["y"]
+        encoder = dense.deberta.encoder
+        relative = encoder.get_rel_pos(x)[0]  # (T, T) bucketed i - j
+        rel_embeddings = encoder.get_rel_embedding()
+        changed = (y != x).any(-1)
+        assert 0 < changed[mask.bool()].sum() < mask.sum()
+        for b in range(3):
+            kept = changed[b].nonzero()[:, 0]
+            C = len(kept)
+            out, _ = dense.deberta.encoder.layer[1](
+                x[b:b + 1, kept], torch.ones(1, 1, C, C, dtype=torch.bool),
+                relative_pos=relative[kept][:, kept].unsqueeze(0), rel_embeddings=rel_embeddings)
+            if variant == "mod":
+                scale = 2 * torch.sigmoid(layer.mod_router(x[b:b + 1, kept]))
+            else:
+                scale = layer.compute_gate(x[b:b + 1, kept])
+            expected = x[b:b + 1, kept] + scale.unsqueeze(-1) * (out - x[b:b + 1, kept])
+            torch.testing.assert_close(y[b:b + 1, kept], expected, atol=1e-5, rtol=0)
 
 
 def test_skipped_tokens_never_reach_the_layer():
@@ -244,8 +292,8 @@ def test_static_cache_and_unsupported_architectures_are_refused():
     ids, _ = batch("causal-lm")
     with pytest.raises(ValueError, match="StaticCache.*not supported by models with Mixture-of-Depths"):
         model.generate(ids[:1], max_new_tokens=3, do_sample=False, cache_implementation="static", pad_token_id=0)
-    with pytest.raises(ValueError, match=r"model type 'deberta-v2' cannot have.*relative positions"):
-        upcycle(dense_model("deberta-v2"), variant="mod")
+    with pytest.raises(ValueError, match=r"model type 'gpt_neo' cannot have.*causal mask of its own by key slot"):
+        upcycle(dense_model("gpt_neo"), variant="mod")
     with pytest.raises(ValueError, match=r"`skipped_tokens_as_keys`=True.*'modernbert'"):
         upcycle(dense_model("modernbert"), variant="mod", skipped_tokens_as_keys=True)
     with pytest.raises(ValueError, match=r"`output_attentions=True` is not supported"):

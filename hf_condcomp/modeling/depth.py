@@ -35,6 +35,7 @@ The cache's class gains the validity (`ValidityCache`): `reorder_cache` (beam se
 This file and the variants' travel to the Hub with every saved model: only sibling relative imports.
 """
 
+import contextlib
 import importlib
 import inspect
 
@@ -43,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
+from .disentangled import disentangled_attention, per_row_positions, subset_relative_positions
 from .variants import (  # noqa: F401  (the registry's names, for the modules that import them from here)
     GATED_VARIANTS,
     STRAIGHT_THROUGH,
@@ -271,6 +273,12 @@ class ConditionalLayerMixin:
         valid = torch.arange(C, device=x.device) < counts.unsqueeze(-1)  # (B, C)
         x_sub = x.gather(1, index.unsqueeze(-1).expand(B, C, H))  # (B, C, H)
         sub = _gather_positions(named, index, T)
+        relative = disentangled_attention(self) if named.get("relative_pos") is not None else None
+        if relative is not None:  # DeBERTa: each row's own relative positions (disentangled.py)
+            if named.get("query_states") is not None:
+                raise ValueError("A routed or gated DeBERTa layer cannot take `query_states` (the enhanced mask "
+                                 "decoder's separate queries); call it with hidden states only.")
+            sub["relative_pos"] = subset_relative_positions(named["relative_pos"], index)
         window = self._condcomp_window()
         if as_keys:
             key_index = torch.arange(T, device=x.device).expand(B, T)
@@ -291,7 +299,8 @@ class ConditionalLayerMixin:
         first = len(rec.router_logits)
         rec.row_mask = valid
         try:
-            out = _call(self, x_sub, sub, hidden_name)  # (B, C, H)
+            with per_row_positions(relative) if relative is not None else contextlib.nullcontext():
+                out = _call(self, x_sub, sub, hidden_name)  # (B, C, H)
         finally:
             rec.row_mask = None
         if len(rec.router_logits) > first:  # an MoE FFN inside the layer: keep its real routed rows
@@ -338,6 +347,8 @@ class ConditionalLayerMixin:
 
     def _mask_format(self, allowed, dtype):
         """`allowed` (B, 1, Q, K) bool in the attention implementation's mask format."""
+        if disentangled_attention(self) is not None:  # DeBERTa takes a may-attend mask whatever the implementation
+            return allowed
         text = self._condcomp_config().text_config
         name = getattr(text, "_attn_implementation", None) or "sdpa"
         if name == "sdpa":
@@ -521,7 +532,7 @@ def unsupported_reason(layer) -> str | None:
             return (f"its attention applies a causal mask of its own by key slot (`{name}`), which does not follow "
                     "the positions of a subset of tokens")
     for name in ("relative_pos", "query_states"):
-        if name in params:
+        if name in params and disentangled_attention(layer) is None:
             return (f"its {type(layer).__name__} computes relative positions for the whole batch at once "
                     f"(`{name}`), which a per-sequence subset of tokens does not have")
     return None
