@@ -1,7 +1,8 @@
 """The fast CPU paths of the MoE layer against the plain reference they replace.
 
 `grouped` (hand-written grouped-GEMM backward, per-expert bias gradient) is checked against `eager`
-with an expert that receives no rows; the dropless dispatch/combine (gathers and a batched GEMM
+with an expert that receives no rows; its single-token decoding path against `eager` and against
+the grouped GEMMs it skips; the dropless dispatch/combine (gathers and a batched GEMM
 instead of scatter-adds) is checked against the scatter-add formula with autograd's derivatives.
 """
 
@@ -35,6 +36,29 @@ def test_grouped_matches_eager_with_an_empty_expert(gated, bias):
     for a, b in zip(gp1, gp0):
         torch.testing.assert_close(a, b)
     assert gp1[0][1].abs().sum() == 0  # the empty expert gets a zero weight gradient
+
+
+@pytest.mark.parametrize("gated,bias", [(False, True), (True, False)])
+def test_one_token_decoding_path_matches_eager_and_the_grouped_gemms(gated, bias, monkeypatch):
+    """Batch-1 decoding (one token, no gradients, CPU) runs its k experts directly: the eager
+    reference's output and the grouped GEMMs' (up to rounding), and no grouped GEMM is called."""
+    from hf_condcomp.modeling import experts as experts_module
+
+    torch.manual_seed(0)
+    experts = Experts(8, 16, 32, "silu" if gated else "gelu", gated=gated, bias=bias, implementation="eager")
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, index, weights = torch.randn(1, 16), torch.tensor([[6, 1, 3]]), torch.tensor([[0.5, 0.3, 0.2]])
+    with torch.no_grad():
+        reference = experts(x, index, weights)
+        experts.implementation = "grouped"
+        grouped_rows = experts(x.expand(2, 16), index.expand(2, 3), weights.expand(2, 3))[:1]  # two tokens: grouped
+        calls = []
+        monkeypatch.setattr(experts_module, "grouped_mm", lambda *a: calls.append(a))
+        one = experts(x, index, weights)
+    assert calls == []
+    torch.testing.assert_close(one, reference, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(one, grouped_rows, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("gated", [False, True])
