@@ -116,18 +116,22 @@ class Experts(nn.Module):
         return EXPERTS_FUNCTIONS.get_sorted(self.experts_implementation)(self, x, counts)
 
 
+def _expert_ffn(experts: Experts, x: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert e's FFN on rows x (n, H), as a pair of linear layers on views of the stacked weights: (n, H)."""
+    up_b, down_b = experts.up_bias, experts.down_bias
+    h = F.linear(x, experts.up_weight[e], None if up_b is None else up_b[e])  # (n, I or 2I)
+    return F.linear(experts.activation(h), experts.down_proj[e], None if down_b is None else down_b[e])  # (n, H)
+
+
 def eager_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Reference: one pair of linear layers per expert, over that expert's rows."""
     out = x.new_empty(x.shape[0], experts.hidden_size)
-    up_b, down_b = experts.up_bias, experts.down_bias
     start = 0
     for e, n in enumerate(counts.tolist()):
         if n == 0:
             continue
         rows = slice(start, start + n)
-        h = F.linear(x[rows], experts.up_weight[e], None if up_b is None else up_b[e])  # (n, I or 2I)
-        h = experts.activation(h)  # (n, I)
-        out[rows] = F.linear(h, experts.down_proj[e], None if down_b is None else down_b[e])  # (n, H)
+        out[rows] = _expert_ffn(experts, x[rows], e)
         start += n
     return out
 
@@ -330,19 +334,10 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int):
 
 def _one_token_forward(experts, x, top_k_index, top_k_weights):
     """One token without gradients on the CPU (batch-1 decoding): its k experts one after another
-    on views of the stacked weights. The same products as the grouped path (one row times each
-    chosen expert's matrices, biases added after, the same batched-GEMM combine) without sorting,
-    offsets or a pass over the unchosen experts' empty groups, which at one token cost about a
-    tenth of the experts' time."""
-    up_b, down_b = experts.up_bias, experts.down_bias
-    rows = []
-    for e in top_k_index[0].tolist():
-        h = F.linear(x, experts.up_weight[e])  # (1, I or 2I)
-        if up_b is not None:
-            h = h + up_b[e]
-        y = F.linear(experts.activation(h), experts.down_proj[e])  # (1, H)
-        rows.append(y if down_b is None else y + down_b[e])
-    y = torch.cat(rows).unsqueeze(0)  # (1, k, H)
+    (`_expert_ffn`, the eager reference's products), combined by the grouped path's batched GEMM,
+    without sorting, offsets or a pass over the unchosen experts' empty groups, which at one token
+    cost about a tenth of the experts' time."""
+    y = torch.cat([_expert_ffn(experts, x, e) for e in top_k_index[0].tolist()]).unsqueeze(0)  # (1, k, H)
     return torch.bmm(top_k_weights.reshape(1, 1, -1).to(y.dtype), y).squeeze(1)  # (1, H)
 
 
