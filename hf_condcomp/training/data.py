@@ -94,16 +94,19 @@ def split_source(split_ds):
     return files[0]["filename"] if files else "the dataset"
 
 
-def pad_collate(pad_token_id, keys=("input_ids", "labels")):
+def _right_pad(rows, value):
+    """Rows right-padded with `value` to the longest, and their masks (1 on the row's own tokens)."""
+    length = max(len(r) for r in rows)
+    return ([list(r) + [value] * (length - len(r)) for r in rows],
+            [[1] * len(r) + [0] * (length - len(r)) for r in rows])
+
+
+def pad_collate(pad_token_id):
     """Right-pads `input_ids` (pad id), `labels` (-100) and builds `attention_mask`, for decoders."""
     def collate(features):
-        length = max(len(f["input_ids"]) for f in features)
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
-        for f in features:
-            n = len(f["input_ids"])
-            batch["input_ids"].append(list(f["input_ids"]) + [pad_token_id] * (length - n))
-            batch["attention_mask"].append([1] * n + [0] * (length - n))
-            batch["labels"].append(list(f["labels"]) + [-100] * (length - n))
+        input_ids, attention_mask = _right_pad([f["input_ids"] for f in features], pad_token_id)
+        labels, _ = _right_pad([f["labels"] for f in features], -100)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         return {k: torch.tensor(v) for k, v in batch.items()}
     return collate
 
@@ -113,14 +116,9 @@ def seq2seq_collate(pad_token_id):
     and the decoder's `labels` (-100, with `decoder_attention_mask`, so the router losses leave the
     decoder's padding out) to their own lengths; the model shifts the labels into its decoder inputs."""
     def collate(features):
-        source = max(len(f["input_ids"]) for f in features)
-        target = max(len(f["labels"]) for f in features)
-        batch = {"input_ids": [], "attention_mask": [], "labels": [], "decoder_attention_mask": []}
-        for f in features:
-            n, m = len(f["input_ids"]), len(f["labels"])
-            batch["input_ids"].append(list(f["input_ids"]) + [pad_token_id] * (source - n))
-            batch["attention_mask"].append([1] * n + [0] * (source - n))
-            batch["labels"].append(list(f["labels"]) + [-100] * (target - m))
-            batch["decoder_attention_mask"].append([1] * m + [0] * (target - m))
+        input_ids, attention_mask = _right_pad([f["input_ids"] for f in features], pad_token_id)
+        labels, decoder_attention_mask = _right_pad([f["labels"] for f in features], -100)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "decoder_attention_mask": decoder_attention_mask}
         return {k: torch.tensor(v) for k, v in batch.items()}
     return collate
