@@ -1,15 +1,25 @@
 """The benchmark helpers measure what they claim (the benchmarks themselves are not timed tests)."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 from common import cpu_peak_bytes, paired_ratios  # noqa: E402
 
 MiB = 2**20
+
+
+def run_benchmark(script, args, out, timeout):
+    """benchmarks/<script> run with `args` in a fresh interpreter, writing `out`: the JSON it wrote."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--out", str(out)], capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 def test_cpu_peak_bytes_counts_the_high_water_mark_of_tensors_made_inside():
@@ -50,7 +60,7 @@ def test_probe_routing_reads_a_saved_mod_classifier(tmp_path, capsys):
 
     import hf_condcomp
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+    sys.path.insert(0, str(BENCHMARKS / "quality"))
     from probe_routing import main as probe
 
     path = hf_condcomp.assets.minilm_path()
@@ -77,16 +87,10 @@ def test_paired_ratios_divide_within_each_round():
 def test_bench_gated_runs_and_reports_the_executed_fraction(tmp_path):
     """bench_gated.py at a toy size: every model runs, and the executed fractions are the models' own
     (capacity 0.5 executes half the tokens; random gates at threshold 0.5 a share strictly between)."""
-    import json
-    import subprocess
-
-    out = tmp_path / "gated.json"
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gated.py"
-    proc = subprocess.run([sys.executable, str(script), "--batch", "2", "--seq-len", "16", "--capacities", "1.0,0.5",
-                           "--thresholds", "0.5", "--repeats", "1", "--train-repeats", "1", "--threads", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {row["model"]: row for row in json.loads(out.read_text())["results"]}
+    result = run_benchmark("bench_gated.py", ["--batch", "2", "--seq-len", "16", "--capacities", "1.0,0.5",
+                                               "--thresholds", "0.5", "--repeats", "1", "--train-repeats", "1",
+                                               "--threads", "1"], tmp_path / "gated.json", timeout=600)
+    rows = {row["model"]: row for row in result["results"]}
     assert set(rows) == {"dense", "mod c=1", "mod c=0.5", "gate t=0.5"}
     assert rows["mod c=1"]["executed_fraction"] == 1.0
     assert rows["mod c=0.5"]["executed_fraction"] == 0.5
@@ -95,14 +99,7 @@ def test_bench_gated_runs_and_reports_the_executed_fraction(tmp_path):
 
 def test_bench_seq2seq_quick_writes_its_rows(tmp_path):
     """The encoder-decoder benchmark runs end to end on a toy Marian and writes its table as JSON."""
-    import json
-    import subprocess
-
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_seq2seq.py"),
-                           "--quick", "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result = run_benchmark("bench_seq2seq.py", ["--quick", "--threads", "1"], tmp_path / "bench.json", timeout=300)
     assert [row["bench"] for row in result["rows"]] == [f"{what}, top-{k}" for k in (2, 1) for what in (
         "train step (s)", "greedy decode (tok/s)")]
     assert all(row["dense"] > 0 and row["moe"] > 0 for row in result["rows"])
@@ -114,7 +111,7 @@ def test_merge_finetunes_runs_end_to_end_on_a_tiny_random_llama(tmp_path):
     """The RESULTS.md merge benchmark, on a random tiny Llama and made-up texts (`--tiny --quick`):
     every model is evaluated on both domains, the copy-upcycle of fine-tune A starts exactly at
     fine-tune A, and each MoE layer's first-choice shares are a distribution over the 2 experts."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+    sys.path.insert(0, str(BENCHMARKS / "quality"))
     from merge_finetunes import main as merge_finetunes
 
     out = tmp_path / "merge.json"
