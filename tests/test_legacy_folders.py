@@ -1,8 +1,10 @@
-"""Folders saved by release ab4d721 keep loading, with the outputs that release computed.
+"""Folders saved by earlier releases keep loading, with the outputs those releases computed.
 
 tests/data/legacy_ab4d721 holds one tiny model per hand-written family (BERT, GPT-2, Llama) and
 variant (MoE, MoD, gates, MoE + MoD), saved by that release with its remote code, and the
-outputs it computed on saved inputs (make_fixtures.py there wrote them). Whatever becomes of the
+outputs it computed on saved inputs (make_fixtures.py there wrote them). tests/data/legacy_fc1a7ee
+holds the same for the last release that kept the source's model under `backbone.` (BERT, GPT-2,
+Llama and Marian sources). Whatever becomes of the
 hand-written families, such folders are on the Hub and on disks, so they must load
 
 - through their own remote code (`trust_remote_code=True`) in a process where hf_condcomp cannot
@@ -24,12 +26,16 @@ LEGACY = DATA / "legacy_ab4d721"
 VARIANTS = ("moe", "mod", "gate", "moe_mod")
 FIXTURES = [f"{family}_{variant}" for family in ("bert", "gpt2", "llama") for variant in VARIANTS]
 FIXTURES.insert(4, "bert_base_moe_mod")
+BACKBONE = DATA / "legacy_fc1a7ee"
+BACKBONE_FIXTURES = ["bert_moe", "bert_base_mod", "gpt2_gate", "llama_moe", "llama_moe_mod", "marian_moe"]
+# every fixture folder: "<release>/<name>"
+ALL = [f"{LEGACY.name}/{name}" for name in FIXTURES] + [f"{BACKBONE.name}/{name}" for name in BACKBONE_FIXTURES]
 
 
 def expected(name):
     """(saved tensors, metadata): input_ids, attention_mask, output, last_hidden_state
-    (classifiers), generated (decoders)."""
-    with safe_open(str(LEGACY / name / "expected.safetensors"), "pt") as f:
+    (classifiers), generated (generative models)."""
+    with safe_open(str(DATA / name / "expected.safetensors"), "pt") as f:
         return {key: f.get_tensor(key) for key in f.keys()}, json.loads(f.metadata()["expected"])
 
 
@@ -55,6 +61,18 @@ def test_the_fixtures_are_all_there_and_carry_their_remote_code():
             assert (LEGACY / name / (reference.split(".")[0] + ".py")).is_file(), (name, reference)
 
 
+def test_the_backbone_release_fixtures_are_all_there_with_its_layout():
+    folders = sorted(p.name for p in BACKBONE.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    assert folders == sorted(BACKBONE_FIXTURES)
+    for name in BACKBONE_FIXTURES:
+        config = json.loads((BACKBONE / name / "config.json").read_text())
+        assert config["model_type"] == "condcomp" and "text_config" in config
+        with safe_open(str(BACKBONE / name / "model.safetensors"), "pt") as f:
+            assert all(key.startswith("backbone.") for key in f.keys()), name
+        for reference in config["auto_map"].values():
+            assert (BACKBONE / name / (reference.split(".")[0] + ".py")).is_file(), (name, reference)
+
+
 # Runs in a fresh interpreter where `import hf_condcomp` fails (conftest.run_clean_python), with
 # the fixture folders and the results file filled in below; one process loads every folder.
 REMOTE_CODE = """
@@ -78,8 +96,9 @@ for name, folder in FOLDERS.items():
         module = type(model).__module__
         assert module.startswith("transformers_modules."), module
         mask = saved["attention_mask"]
+        extra = {"decoder_input_ids": saved["input_ids"]} if meta["auto_class"] == "AutoModelForSeq2SeqLM" else {}
         with torch.no_grad():
-            outputs = model(input_ids=saved["input_ids"], attention_mask=mask, output_hidden_states=True)
+            outputs = model(input_ids=saved["input_ids"], attention_mask=mask, output_hidden_states=True, **extra)
         out = getattr(outputs, meta["output"])
         real = (lambda t: t[mask.bool()]) if out.dim() == 3 else (lambda t: t)
         torch.testing.assert_close(real(out), real(saved["output"]), atol=1e-5, rtol=0)
@@ -103,21 +122,21 @@ with open(RESULTS, "w") as f:
 def remote_code_results(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("legacy_remote_code")
     results = workdir / "results.json"
-    folders = {name: str(LEGACY / name) for name in FIXTURES}
+    folders = {name: str(DATA / name) for name in ALL}
     run_clean_python(f"FOLDERS = {folders!r}\nRESULTS = {str(results)!r}\n" + REMOTE_CODE, workdir)
     return json.loads(results.read_text())
 
 
-@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("name", ALL)
 def test_loads_through_its_remote_code_without_the_package(name, remote_code_results):
     result = remote_code_results[name]
     assert result["ok"], result["error"]
 
 
-AUTO = {"AutoModel", "AutoModelForSequenceClassification", "AutoModelForCausalLM"}
+AUTO = {"AutoModel", "AutoModelForSequenceClassification", "AutoModelForCausalLM", "AutoModelForSeq2SeqLM"}
 
 
-@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("name", ALL)
 def test_loads_through_the_package_without_remote_code(name):
     import transformers
 
@@ -125,11 +144,12 @@ def test_loads_through_the_package_without_remote_code(name):
 
     saved, meta = expected(name)
     assert meta["auto_class"] in AUTO
-    model = getattr(transformers, meta["auto_class"]).from_pretrained(LEGACY / name).eval()
+    model = getattr(transformers, meta["auto_class"]).from_pretrained(DATA / name).eval()
     assert type(model).__module__.startswith("hf_condcomp."), type(model)
     mask = saved["attention_mask"]
+    extra = {"decoder_input_ids": saved["input_ids"]} if meta["auto_class"] == "AutoModelForSeq2SeqLM" else {}
     with torch.no_grad():
-        outputs = model(input_ids=saved["input_ids"], attention_mask=mask, output_hidden_states=True)
+        outputs = model(input_ids=saved["input_ids"], attention_mask=mask, output_hidden_states=True, **extra)
     out = getattr(outputs, meta["output"])
     torch.testing.assert_close(real_positions(out, mask), real_positions(saved["output"], mask), atol=1e-4, rtol=0)
     if "last_hidden_state" in saved:  # classifiers: every token's state, not only what [CLS] passes on

@@ -1,0 +1,185 @@
+"""Pieces every conditional-computation model shares: the router and gate losses, the executed
+compute, initialisation of the added modules, and the sentence-transformers files that
+`save_pretrained` carries over from a sentence-transformers source.
+
+This file travels to the Hub with every saved model: only sibling relative imports."""
+
+import json
+import shutil
+from pathlib import Path, PurePosixPath
+
+import torch
+from transformers import initialization as init
+
+from .experts import EXPERTS_FUNCTIONS, Experts
+from .routing import get_routing_method, load_balancing_loss, router_z_loss
+
+
+def condcomp_losses(config, rec, compute: bool):
+    """Returns (weighted total or None, aux_loss, z_loss, compute_loss) of one forward's `Recorder`
+    (depth.py): its router logits, without padding (`rec.token_mask`), and the gated layers' losses."""
+    if not compute:
+        return None, None, None, None
+    aux = z = extra = None
+    total = 0.0
+    if rec.router_logits:
+        layer_logits = tuple(rec.router_logits)
+        mask = rec.token_mask
+        if rec.prefiltered and mask is not None:
+            flat = mask.reshape(-1)
+            layer_logits = tuple(
+                logits if i in rec.prefiltered else logits[flat] for i, logits in enumerate(layer_logits)
+            )
+            mask = None
+        if get_routing_method(config.moe_routing).balance_loss:
+            aux = load_balancing_loss(layer_logits, config.num_local_experts, config.num_experts_per_tok, mask)
+            total = total + config.router_aux_loss_coef * aux
+        z = router_z_loss(layer_logits, mask)
+        total = total + config.router_z_loss_coef * z
+    if rec.extra_losses:
+        extra = torch.stack(rec.extra_losses).sum()
+        total = total + extra
+    if aux is None and z is None and extra is None:
+        return None, None, None, None
+    return total, aux, z, extra
+
+
+def compute_fraction(config, rec):
+    """Executed share of token-layer compute: mean over layers, ungated layers counting 1."""
+    if not rec.layer_fractions:
+        return 1.0, {}
+    per_layer = {i: float(f) for i, f in sorted(rec.layer_fractions.items())}
+    n = config.num_hidden_layers
+    return (n - len(per_layer) + sum(per_layer.values())) / n, per_layer
+
+
+def use_return_dict(config, return_dict) -> bool:
+    return getattr(config, "return_dict", True) if return_dict is None else bool(return_dict)
+
+
+def _refuse_reentrant(kwargs):
+    if (kwargs or {}).get("use_reentrant"):
+        raise ValueError(
+            "`use_reentrant=True` gradient checkpointing is not supported: the router and gate losses are "
+            "collected from inside the layers, and the reentrant variant runs them without autograd, so those "
+            "losses would train nothing. Use the default `use_reentrant=False`."
+        )
+
+
+# The model attribute that names the local sentence-transformers folder a model was upcycled from.
+SENTENCE_TRANSFORMERS_SOURCE = "_sentence_transformers_source"
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def sentence_transformers_modules(folder) -> list[str] | None:
+    """The module folders (`1_Pooling`, `2_Normalize`, ...) of a sentence-transformers checkpoint whose
+    transformer is the folder's own model (the `modules.json` entry at path ""), or None for any other
+    folder (no or unreadable `modules.json`, the transformer in a subfolder, a path leaving the folder)."""
+    try:
+        entries = json.loads((Path(folder) / "modules.json").read_text(encoding="utf-8"))
+        paths = [str(entry.get("path", "")) for entry in entries]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    for path in paths:
+        posix = PurePosixPath(path.replace("\\", "/"))
+        if posix.is_absolute() or ".." in posix.parts or ":" in path:
+            return None
+    if "" not in paths:
+        return None
+    return [path for path in paths if path]
+
+
+def copy_sentence_transformers_files(source, save_directory) -> list[str]:
+    """Copies `modules.json`, `sentence_bert_config.json`, `config_sentence_transformers.json` and every
+    module folder but the transformer's from the sentence-transformers folder `source` into
+    `save_directory`; returns what was copied (nothing when `source` is not such a folder)."""
+    if not source or not Path(source).is_dir():
+        return []
+    source, target = Path(source), Path(save_directory)
+    modules = sentence_transformers_modules(source)
+    if modules is None or source.resolve() == target.resolve():
+        return []
+    copied = []
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+            copied.append(name)
+    for path in modules:
+        if (source / path).is_dir():  # a module without settings (`Normalize`) may have no folder
+            shutil.copytree(source / path, target / path, dirs_exist_ok=True)
+            copied.append(path)
+    return copied
+
+
+class CondCompInitMixin:
+    """Initialisation of the modules this package adds (experts, routers, gates), and an
+    `auto_map` that lists every head class, so a saved base model also loads with
+    `AutoModelForSequenceClassification` (and so on) through `trust_remote_code`."""
+
+    _auto_heads: dict = {}
+    supports_gradient_checkpointing = True
+    # `forward` takes **kwargs but does not normalise its loss by Trainer's `num_items_in_batch`:
+    # without this, Trainer would skip its own division by the accumulation steps.
+    accepts_loss_kwargs = False
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        """transformers reads this off the source for `@use_experts_implementation`; our experts read
+        `config._experts_implementation` themselves (experts.py), so `from_pretrained(...,
+        experts_implementation=...)` and `set_experts_implementation` apply."""
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """The requested experts implementation, else the config's `moe_implementation`; any name of
+        experts.py's registry (ours and transformers' `ALL_EXPERTS_FUNCTIONS`)."""
+        name = requested_experts if requested_experts is not None else self.config.moe_implementation
+        if name not in EXPERTS_FUNCTIONS:
+            raise ValueError(
+                f"`experts_implementation` must be one of {EXPERTS_FUNCTIONS.valid_keys()}, got {name!r}."
+            )
+        return name
+
+    def set_experts_implementation(self, experts_implementation: str | dict):
+        """Switch the MoE blocks' experts to another registered implementation (they read
+        `config._experts_implementation` at each call). Only this model's config is set: the
+        source's model inside has no experts of transformers' kind, and some
+        releases would check the name against it."""
+        name = experts_implementation
+        if isinstance(name, dict):
+            name = name.get("", self.config._experts_implementation)
+        self.config._experts_implementation_internal = self.get_correct_experts_implementation(name)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        # transformers >= 5.24 routes `activation_checkpointing_enable` through an overridden
+        # `gradient_checkpointing_enable`, so this one check covers both names.
+        _refuse_reentrant(gradient_checkpointing_kwargs)
+        return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also writes the sentence-transformers files (`modules.json`, pooling, `Normalize`, ...) of the
+        checkpoint this model was upcycled or loaded from, so `SentenceTransformer(save_directory,
+        trust_remote_code=True)` keeps that checkpoint's modules and settings."""
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoConfig"] = f"configuration_condcomp.{type(self.config).__name__}"
+        auto_map.update({auto: f"{module}.{name}" for auto, name in self._auto_heads.items()})
+        self.config.auto_map = auto_map
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            # `upcycle` sets the attribute; a model loaded from a folder has that folder as `name_or_path`.
+            source = getattr(self, SENTENCE_TRANSFORMERS_SOURCE, None) or self.name_or_path
+            copy_sentence_transformers_files(source, save_directory)
+        return result
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Experts):
+            for name, param in module.named_parameters(recurse=False):
+                if name.endswith("_bias"):
+                    init.zeros_(param)
+                else:
+                    init.normal_(param, mean=0.0, std=std)
+        init_hook = getattr(module, "_condcomp_init", None)
+        if init_hook is not None:
+            init_hook(std)
