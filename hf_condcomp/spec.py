@@ -130,6 +130,53 @@ class UpcycleSpec:
         if self.noise_std < 0:
             raise _error("noise_std", self.noise_std, ">= 0")
 
+    def config_fields(self, layers, src_config, task, expert_width) -> dict:
+        """The upcycled model's config fields this spec sets, for `layers` (`ChosenLayers`) of a source whose
+        dense FFN is `expert_width` wide."""
+        fields = dict(moe_implementation=self.moe_implementation)
+        if self.variant == "moe":
+            split = self.init.startswith("split")
+            fields.update(num_local_experts=self.num_experts, num_experts_per_tok=self.top_k, moe_routing=self.routing,
+                          moe_capacity_factor=self.capacity_factor, moe_layers=layers.stack,
+                          router_unit_weights=split, output_router_logits=True,
+                          moe_expert_intermediate_size=expert_width // self.num_experts if split else expert_width)
+            if layers.decoder is not None:
+                fields["decoder_moe_layers"] = layers.decoder
+        if layers.gated_variant is not None:
+            fields[layers.gated_variant.layers_field] = layers.gated
+            fields.update({field: getattr(self, name) for name, field in layers.gated_variant.spec_fields.items()})
+        if task in ("sequence-classification", "token-classification"):
+            fields.update(num_labels=src_config.num_labels, id2label=src_config.id2label,
+                          label2id=src_config.label2id)
+        return fields
+
+    def provenance(self, layers, src_config, task, source, expert_sources) -> dict:
+        """`config.upcycling`: how the model was made. `source`: the name of the model the shared weights
+        come from (None: the sources' average); `expert_sources`: the names of the sources merged as
+        experts (None: one source)."""
+        moe = self.variant == "moe"
+        merged = expert_sources is not None
+        return {
+            "source": source,
+            "source_model_type": src_config.model_type,
+            "task": task,
+            "variant": self.variant,
+            "layers": layers.record(),
+            "init": self.init if moe else None,
+            "num_experts": self.num_experts if moe else None,
+            "top_k": self.top_k if moe else None,
+            "routing": self.routing if moe else None,
+            "capacity_factor": self.capacity_factor,
+            **{name: getattr(self, name) if v.name == self.variant else None
+               for v in GATED_VARIANTS.values() for name in v.spec_fields},
+            "expert_sources": expert_sources,
+            "shared_weights": ("base" if self.base is not None else "average") if merged else None,
+            "router_init": self.router_init if moe else None,
+            "noise_std": self.noise_std if self.init == "noise" else None,
+            "drop_ratio": self.drop_ratio if self.init == "drop" else None,
+            "seed": self.seed,
+        }
+
     def config_overrides(self) -> dict:
         """The fields that are config fields of the upcycled model, as `upcycle` passes them on."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("config_field")}

@@ -32,18 +32,14 @@ import inspect
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from .modeling.architectures import decoder_depth
 from .modeling.common import SENTENCE_TRANSFORMERS_SOURCE
-from .modeling.configuration_condcomp import SEQ2SEQ_GATED_REFUSAL
-from .modeling.depth import GATED_VARIANTS
 from .spec import SPEC_FIELDS, UpcycleSpec, split_kwargs
 from .upcycling.convert_native import convert_native_state_dict, native_config, native_stacks
 from .upcycling.expert_init import balanced_kmeans
-from .upcycling.layers import parse_layers, parse_stack_layers
-from .upcycling.merging import prompt_routers, resolve_num_experts, shared_and_expert_sources
-from .upcycling.merging import source_name as source_name_of
-from .upcycling.sources import load_source, sentence_transformers_folder
-from .upcycling.targets import TARGETS, check_overrides, check_task
+from .upcycling.layers import choose_layers, parse_layers
+from .upcycling.merging import load_dense, prompt_routers, resolve_num_experts
+from .upcycling.sources import sentence_transformers_folder
+from .upcycling.targets import TARGETS, check_upcycle
 
 __all__ = [
     "upcycle", "parse_layers", "balanced_kmeans", "convert_native_state_dict", "sentence_transformers_folder",
@@ -52,132 +48,74 @@ __all__ = [
 
 
 def upcycle(source, **settings):
-    """Upcycle a dense checkpoint into a conditional-computation model (see module docstring).
+    """Upcycle a dense checkpoint into a conditional-computation model (see module docstring), in
+    these steps:
+
+    1. the settings become an `UpcycleSpec`, each checked and named where wrong;
+    2. the source is loaded (or the sources and their base: upcycling/merging.py), and each stack's
+       FFN found and checked against its layout;
+    3. the settings are checked against the source, in one place (`check_upcycle`), and the layers
+       chosen;
+    4. the spec gives the config fields and the provenance record of the target config, around a
+       copy of the source's config;
+    5. the target, transformers' own model of the source with the chosen layers conditional, is
+       built without random init and given the converted weights (experts, routers, the rest
+       copied key for key: upcycling/convert_native.py);
+    6. what the source has beside its weights comes along: the tied head, the dtype, the generation
+       config, the sentence-transformers modules that `save_pretrained` copies.
 
     Args:
         source: Hub id, local folder, embedded name (`all-MiniLM-L6-v2`, `SmolLM2-135M-Instruct`)
-            or a loaded `PreTrainedModel` of any supported architecture (README: "Models and
-            architectures"); or a list of them, dense fine-tunes of one model, which become the
-            experts of each MoE layer, one expert per source, or `num_experts / len(sources)` each
-            (a source may be named twice); the shared weights are then `base`'s, or the sources'
-            average (upcycling/merging.py).
+            or a loaded `PreTrainedModel` of any supported architecture; or a list of them, dense
+            fine-tunes of one model, which become the experts of each MoE layer, one expert per
+            source, or `num_experts / len(sources)` each; the shared weights are then `base`'s, or
+            the sources' average.
         **settings: the fields of `hf_condcomp.spec.UpcycleSpec`, with its defaults and help
-            (`variant`, `num_experts`, `top_k`, `routing`, `capacity_factor`, `init`, `layers`,
-            `task`, `num_labels`, `capacity`, `compute_penalty`, `threshold`, `mod_layers`,
-            `noise_std`, `drop_ratio`, `seed`, `moe_implementation`, and the config fields
-            `router_aux_loss_coef`, ...), plus any other field of the target config.
+            (`variant`, `num_experts`, `top_k`, `routing`, `capacity_factor`, `init`, `layers`, `task`,
+            ...), plus any other field of the target config (`router_aux_loss_coef`, ...).
     Returns:
         The upcycled model (in eval mode), whose `config.upcycling` records how it was made.
     """
-    spec_settings, config_overrides = split_kwargs(settings)
-    spec = UpcycleSpec(**spec_settings)  # checks every setting, naming it
+    spec_settings, overrides = split_kwargs(settings)
     sources = list(source) if isinstance(source, (list, tuple)) else [source]
-    spec = resolve_num_experts(spec, len(sources))
-    config_overrides = {**spec.config_overrides(), **config_overrides}
-    (variant, num_experts, top_k, routing, capacity_factor, init, layers, task, num_labels, mod_layers, noise_std,
-     drop_ratio, seed, moe_implementation) = (getattr(spec, name) for name in (
-        "variant", "num_experts", "top_k", "routing", "capacity_factor", "init", "layers", "task", "num_labels",
-        "mod_layers", "noise_std", "drop_ratio", "seed", "moe_implementation"))
-
-    merged = len(sources) > 1 or spec.base is not None
-    if merged:
-        dense, expert_sources, task, names = shared_and_expert_sources(sources, spec, task, num_labels)
-        source_name = source_name_of(spec.base) if spec.base is not None else None
-    else:
-        dense, task, source_name = load_source(sources[0], task, num_labels)
-        expert_sources, names = None, [source_name]
-    check_task(task)
-    src_config = dense.config
-    num_layers = src_config.num_hidden_layers
+    spec = resolve_num_experts(UpcycleSpec(**spec_settings), len(sources))
+    dense, expert_sources, task, names, source_name = load_dense(sources, spec)
     stacks = native_stacks(dense, task)
-    seq2seq = len(stacks) > 1
-    if seq2seq:
-        if variant != "moe" or mod_layers is not None:
-            raise ValueError(f"`variant`={variant!r}{' with `mod_layers`' if mod_layers is not None else ''} is not "
-                             f"supported on encoder-decoder models (model type {src_config.model_type!r}): "
-                             f"{SEQ2SEQ_GATED_REFUSAL}")
-        if spec.router_init != "random":
-            raise ValueError(f"`router_init`={spec.router_init!r} is not supported on encoder-decoder models (model "
-                             f"type {src_config.model_type!r}): prompts start the routers of one stack's layers. "
-                             "Use router_init='random'.")
-        chosen, decoder_chosen = parse_stack_layers(layers, num_layers, decoder_depth(src_config))
-        if not chosen and not decoder_chosen:
-            raise ValueError(f"`layers`={layers!r} names no layer of either stack.")
-    else:
-        chosen = parse_layers(layers, num_layers)
-    fields = dict(moe_implementation=moe_implementation)
-    if variant == "moe":
-        split = init.startswith("split")
-        inter = stacks[0][2]  # `native_stacks` checked that an encoder-decoder's stacks have one width
-        fields.update(
-            num_local_experts=num_experts,
-            num_experts_per_tok=top_k,
-            moe_routing=routing,
-            moe_capacity_factor=capacity_factor,
-            moe_layers=chosen,
-            router_unit_weights=split,
-            **({"decoder_moe_layers": decoder_chosen} if seq2seq else {}),
-            moe_expert_intermediate_size=inter // num_experts if split else inter,
-        )
-    gated = GATED_VARIANTS.get(variant)
-    if gated is None and mod_layers is not None:  # MoE + Mixture-of-Depths
-        gated, chosen_gated = GATED_VARIANTS["mod"], parse_layers(mod_layers, num_layers, "mod_layers")
-    else:
-        chosen_gated = chosen
-    if gated is not None:
-        fields[gated.layers_field] = chosen_gated
-        fields.update({field: getattr(spec, name) for name, field in gated.spec_fields.items()})
-    if task in ("sequence-classification", "token-classification"):
-        fields["num_labels"] = src_config.num_labels
-        fields["id2label"] = src_config.id2label
-        fields["label2id"] = src_config.label2id
-    fields["upcycling"] = {
-        "source": source_name,
-        "source_model_type": src_config.model_type,
-        "task": task,
-        "variant": variant,
-        "layers": {"encoder": chosen, "decoder": decoder_chosen} if seq2seq else chosen,
-        "init": init if variant == "moe" else None,
-        "num_experts": num_experts if variant == "moe" else None,
-        "top_k": top_k if variant == "moe" else None,
-        "routing": routing if variant == "moe" else None,
-        "capacity_factor": capacity_factor,
-        **{name: getattr(spec, name) if v.name == variant else None
-           for v in GATED_VARIANTS.values() for name in v.spec_fields},
-        "expert_sources": names if merged else None,
-        "shared_weights": ("base" if spec.base is not None else "average") if merged else None,
-        "router_init": spec.router_init if variant == "moe" else None,
-        "noise_std": noise_std if init == "noise" else None,
-        "drop_ratio": drop_ratio if init == "drop" else None,
-        "seed": seed,
-    }
-    target_class = TARGETS[task]
-    check_overrides(config_overrides, src_config)
-    config = native_config(src_config, stacks, fields, config_overrides)
+    overrides = {**spec.config_overrides(), **overrides}
+    check_upcycle(spec, dense.config, task, stacks, overrides)
+    layers = choose_layers(spec, dense.config, stacks)
+    fields = spec.config_fields(layers, dense.config, task, expert_width=stacks[0][2])
+    fields["upcycling"] = spec.provenance(layers, dense.config, task, source_name,
+                                          names if expert_sources is not None else None)
+    config = native_config(dense.config, stacks, fields, overrides)
 
     with no_init_weights():  # every weight is overwritten below: skip the random init
-        target = target_class(config)
+        target = TARGETS[task](config)
     routers = None
-    if variant == "moe" and spec.router_init != "random":
-        routers = prompt_routers(spec, dense, names, sources, num_experts, chosen)
-    state = convert_native_state_dict(dense, target, config, stacks, init, seed, noise_std, drop_ratio,
-                                      expert_sources, routers)
+    if spec.variant == "moe" and spec.router_init != "random":
+        routers = prompt_routers(spec, dense, names, sources, spec.num_experts, layers.stack)
+    state = convert_native_state_dict(dense, target, config, stacks, spec.init, spec.seed, spec.noise_std,
+                                      spec.drop_ratio, expert_sources, routers)
     target.load_state_dict(state, strict=True)
-    if getattr(config, "tie_word_embeddings", False):
+    _carry_over(target, dense, spec.base if spec.base is not None else sources[0])
+    return target.eval()
+
+
+def _carry_over(target, dense, first):
+    """What the source has beside its weights: the tied head, the dtype, an encoder-decoder's
+    generation config, the sentence-transformers folder of `first` (the base, else the first source)."""
+    if getattr(target.config, "tie_word_embeddings", False):
         # The model was built without `post_init`'s weight init, which is also where transformers
         # ties the head to the embeddings: tie here, or fine-tuning trains two copies of a matrix
         # that `save_pretrained` writes once.
         target.tie_weights()
     target.to(dense.dtype)
-    if seq2seq and getattr(dense, "generation_config", None) is not None:  # decoder start, forced BOS / EOS tokens, ...
-        target.generation_config = copy.deepcopy(dense.generation_config)
-    # `save_pretrained` copies the source's pooling, `Normalize`, ... next to the upcycled model.
-    first = spec.base if spec.base is not None else sources[0]
+    if target.config.decoder_ffn_layout is not None and getattr(dense, "generation_config", None) is not None:
+        target.generation_config = copy.deepcopy(dense.generation_config)  # decoder start, forced BOS / EOS, ...
     st_name = first if not isinstance(first, PreTrainedModel) else getattr(first, "name_or_path", "")
     st_folder = sentence_transformers_folder(st_name)
-    if st_folder is not None:
+    if st_folder is not None:  # `save_pretrained` copies its pooling, `Normalize`, ... next to the model
         setattr(target, SENTENCE_TRANSFORMERS_SOURCE, st_folder)
-    return target.eval()
 
 
 # `help(upcycle)` and `inspect.signature(upcycle)` show the spec's fields with its defaults.

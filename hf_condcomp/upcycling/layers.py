@@ -1,6 +1,10 @@
 """Which layers are upcycled: `layers` (and `mod_layers`) as the spec, YAML and flags write them,
 read into sorted layer indices and checked against the source's depth."""
 
+from dataclasses import dataclass
+
+from ..modeling.architectures import decoder_depth
+from ..modeling.depth import GATED_VARIANTS
 from ..spec import _error
 
 
@@ -58,3 +62,37 @@ def parse_stack_layers(layers, num_encoder: int, num_decoder: int, argument: str
         return tuple(parse_layers(layers[stack], counts[stack], f"{argument} ({stack})") if stack in layers else []
                      for stack in STACKS)
     return parse_layers(layers, num_encoder, argument), parse_layers(layers, num_decoder, argument)
+
+
+@dataclass(frozen=True)
+class ChosenLayers:
+    """The layers an upcycle makes conditional. stack: the (first) stack's layers that get the variant (MoE,
+    or the gated variant); decoder: an encoder-decoder's decoder layers (None for other sources);
+    gated_variant, gated: the gated variant (None for a plain MoE) and its layers (`mod_layers` with
+    variant moe: the Mixture-of-Depths blocks beside the MoE layers)."""
+
+    stack: list
+    decoder: list | None
+    gated_variant: object
+    gated: list
+
+    def record(self):
+        """As `config.upcycling` records them: a list, or {encoder, decoder}."""
+        return self.stack if self.decoder is None else {"encoder": self.stack, "decoder": self.decoder}
+
+
+def choose_layers(spec, src_config, stacks) -> ChosenLayers:
+    """`spec.layers` (and `spec.mod_layers`) read against the source's stacks (`native_stacks`)."""
+    num_layers = src_config.num_hidden_layers
+    decoder = None
+    if len(stacks) > 1:
+        chosen, decoder = parse_stack_layers(spec.layers, num_layers, decoder_depth(src_config))
+        if not chosen and not decoder:
+            raise ValueError(f"`layers`={spec.layers!r} names no layer of either stack.")
+    else:
+        chosen = parse_layers(spec.layers, num_layers)
+    variant = GATED_VARIANTS.get(spec.variant)
+    if variant is None and spec.mod_layers is not None:  # MoE + Mixture-of-Depths
+        return ChosenLayers(chosen, decoder, GATED_VARIANTS["mod"], parse_layers(spec.mod_layers, num_layers,
+                                                                                 "mod_layers"))
+    return ChosenLayers(chosen, decoder, variant, chosen if variant is not None else [])

@@ -133,6 +133,17 @@ def resolve_num_experts(spec, num_sources):
     return spec
 
 
+def load_dense(sources, spec):
+    """(dense model with the shared weights, one dense model per expert source or None, task, names, source):
+    one source, or several with their base (`shared_and_expert_sources`). `names` lists the source's name, or
+    the expert sources' names; `source` names the model the shared weights come from (None: an average)."""
+    if len(sources) > 1 or spec.base is not None:
+        dense, expert_sources, task, names = shared_and_expert_sources(sources, spec, spec.task, spec.num_labels)
+        return dense, expert_sources, task, names, None if spec.base is None else source_name(spec.base)
+    dense, task, name = load_source(sources[0], spec.task, spec.num_labels)
+    return dense, None, task, [name], name
+
+
 def shared_and_expert_sources(sources, spec, task, num_labels):
     """(model holding the shared weights, one dense model per source, task, source names)."""
     if spec.variant != "moe":

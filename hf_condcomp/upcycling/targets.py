@@ -7,7 +7,7 @@ import dataclasses
 import difflib
 import typing
 
-from ..modeling.configuration_condcomp import CondCompConfig
+from ..modeling.configuration_condcomp import SEQ2SEQ_GATED_REFUSAL, CondCompConfig
 from ..modeling.depth import variant_config_fields
 from ..modeling.modeling_condcomp import (
     CondCompForCausalLM,
@@ -32,6 +32,22 @@ TARGETS = {
 def check_task(task):
     if task not in TARGETS:
         raise _error("task", task, f"one of {sorted(TARGETS)}")
+
+
+def check_upcycle(spec, src_config, task, stacks, overrides):
+    """Every check of the settings against the source, in one place: the task, what an encoder-decoder
+    source (two `stacks`) does not take, and the config overrides."""
+    check_task(task)
+    if len(stacks) > 1:
+        if spec.variant != "moe" or spec.mod_layers is not None:
+            with_mod = " with `mod_layers`" if spec.mod_layers is not None else ""
+            raise ValueError(f"`variant`={spec.variant!r}{with_mod} is not supported on encoder-decoder models (model "
+                             f"type {src_config.model_type!r}): {SEQ2SEQ_GATED_REFUSAL}")
+        if spec.router_init != "random":
+            raise ValueError(f"`router_init`={spec.router_init!r} is not supported on encoder-decoder models (model "
+                             f"type {src_config.model_type!r}): prompts start the routers of one stack's layers. "
+                             "Use router_init='random'.")
+    check_overrides(overrides, src_config)
 
 
 def check_overrides(overrides, src_config, config_class=CondCompConfig):
