@@ -35,7 +35,7 @@ def moe_layer(hidden, ffn, experts, top_k, implementation):
     with torch.no_grad():
         layer.experts.up_proj.normal_(std=0.02)
         layer.experts.down_proj.normal_(std=0.02)
-        layer.router.weight.normal_(std=0.02)
+        layer.gate.weight.normal_(std=0.02)
     return layer
 
 

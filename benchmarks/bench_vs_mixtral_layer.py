@@ -49,7 +49,7 @@ def build(hidden=576, ffn=1536, experts=8, top_k=2):
             p.normal_(std=0.02)
         ours.experts.gate_up_proj.copy_(mixtral.experts.gate_up_proj)  # [gate; up], (E, 2I, H)
         ours.experts.down_proj.copy_(mixtral.experts.down_proj)
-        ours.router.weight.copy_(mixtral.gate.weight)
+        ours.gate.weight.copy_(mixtral.gate.weight)
     return ours, mixtral
 
 

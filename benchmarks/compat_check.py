@@ -62,7 +62,7 @@ def check_case(folder: Path) -> dict:
     if ref["auto"] != "AutoModel" and model.config.model_type == "condcomp":
         # a native task model loads as AutoModel too: the same base model, its head left out
         base = transformers.AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-        inner = getattr(model.backbone, model.backbone.base_model_prefix)
+        inner = model.base_model
         with torch.no_grad():
             expected = inner(input_ids=ids, attention_mask=mask).last_hidden_state
             got = base(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -21,10 +21,10 @@ biases, unit expert weights (split upcycling with top-k > 1), models of other so
 Token-level differences that vanish at inference (Mixtral's router jitter scales the experts'
 input as well as the router's) are noted in the README, not refused.
 
-Key map (ours -> native), per layer i: `mlp.router.weight` -> `mlp.gate.weight`;
-`mlp.experts.{gate_up_proj,down_proj}` keep their names and (E, 2I, H) / (E, H, I) layout; dense
-layers' `mlp.{gate,up,down}_proj.weight` and everything outside the MLPs keep theirs (our keys
-are the source's under `backbone.`). A folder saved with an earlier release's `condcomp_llama`
+Key map (ours -> native): none. An MoE layer's `mlp.gate.weight` (the router) and
+`mlp.experts.{gate_up_proj,down_proj}` ((E, 2I, H) / (E, H, I)) are the native names and layout;
+dense layers' `mlp.{gate,up,down}_proj.weight` and everything outside the MLPs keep the source's
+names, which are ours too. A folder saved with an earlier release's `condcomp_llama`
 model type is converted first (legacy.py).
 """
 
@@ -240,10 +240,8 @@ def native_config(config, fmt: str):
 
 
 def native_state_dict(state: dict, native_model) -> dict:
-    """Our state dict under the native model's keys; asserts that every key is matched once, with its shape."""
-    out = {}
-    for key, value in state.items():
-        out[key.replace(".mlp.router.weight", ".mlp.gate.weight")] = value
+    """Our state dict, whose keys are the native model's; asserts that every key is matched once, with its shape."""
+    out = dict(state)
     expected = native_model.state_dict()
     for key, param in expected.items():
         if key not in out and ".shared_expert" in key:
@@ -291,8 +289,7 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
         folder = convert_folder(model_dir, tmp) if config.model_type in LEGACY_TYPES else model_dir
         ours_cls = CondCompForConditionalGeneration if fmt in SEQ2SEQ_FORMATS else CondCompForCausalLM
         ours = load_pretrained(ours_cls, folder, "MODEL_DIR", dtype="auto").eval()
-    # transformers' own Llama / Mistral / Qwen / T5 under `backbone.`: the native names
-    state = {key.removeprefix("backbone."): value for key, value in ours.state_dict().items()}
+    state = ours.state_dict()  # transformers' own Llama / Mistral / Qwen / T5 names
     native_cls = {"mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM,
                   "switch_transformers": SwitchTransformersForConditionalGeneration,
                   "nllb_moe": NllbMoeForConditionalGeneration}[fmt]

@@ -32,7 +32,7 @@ expert widths apart from the stack's FFN width, and layer sets the sparse steps 
 In training NLLB-MoE drops tokens above 2 * tokens / experts per expert; the export is for inference.
 
 Key map (ours -> Switch), per stack and layer: `layer.k.DenseReluDense.wi/wo` ->
-`layer.k.mlp.wi/wo` (dense layers); `layer.k.DenseReluDense.router.weight` ->
+`layer.k.mlp.wi/wo` (dense layers); `layer.k.DenseReluDense.gate.weight` ->
 `layer.k.mlp.router.classifier.weight`; `experts.up_proj[e]` / `experts.down_proj[e]` ->
 `mlp.experts.expert_e.wi.weight` / `.wo.weight`; everything else keeps its T5 name.
 """
@@ -120,10 +120,10 @@ def switch_config(config):
 
 
 def switch_state_dict(state: dict) -> dict:
-    """Our state dict (backbone prefix removed) under Switch's keys."""
+    """Our state dict under Switch's keys."""
     out = {}
     for key, value in state.items():
-        key = key.replace(".DenseReluDense.", ".mlp.").replace(".mlp.router.weight", ".mlp.router.classifier.weight")
+        key = key.replace(".DenseReluDense.", ".mlp.").replace(".mlp.gate.weight", ".mlp.router.classifier.weight")
         expert = re.fullmatch(r"(.*\.mlp)\.experts\.(up|down)_proj", key)
         if expert:
             name = "wi" if expert.group(2) == "up" else "wo"
@@ -251,13 +251,13 @@ def nllb_moe_config(config):
 
 
 _NLLB_RENAMES = ((".encoder_attn_layer_norm.", ".cross_attention_layer_norm."), (".encoder_attn.", ".cross_attention."),
-                 (".final_layer_norm.", ".ff_layer_norm."), (".fc1.router.weight", ".ffn.router.classifier.weight"))
+                 (".final_layer_norm.", ".ff_layer_norm."), (".fc1.gate.weight", ".ffn.router.classifier.weight"))
 _NLLB_EXPERTS = {"up_proj": "fc1.weight", "up_proj_bias": "fc1.bias", "down_proj": "fc2.weight",
                  "down_proj_bias": "fc2.bias"}
 
 
 def nllb_moe_state_dict(state: dict) -> dict:
-    """Our state dict (backbone prefix removed) under NLLB-MoE's keys."""
+    """Our state dict under NLLB-MoE's keys."""
     out = {}
     for key, value in state.items():
         for old, new in _NLLB_RENAMES:

@@ -10,6 +10,7 @@ folder's own remote code still loads it without this package (`trust_remote_code
 """
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .assets import CheckpointError
 from .modeling.architectures import activation_of, layout_to_dict
 from .modeling.configuration_condcomp import CondCompConfig, CondCompFields
 from .modeling.modeling_condcomp import (
+    LEGACY_KEY_MAPPING,
     CondCompForCausalLM,
     CondCompForMaskedLM,
     CondCompForSequenceClassification,
@@ -93,7 +95,9 @@ def native_state_dict(state: dict, values: dict, config: CondCompConfig) -> dict
             at = key.find(marker)
             if at >= 0 and (at == 0 or key[at - 1] == "."):
                 key = key[:at] + f"{layers_path}.{i}.{module}." + key[at + len(marker):]
-        out["backbone." + key] = tensor
+        for pattern, replacement in LEGACY_KEY_MAPPING.items():  # the router's name
+            key = re.sub(pattern, replacement, key)
+        out[key] = tensor
     return out
 
 

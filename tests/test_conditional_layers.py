@@ -172,7 +172,7 @@ def test_a_routed_deberta_layer_is_transformers_layer_on_each_rows_kept_tokens(v
     dense = _deberta_v3()
     settings = dict(capacity=0.5) if variant == "mod" else {}
     model = routing(upcycle(dense, variant=variant, layers="1", **settings)).eval()
-    layer = model.backbone.deberta.encoder.layer[1]
+    layer = model.deberta.encoder.layer[1]
     seen = {}
     layer.register_forward_hook(lambda m, args, kwargs, out: seen.update(x=args[0], y=out[0], kw=kwargs),
                                 with_kwargs=True)
@@ -205,7 +205,7 @@ def test_skipped_tokens_never_reach_the_layer():
     """The attention's query projection of a routed layer sees ceil(c * n) tokens per sequence."""
     model = _routed("llama", "mod")
     seen = []
-    layer = model.backbone.model.layers[1]
+    layer = model.model.layers[1]
     layer.self_attn.q_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
     ids = torch.randint(3, 99, (2, 10))
     model.train()
@@ -220,7 +220,7 @@ def test_skipped_tokens_as_keys_keeps_them_as_attention_keys():
     model = upcycle(dense, variant="mod", capacity=0.5, layers="1", skipped_tokens_as_keys=True)
     routing(model).eval()
     ids, mask = batch("sequence-classification")
-    layer = model.backbone.bert.encoder.layer[1]
+    layer = model.bert.encoder.layer[1]
     layer.mod_router.record_routing = True
     seen = {}
     layer.register_forward_hook(lambda m, args, kwargs, out: seen.update(x=args[0], y=out), with_kwargs=True)
@@ -242,7 +242,7 @@ def test_routers_and_gates_learn_and_their_losses_join_the_task_loss():
     out = model(input_ids=ids, attention_mask=mask, labels=ids)
     assert out.compute_loss is not None and out.compute_loss > 0  # the causal predictor's loss
     out.loss.backward()
-    layer = model.backbone.model.layers[0]
+    layer = model.model.layers[0]
     assert layer.mod_router.weight.grad.abs().sum() > 0
     assert layer.mod_predictor.w_in.grad.abs().sum() > 0
     gated = _routed("bert", "gate").train()
@@ -250,7 +250,7 @@ def test_routers_and_gates_learn_and_their_losses_join_the_task_loss():
     out = gated(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2]))
     out.loss.backward()
     assert out.compute_loss > 0
-    assert gated.backbone.bert.encoder.layer[0].compute_gate.bias.grad.abs().sum() > 0
+    assert gated.bert.encoder.layer[0].compute_gate.bias.grad.abs().sum() > 0
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
@@ -283,7 +283,7 @@ def test_torch_save_round_trip_and_from_config_initialises_everything(tmp_path):
     fresh = T.AutoModelForCausalLM.from_config(model.config)
     for name, param in fresh.named_parameters():
         assert torch.isfinite(param).all() and param.abs().max() < 10, name
-    layer = fresh.backbone.model.layers[0]
+    layer = fresh.model.layers[0]
     assert layer.mod_router.weight.abs().sum() == 0  # zero-initialised: 2 sigmoid(0) = 1
 
 

@@ -211,6 +211,6 @@ def test_from_pretrained_takes_transformers_experts_implementation(kind, tmp_pat
 def test_config_field_names_any_registered_implementation():
     model = upcycle(tiny_source("llama"), num_experts=4, top_k=2, layers=[1], moe_implementation="batched_mm")
     assert model.config.moe_implementation == "batched_mm"
-    assert model.backbone.model.layers[1].mlp.experts.experts_implementation == "batched_mm"
+    assert model.model.layers[1].mlp.experts.experts_implementation == "batched_mm"
     with pytest.raises(ValueError, match="must be one of.*grouped_mm"):
         upcycle(tiny_source("llama"), num_experts=4, top_k=2, layers=[1], moe_implementation="fast")

@@ -106,7 +106,7 @@ def _layer(impl, top_k=2):
 def _reference_forward(layer, hidden, mask):
     """The scatter-add formulation: gather rows by index, weight them, index_add them back."""
     x = hidden.reshape(-1, hidden.shape[-1])
-    logits = layer.router(x)
+    logits = layer.gate(x)
     rows = mask.reshape(-1).nonzero().squeeze(-1)
     d = layer.route(logits[rows])
     y = layer.experts.forward_sorted(x[rows][d.token_index], d.counts) * d.weights.unsqueeze(-1)

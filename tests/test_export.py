@@ -82,7 +82,7 @@ def test_native_export_of_noisy_experts_matches(tmp_path, family, layers, archit
     ("qwen3", "every_other", "Qwen3MoeForCausalLM"),
 ])
 def test_native_family_models_export_too(tmp_path, name, layers, architecture):
-    """Models of Llama-family sources: transformers' own weights under `backbone.`, our MoE settings,
+    """Models of Llama-family sources: transformers' own weights under their own names, our MoE settings,
     a Mistral's sliding window kept."""
     from test_native import dense_model
 

@@ -95,7 +95,7 @@ def main_output(family, out):
 
 
 def layers_of(model):
-    return find_layers(model.backbone, model.config.num_hidden_layers)[1]
+    return find_layers(model, model.config.num_hidden_layers)[1]
 
 
 def randomize_decisions(model, std=0.5, seed=0):

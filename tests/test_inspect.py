@@ -70,7 +70,7 @@ def batch(lengths, seq_len, vocab=99):
 def test_hand_set_router_gives_exact_counts_entropy_and_dead_experts():
     model = hf_condcomp.upcycle(tiny_bert(), num_experts=4, top_k=1, layers="all")
     for m in moe_modules(model):
-        m.router = PositionRouter(4, seq_len=6, plan=[0, 1, 2])  # expert 3 never chosen
+        m.gate = PositionRouter(4, seq_len=6, plan=[0, 1, 2])  # expert 3 never chosen
     # Real tokens: row 0 positions 0..5 -> 0,1,2,0,1,2; row 1 positions 0..3 -> 0,1,2,0 (2 padded).
     result = routing_summary(model, [batch([6, 4], 6), batch([6, 6], 6)])
     json.dumps(result)  # plain data
@@ -101,7 +101,7 @@ def test_expert_choice_counts_the_tokens_no_expert_picked():
     model = hf_condcomp.upcycle(tiny_bert(), num_experts=3, top_k=1, routing="expert_choice", capacity_factor=1.0,
                                 layers=[0])
     (moe,) = moe_modules(model)
-    moe.router = SharedPreferenceRouter()
+    moe.gate = SharedPreferenceRouter()
     # 6 tokens, capacity ceil(6 * 1 / 3) = 2: experts 0 and 1 both take positions 5 and 4, expert 2
     # takes positions 0 and 1, so positions 2 and 3 pass through the residual only.
     s = routing_summary(model, [batch([6], 6)])["moe_layers"]["0"]
@@ -112,7 +112,7 @@ def test_expert_choice_counts_the_tokens_no_expert_picked():
 def test_top2_counts_and_most_frequent_tokens_per_expert():
     model = hf_condcomp.upcycle(tiny_bert(), num_experts=4, top_k=2, layers=[1])
     (moe,) = moe_modules(model)
-    moe.router = PositionRouter(4, seq_len=5, plan=[0, 1], second=3)
+    moe.gate = PositionRouter(4, seq_len=5, plan=[0, 1], second=3)
     b = batch([5, 5, 3], 5)
     b["input_ids"][:, 1] = 42  # position 1 goes to expert 1 in every row
     result = inspect(model, batches=[b], top_tokens=2)
@@ -281,9 +281,9 @@ def test_compare_sees_a_permuted_router():
                             init="noise")
     b = hf_condcomp.upcycle(tiny_bert(vocab_size=tokenizer.vocab_size), num_experts=4, top_k=1, layers=[1],
                             init="noise")
-    (router,) = [m.router for m in moe_modules(b)]
+    (router,) = [m.gate for m in moe_modules(b)]
     with torch.no_grad():
-        router.weight.copy_(torch.roll(moe_modules(a)[0].router.weight, 1, dims=0))
+        router.weight.copy_(torch.roll(moe_modules(a)[0].gate.weight, 1, dims=0))
     result = compare(a, b, TEXTS, tokenizer)
     assert result["moe_layers"]["1"]["top1_kept"] == 0.0 and result["topk_overlap"] == 0.0
 
@@ -342,7 +342,7 @@ def test_real_mixture_of_depths_compute_fraction_is_exact():
     """Encoder MoD at capacity 0.5 runs ceil(0.5 * n) tokens of each sequence of n real tokens."""
     model = hf_condcomp.upcycle(tiny_bert(num_layers=3), variant="mod", capacity=0.5, layers=[1])
     with torch.no_grad():
-        model.backbone.encoder.layer[1].mod_router.weight.normal_()
+        model.encoder.layer[1].mod_router.weight.normal_()
     b = batch([7, 4, 1], 7)
     result = inspect(model, batches=[b])
     assert result["gated_layers"]["1"]["compute_fraction"] == pytest.approx((4 + 2 + 1) / 12)
@@ -360,7 +360,7 @@ def test_moe_inside_a_routed_block_maps_tokens_back():
     model = hf_condcomp.upcycle(tiny_bert(vocab_size=tokenizer.vocab_size), num_experts=4, top_k=2, layers=[1],
                                 mod_layers=[1], capacity=0.5)
     with torch.no_grad():
-        model.backbone.encoder.layer[1].mod_router.weight.normal_()
+        model.encoder.layer[1].mod_router.weight.normal_()
     result = inspect(model, TEXTS, tokenizer)
     ran = result["sample"]["executed"]["1"]
     top1 = result["sample"]["top1_expert"]["1"]

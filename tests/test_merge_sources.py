@@ -15,7 +15,7 @@ from conftest import VOCAB, run_clean_python, sample_bpe_tokenizer, tiny_source
 
 # The FFN weights of each family, which the fine-tunes below change (and nothing else).
 FFN = {"llama": r"\.mlp\.", "bert": r"\.(intermediate|output)\.dense\."}
-MOE_BLOCK = {"llama": "backbone.model.layers.{}.mlp", "bert": "backbone.encoder.layer.{}.intermediate"}
+MOE_BLOCK = {"llama": "model.layers.{}.mlp", "bert": "encoder.layer.{}.intermediate"}
 
 
 def _is_ffn(family, name):
@@ -77,13 +77,13 @@ def test_two_sources_with_top_k_equal_to_experts_mix_their_ffns_by_the_router(fa
     for layer in range(base.config.num_hidden_layers):
         block = moe.get_submodule(MOE_BLOCK[family].format(layer))
         with torch.no_grad():
-            probs = torch.softmax(x @ block.router.weight.t(), dim=-1)  # (B, T, 2)
+            probs = torch.softmax(x @ block.gate.weight.t(), dim=-1)  # (B, T, 2)
             expected = (probs[..., :1] * _dense_ffn(family, a, layer, x)
                         + probs[..., 1:] * _dense_ffn(family, b, layer, x))
             got = block(x)
         assert (got - expected).abs().max().item() <= 1e-5
     # the shared (non-FFN) weights are the base's
-    moe_state = {k.removeprefix("backbone."): v for k, v in moe.state_dict().items()}
+    moe_state = moe.state_dict()
     for name, tensor in base.state_dict().items():
         if not _is_ffn(family, name) and name in moe_state:
             assert torch.equal(moe_state[name], tensor), name
@@ -95,13 +95,13 @@ def test_without_a_base_the_shared_weights_are_the_sources_average():
         tunes[1].model.embed_tokens.weight.add_(1.0)
     moe = hf_condcomp.upcycle(tunes, layers="all")
     expected = (tunes[0].model.embed_tokens.weight + tunes[1].model.embed_tokens.weight) / 2
-    torch.testing.assert_close(moe.backbone.model.embed_tokens.weight, expected)
+    torch.testing.assert_close(moe.model.embed_tokens.weight, expected)
 
 
 def test_num_experts_a_multiple_of_the_sources_gives_each_several_noisy_experts():
     base, (a, b) = fine_tunes("llama", 2)
     moe = hf_condcomp.upcycle([a, b], base=base, num_experts=4, init="noise", noise_std=0.1, layers=[1])
-    up = moe.backbone.model.layers[1].mlp.experts.gate_up_proj  # (E, 2I, H)
+    up = moe.model.layers[1].mlp.experts.gate_up_proj  # (E, 2I, H)
     for expert, source in zip(range(4), (a, a, b, b)):
         mlp = source.model.layers[1].mlp
         dense = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
@@ -141,7 +141,7 @@ def test_hidden_router_rows_are_the_normalised_mean_hidden_states_of_the_prompts
     ref_tok = copy.deepcopy(tokenizer)
     ref_tok.pad_token = ref_tok.eos_token
     for layer in (0, 2):
-        router = moe.get_submodule(MOE_BLOCK[family].format(layer)).router.weight
+        router = moe.get_submodule(MOE_BLOCK[family].format(layer)).gate.weight
         expected = torch.stack([
             _prompt_reference(base, ref_tok, prompts[0]["positive_prompts"], layer),
             _prompt_reference(base, ref_tok, prompts[1]["positive_prompts"], layer, prompts[1]["negative_prompts"]),
@@ -161,7 +161,7 @@ def test_hidden_last_rows_take_each_prompts_last_real_token():
             torch.stack([base(**tokenizer(p, return_tensors="pt"), output_hidden_states=True).hidden_states[1][0, -1]
                          for p in texts]).mean(0)
             for texts in prompts])  # one prompt at a time: no padding
-    torch.testing.assert_close(moe.backbone.model.layers[1].mlp.router.weight,
+    torch.testing.assert_close(moe.model.layers[1].mlp.gate.weight,
                                rows / rows.norm(dim=-1, keepdim=True), atol=1e-5, rtol=1e-4)
 
 
@@ -175,7 +175,7 @@ def test_cheap_embed_rows_are_the_normalised_sum_of_the_prompts_embeddings(tmp_p
     ids = tokenizer(["A man rides a horse."])["input_ids"][0]
     row = base.model.embed_tokens.weight[ids].sum(0)
     for layer in range(4):
-        torch.testing.assert_close(moe.backbone.model.layers[layer].mlp.router.weight[1], row / row.norm())
+        torch.testing.assert_close(moe.model.layers[layer].mlp.gate.weight[1], row / row.norm())
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         hf_condcomp.upcycle([a, b], router_init="hidden", expert_prompts=["missing.txt", "b.yml"], tokenizer=tokenizer)
 
@@ -243,7 +243,7 @@ def test_cli_upcycle_takes_several_sources_of_an_encoder_with_prompt_routers(tmp
     capsys.readouterr()
     moe = AutoModel.from_pretrained(out, trust_remote_code=True)
     assert moe.config.upcycling["expert_sources"] == paths[1:] * 2 and moe.config.num_local_experts == 4
-    router = moe.backbone.encoder.layer[1].intermediate.router.weight  # (4, H): experts in the sources' order
+    router = moe.encoder.layer[1].intermediate.gate.weight  # (4, H): experts in the sources' order
     torch.testing.assert_close(router.norm(dim=-1), torch.ones(4))
     torch.testing.assert_close(router[0], router[2])
     assert (out / "tokenizer.json").exists()

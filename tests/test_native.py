@@ -185,8 +185,8 @@ def test_expert_choice_trains_and_decodes_causally(name):
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     assert out.aux_loss is None and out.z_loss > 0  # expert choice is balanced by construction: no aux loss
     out.loss.backward()
-    router = model.backbone.get_submodule(_layers_path(model) + ".0").get_submodule(
-        architectures.layout_from_dict(model.config.ffn_layout).module).router
+    router = model.get_submodule(_layers_path(model) + ".0").get_submodule(
+        architectures.layout_from_dict(model.config.ffn_layout).module).gate
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
     if task == "causal-lm":  # at inference a token's output does not depend on later tokens
         model.eval()
@@ -198,7 +198,7 @@ def test_expert_choice_trains_and_decodes_causally(name):
 
 
 def _layers_path(model):
-    return architectures.find_layers(model.backbone, model.config.num_hidden_layers)[0]
+    return architectures.find_layers(model, model.config.num_hidden_layers)[0]
 
 
 def test_router_losses_join_the_task_loss_and_skip_padding():
@@ -261,7 +261,7 @@ def test_hidden_states_and_attentions_from_the_call_and_the_config(contract_mode
     model.save_pretrained(tmp_path)
     eager = type(model).from_pretrained(tmp_path, attn_implementation="eager", output_hidden_states=True,
                                         output_attentions=True).eval()
-    assert eager.backbone.config._attn_implementation == "eager"
+    assert eager.base_model.config._attn_implementation == "eager"
     with torch.no_grad():
         out = eager(ids)
         ref = dense(ids, output_hidden_states=True, output_attentions=True)
@@ -331,14 +331,14 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name):
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable()
-            assert model.backbone.is_gradient_checkpointing
+            assert model.base_model.is_gradient_checkpointing
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
         results.append((out.loss.detach(),
                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=0)
-    assert grads_a.keys() == grads_b.keys() and any("router" in n for n in grads_a)
+    assert grads_a.keys() == grads_b.keys() and any(".gate." in n for n in grads_a)
     for n in grads_a:
         torch.testing.assert_close(grads_a[n], grads_b[n], atol=1e-5, rtol=0, msg=n)
 
@@ -348,7 +348,7 @@ def test_flex_attention_is_transformers_own(contract_models):
     ids, _ = batch("causal-lm")
     flex = upcycle(dense_model("qwen3"), num_experts=4, top_k=2, layers="all")
     flex.set_attn_implementation("flex_attention")
-    assert flex.backbone.config._attn_implementation == "flex_attention"
+    assert flex.base_model.config._attn_implementation == "flex_attention"
     with torch.no_grad():
         torch.testing.assert_close(flex(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
 
@@ -398,7 +398,7 @@ def test_lora_targets_attention_and_experts_and_keeps_routers_trainable(name):
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("lora_" in n for n in trainable)
     assert all(n in trainable for n in training.routing_parameter_names(peft_model))
-    assert any(n.endswith("router.weight") for n in trainable)
+    assert any(n.endswith(".gate.weight") for n in trainable)
 
 
 @pytest.mark.parametrize("name", ["qwen3", "roberta"])
@@ -420,12 +420,12 @@ def test_static_cache_decoding_with_a_fullgraph_compiled_forward(contract_models
     greedy = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
     expected = model.generate(ids, **greedy)
     torch._dynamo.reset()
-    backbone = model.backbone  # native decoders generate with the source model's own generate()
-    backbone.forward = torch.compile(backbone.forward, fullgraph=True, backend="aot_eager")
+    source = model._condcomp_source  # native decoders generate with the source model's own generate()
+    source.forward = torch.compile(source.forward, fullgraph=True, backend="aot_eager")
     try:
         assert torch.equal(model.generate(ids, **greedy), expected)
     finally:
-        del backbone.forward  # the module-scoped fixture's model goes on uncompiled
+        del source.forward  # the module-scoped fixture's model goes on uncompiled
 
 
 def test_a_task_checkpoint_loads_as_the_base_model_and_back(tmp_path):
@@ -435,7 +435,7 @@ def test_a_task_checkpoint_loads_as_the_base_model_and_back(tmp_path):
     model.save_pretrained(tmp_path / "classifier")
     ids, mask = batch("sequence-classification")
     with torch.no_grad():
-        expected = model.backbone.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = model.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
     base = T.AutoModel.from_pretrained(tmp_path / "classifier").eval()
     assert type(base).__name__ == "CondCompModel"
     with torch.no_grad():
@@ -443,7 +443,7 @@ def test_a_task_checkpoint_loads_as_the_base_model_and_back(tmp_path):
     base.save_pretrained(tmp_path / "base")
     again = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3).eval()
     with torch.no_grad():
-        got = again.backbone.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = again.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     saved = json.loads((tmp_path / "classifier" / "config.json").read_text())["auto_map"]
     assert {"AutoModel", "AutoModelForSequenceClassification", "AutoModelForCausalLM"} <= set(saved)

@@ -93,7 +93,7 @@ def assert_sane(model, drawn=True):
             assert not p.any(), name
         elif drawn and "compute_gate" in name:  # zero weights, the bias at `gate_init_bias`
             assert torch.equal(p, torch.full_like(p, model.config.gate_init_bias if name.endswith("bias") else 0.0))
-        elif drawn and ("experts" in name or "router" in name):
+        elif drawn and ("experts" in name or ".gate." in name):
             if name.endswith("_bias"):
                 assert not p.any(), name
             else:
@@ -123,7 +123,7 @@ def test_from_pretrained_initialises_missing_keys_and_keeps_the_loaded_ones(mode
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     experts = sorted(k for k in state if ".experts." in k and not k.endswith("_bias"))
-    routers = sorted(k for k in state if ".router." in k)
+    routers = sorted(k for k in state if k.endswith(".gate.weight"))
     missing = [experts[0], routers[-1]]
     save_file({k: v for k, v in state.items() if k not in missing}, tmp_path / "model.safetensors",
               metadata={"format": "pt"})
@@ -169,8 +169,8 @@ def test_a_tied_head_is_tied_after_building_and_after_loading(family, tmp_path):
     assert model.config.tie_word_embeddings
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     assert head.weight is embeddings.weight
-    # the backbone's tied keys, under `backbone.`, as the class attributes transformers reads
-    tied = {f"backbone.{k}": f"backbone.{v}" for k, v in model.backbone._tied_weights_keys.items()}
+    # the source's tied keys, under the same names, as the class attributes transformers reads
+    tied = dict(model._condcomp_source._tied_weights_keys)
     assert model._tied_weights_keys == tied
     assert set(tied.items()) <= set(model.all_tied_weights_keys.items())
     assert model._keys_to_ignore_on_save is not None
@@ -379,7 +379,7 @@ def test_eager_and_sdpa_attention_agree(models, family, variant, tmp_path):
     outs = {}
     for name in ("eager", "sdpa"):
         loaded = type(model).from_pretrained(tmp_path, attn_implementation=name).eval()
-        assert loaded.backbone.config._attn_implementation == name
+        assert loaded.base_model.config._attn_implementation == name
         outs[name] = logits(loaded, input_ids=ids, attention_mask=mask)
     real = mask.bool() if family != "bert" else slice(None)
     torch.testing.assert_close(outs["eager"][real], outs["sdpa"][real], atol=1e-5, rtol=0)

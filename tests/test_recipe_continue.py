@@ -101,7 +101,7 @@ def assert_started_from(folder, state):
     assert set(saved) <= set(state), sorted(set(saved) - set(state))[:5]
     for key, tensor in saved.items():
         assert torch.equal(state[key], tensor), key
-    routers = [key for key in saved if key.endswith("router.weight")]
+    routers = [key for key in saved if key.endswith(".gate.weight") and ".experts" not in key]
     assert routers, "the saved model has MoE routers"
     return saved, routers
 

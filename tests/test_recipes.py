@@ -562,7 +562,7 @@ def test_seq2seq_lora_on_attention_and_experts_of_both_stacks(tiny_marian, tmp_p
     before = load_file(tiny_marian / "model.safetensors")
     keys = load_file(out / "model.safetensors")
     assert not [k for k in keys if "lora" in k]
-    q = "backbone.model.decoder.layers.0.encoder_attn.q_proj.weight"
+    q = "model.decoder.layers.0.encoder_attn.q_proj.weight"
     assert not torch.equal(keys[q], before["model.decoder.layers.0.encoder_attn.q_proj.weight"]), "LoRA merged"
 
 
@@ -637,7 +637,7 @@ def test_dialogue_fine_tunes_a_merged_model_with_lora_and_router_learning_rate(t
     assert config["num_local_experts"] == 2 and config["upcycling"]["expert_sources"] == sources
     after = load_file(out / "model.safetensors")
     assert set(after) == set(before)  # trained as it was saved, not upcycled again
-    router = next(k for k in after if k.endswith("router.weight"))
+    router = next(k for k in after if k.endswith("mlp.gate.weight"))
     assert not torch.equal(after[router], before[router])  # the routers trained
     card = (out / "README.md").read_text()
     assert all(source in card for source in sources) and str(tiny_llama) in card

@@ -17,7 +17,7 @@ VARIANTS = {
     "gate": dict(variant="gate", layers="all", gate_init_bias=0.0),
 }
 # What each routing parameter's module is called in each variant (checked against the type-based set).
-ROUTING_NAMES = {"moe": ("mlp.router.weight", "intermediate.router.weight"),
+ROUTING_NAMES = {"moe": ("mlp.gate.weight", "intermediate.gate.weight"),
                  "mod": ("mod_router.weight", "mod_predictor."), "gate": ("compute_gate.weight", "compute_gate.bias")}
 
 

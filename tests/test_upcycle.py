@@ -118,10 +118,10 @@ def test_noise_and_drop_make_experts_differ():
     dense = tiny_source("bert")
     for init in ("noise", "drop"):
         moe = hf_condcomp.upcycle(dense, init=init)
-        w = moe.backbone.encoder.layer[1].intermediate.experts.up_proj
+        w = moe.encoder.layer[1].intermediate.experts.up_proj
         assert not torch.allclose(w[0], w[1])
     drop = hf_condcomp.upcycle(dense, init="drop", drop_ratio=0.5)
-    w = drop.backbone.encoder.layer[1].intermediate.experts.up_proj
+    w = drop.encoder.layer[1].intermediate.experts.up_proj
     ref = dense.encoder.layer[1].intermediate.dense.weight
     same_rows = (w[0] == ref).all(dim=-1).float().mean().item()
     assert same_rows == pytest.approx(0.5, abs=0.05)  # half of the neurons re-initialised
@@ -134,8 +134,8 @@ def test_upcycled_model_keeps_every_source_weight():
     for key, value in dense.state_dict().items():
         if ".layers.1.mlp." in key:
             continue
-        assert torch.equal(ours["backbone." + key], value), key  # the source's names under `backbone.`
-    w = ours["backbone.model.layers.1.mlp.experts.gate_up_proj"]
+        assert torch.equal(ours[key], value), key  # the source's own names
+    w = ours["model.layers.1.mlp.experts.gate_up_proj"]
     ref = torch.cat([dense.model.layers[1].mlp.gate_proj.weight, dense.model.layers[1].mlp.up_proj.weight])
     for e in range(8):
         assert torch.equal(w[e], ref)
@@ -204,7 +204,7 @@ def test_real_smollm2_copy_upcycle_reproduces_logits_and_greedy_generation(smoll
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     dense = AutoModelForCausalLM.from_pretrained(smollm2_path).eval()
     moe = hf_condcomp.upcycle(dense, num_experts=8, top_k=2)
-    assert type(moe.backbone).__name__ == "LlamaForCausalLM" and len(moe.config.moe_layers) == 15
+    assert type(moe._condcomp_source).__name__ == "LlamaForCausalLM" and len(moe.config.moe_layers) == 15
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert (dense(ids).logits - moe(ids).logits).abs().max().item() <= TOL

@@ -68,7 +68,7 @@ def dense_llama():
 def layer_io(model, index, input_ids):
     """(input, output) hidden states of layer `index` in one forward."""
     seen = {}
-    layer = model.backbone.model.layers[index]
+    layer = model.model.layers[index]
     hook = layer.register_forward_hook(
         lambda m, args, kwargs, out: seen.update(x=kwargs.get("hidden_states", args[0] if args else None),
                                                  y=out[0] if isinstance(out, tuple) else out),
@@ -100,7 +100,7 @@ def test_a_registered_variant_is_upcycled_and_runs_on_its_tokens_only(registered
     expected = expected[0] if isinstance(expected, tuple) else expected
     torch.testing.assert_close(y[:, 0::2], expected, atol=1e-5, rtol=1e-5)
     # Its module's parameters are routing parameters (router learning rate, kept trainable under LoRA).
-    assert routing_parameter_names(model) == {"backbone.model.layers.1.even_scale.weight"}
+    assert routing_parameter_names(model) == {"model.layers.1.even_scale.weight"}
 
 
 def test_a_registered_variant_is_refused_by_export_naming_it(registered):

@@ -104,34 +104,34 @@ def _vllm_name(key, model, renamings):
     return key
 
 
-def test_the_conversion_mapping_names_every_saved_weight_where_vllm_holds_it(phi3_folder, as_vllm_builds):
+def test_every_saved_weight_has_the_name_where_vllm_holds_it(phi3_folder, as_vllm_builds):
+    """The saved names are the source's (`model.layers...`, `lm_head.weight`): vLLM's own rules for the
+    base model's prefix and the head place every weight, with transformers' generic renamings only."""
     from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
 
     config = AutoConfig.from_pretrained(phi3_folder, trust_remote_code=True)
     model = as_vllm_builds(config)
     assert type(model).__name__ == "CondCompModel"
-    renamings = [m for m in get_model_conversion_mapping(model) if isinstance(m, WeightRenaming)]
+    renamings = [m for m in get_model_conversion_mapping(model) if isinstance(m, WeightRenaming)]  # transformers' own
     with safe_open(phi3_folder / "model.safetensors", "pt") as f:
         saved = sorted(f.keys())
     # vLLM holds the built model under `model.` and its own head as `lm_head`
     held = {f"model.{name}" for name, _ in model.named_parameters()} | {"lm_head.weight"}
     names = {key: _vllm_name(key, model, renamings) for key in saved}
     assert sorted(names.values()) == sorted(held)
-    experts_name = "layers.1.mlp.experts.gate_up_proj"
-    assert names[f"backbone.model.{experts_name}"] == f"model.backbone.{experts_name}"
+    experts_name = "model.layers.1.mlp.experts.gate_up_proj"
+    assert names[experts_name] == experts_name
     # three-dimensional experts, as vLLM's fused MoE takes them: (E, 2I, H) and (E, H, I)
-    experts = model.backbone.layers[1].mlp.experts
+    experts = model.layers[1].mlp.experts
     assert experts.gate_up_proj.shape == (4, 96, 32) and experts.down_proj.shape == (4, 32, 48)
 
 
 def test_transformers_users_load_the_saved_names(phi3_folder):
-    """The mapping is vLLM's only: transformers loads the folder as it was saved."""
-    from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
-
     model = transformers.AutoModelForCausalLM.from_pretrained(phi3_folder, trust_remote_code=True)
     assert model.config._attn_implementation != "vllm"
-    renamings = [m for m in get_model_conversion_mapping(model) if isinstance(m, WeightRenaming)]
-    assert not any("model.backbone" in str(m.target_patterns) for m in renamings)
+    with safe_open(phi3_folder / "model.safetensors", "pt") as f:
+        saved = set(f.keys())
+    assert saved <= set(model.state_dict()) and "model.layers.1.mlp.gate.weight" in saved
 
 
 REFUSALS = {
@@ -163,4 +163,4 @@ def test_a_servable_model_builds_for_vllm(as_vllm_builds):
     model = upcycle(tiny_source("llama"), num_experts=4, top_k=2, layers="every_other")
     built = as_vllm_builds(model.config)
     assert built.config._attn_implementation == "vllm"
-    assert built.backbone.config._attn_implementation == "vllm"  # the source's attention dispatches to vLLM
+    assert built.base_model.config._attn_implementation == "vllm"  # the source's attention dispatches to vLLM

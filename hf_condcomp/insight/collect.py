@@ -124,7 +124,7 @@ def run_recorded(model, batches, on_forward):
     saved = [(m, m.record_routing, getattr(m, "routing_log", None)) for _, _, m in recorders]
     logits: dict[int, torch.Tensor] = {}
     hooks = [  # the router's (N, E) logits of each MoE block
-        m.router.register_forward_hook(lambda mod, args, out, layer=layer: logits.__setitem__(layer, out.detach()))
+        m.gate.register_forward_hook(lambda mod, args, out, layer=layer: logits.__setitem__(layer, out.detach()))
         for layer, m in moe.items()
     ]
     model.eval()

@@ -15,14 +15,16 @@ from .experts import EXPERTS_FUNCTIONS, Experts
 from .routing import get_routing_method, load_balancing_loss, router_z_loss
 
 
-def condcomp_losses(config, rec, compute: bool):
+def condcomp_losses(config, rec, router: bool, compute: bool):
     """Returns (weighted total or None, aux_loss, z_loss, compute_loss) of one forward's `Recorder`
-    (depth.py): its router logits, without padding (`rec.token_mask`), and the gated layers' losses."""
+    (depth.py): the router losses of its router logits, without padding (`rec.token_mask`), where
+    `router` (the `output_router_logits` flag, as Mixtral and Qwen-MoE add their auxiliary loss), and
+    the gated layers' losses, part of what those layers are trained on, where `compute`."""
     if not compute:
         return None, None, None, None
     aux = z = extra = None
     total = 0.0
-    if rec.router_logits:
+    if router and rec.router_logits:
         layer_logits = tuple(rec.router_logits)
         mask = rec.token_mask
         if rec.prefiltered and mask is not None:
@@ -172,7 +174,11 @@ class CondCompInitMixin:
         return result
 
     def _init_weights(self, module):
-        super()._init_weights(module)
+        source = self.__dict__.get("_condcomp_source")  # the source's own init for its modules
+        if source is not None:
+            source._init_weights(module)
+        else:
+            super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, Experts):
             for name, param in module.named_parameters(recurse=False):

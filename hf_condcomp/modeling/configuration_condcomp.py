@@ -20,13 +20,13 @@ from transformers import AutoConfig, GPT2Config, PreTrainedConfig
 
 from .architectures import decoder_depth
 from .depth import GATED_VARIANTS
-from .experts import EXPERTS_FUNCTIONS
+from .experts import EXPERTS_FUNCTIONS as _EXPERTS
 from .routing import ROUTING_METHODS
 
 # The built-in routing methods; a method registered later (routing.register_routing) is accepted too.
 ROUTING_TYPES = tuple(ROUTING_METHODS)
 # Ours, then transformers' (`grouped_mm`, `batched_mm`, ... on the installed release): experts.py's registry.
-MOE_IMPLEMENTATIONS = tuple(EXPERTS_FUNCTIONS.valid_keys())
+MOE_IMPLEMENTATIONS = tuple(_EXPERTS.valid_keys())
 
 
 @dataclass
@@ -44,7 +44,9 @@ class CondCompFields:
         router_aux_loss_coef: weight of the Switch load-balancing loss (Fedus et al. 2021, eq. 4).
         router_z_loss_coef: weight of the ST-MoE router z-loss (Zoph et al. 2022, eq. 5).
         router_jitter_noise: multiplicative jitter on router inputs during training (Switch).
-        output_router_logits: return per-layer router logits and the aux loss in the outputs.
+        output_router_logits: return per-layer router logits in the outputs (the base model's too)
+            and add the weighted router losses to the loss, as Mixtral does; `upcycle` sets it, so
+            that fine-tuning an upcycled model balances its experts.
         moe_layers: indices of the layers whose FFN is a Mixture-of-Experts (of an encoder-decoder
             source: of its encoder).
         decoder_moe_layers: of an encoder-decoder source, indices of its decoder's layers whose FFN
@@ -140,6 +142,10 @@ def validate_condcomp_config(config) -> None:
         raise ValueError(
             f"`moe_capacity_factor` must be > 0 (or None for dropless routing), got {cf!r}."
         )
+    # Imported here, not read as this module's global: a config class sent to another process by value
+    # (vLLM pickles remote-code configs with cloudpickle) would carry the registry's kernels with it.
+    from .experts import EXPERTS_FUNCTIONS
+
     if config.moe_implementation not in EXPERTS_FUNCTIONS:
         raise ValueError(
             f"`moe_implementation` must be one of {EXPERTS_FUNCTIONS.valid_keys()}, "
@@ -266,6 +272,8 @@ class CondCompConfig(PreTrainedConfig, CondCompFields):
 
     model_type = "condcomp"
     sub_configs = {"text_config": AutoConfig}
+    # transformers' MoE configs' other name for the experts per layer (Qwen-MoE's; TRL reads it)
+    attribute_map = {"num_experts": "num_local_experts"}
 
     ffn_layout: dict | None = None
     # an encoder-decoder source's decoder FFN (`ffn_layout` is then its encoder's); None otherwise

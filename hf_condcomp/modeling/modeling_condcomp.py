@@ -9,8 +9,10 @@ ModernBERT, ...), then swaps each MoE layer's FFN module for `NativeMoEFeedForwa
 (embeddings, attention with its `attn_implementation` dispatch, eager / sdpa / flash / flex,
 norms, rotary embeddings, sliding windows, caches including the static cache, heads, gradient
 checkpointing, `output_attentions` / `output_hidden_states`, generation) is transformers' own
-code; this file owns the MoE block and the router losses. The weights sit under `backbone.`
-with the source's own names (`backbone.model.layers.0.self_attn.q_proj.weight`).
+code; this file owns the MoE block and the router losses. The model holds the source model's
+modules as its own, so every weight keeps the dense model's name
+(`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`), and an MoE block's are transformers'
+MoE names (`model.layers.1.mlp.gate.weight`, `model.layers.1.mlp.experts.gate_up_proj`).
 
 This file travels to the Hub with every saved model: only sibling relative imports.
 """
@@ -28,6 +30,7 @@ from transformers import (
     GenerationMixin,
     PreTrainedModel,
 )
+from transformers.utils import ModelOutput
 
 from .architectures import find_layers, layout_from_dict, seq2seq_stacks
 from .common import CondCompInitMixin, compute_fraction, condcomp_losses, use_return_dict
@@ -107,17 +110,17 @@ def install_moe_blocks(layers, moe_layers, config, layout) -> list:
     return blocks
 
 
-def model_stacks(backbone: nn.Module, config) -> list:
+def model_stacks(source: nn.Module, config) -> list:
     """[(stack module, its layers, the MoE layers' indices, FFN layout)]: the source's base model for a
     decoder or an encoder; an encoder-decoder's encoder (`moe_layers`) and decoder
     (`decoder_moe_layers`), each with its own forward hooks, padding and layout (causal in the decoder)."""
     layout = layout_from_dict(config.ffn_layout)
     if config.decoder_ffn_layout is None:
-        _, layers = find_layers(backbone, config.num_hidden_layers)
-        return [(backbone.base_model, layers, config.moe_layers, layout)]
-    (_, encoder, _, enc_layers), (_, decoder, _, dec_layers) = seq2seq_stacks(backbone)
-    return [(backbone.get_submodule(encoder), enc_layers, config.moe_layers, layout),
-            (backbone.get_submodule(decoder), dec_layers, config.decoder_moe_layers or [],
+        _, layers = find_layers(source, config.num_hidden_layers)
+        return [(source.base_model, layers, config.moe_layers, layout)]
+    (_, encoder, _, enc_layers), (_, decoder, _, dec_layers) = seq2seq_stacks(source)
+    return [(source.get_submodule(encoder), enc_layers, config.moe_layers, layout),
+            (source.get_submodule(decoder), dec_layers, config.decoder_moe_layers or [],
              layout_from_dict(config.decoder_ffn_layout))]
 
 
@@ -161,8 +164,15 @@ def _set_submodule(root, dotted, module):
 
 
 class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
+    """The source's own transformers model of the task (`_auto_class_of_task`), whose modules,
+    parameters and buffers this model holds as its own: the weights keep the dense model's names
+    (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`), `base_model` is the source's headless
+    model (`base_model_prefix` is the source's), and the head sits where the source's task class keeps
+    it. The source's model object itself is not a submodule (`_condcomp_source`): its `forward`,
+    `generate` and hooks run on these shared modules."""
+
     config_class = CondCompConfig
-    base_model_prefix = "backbone"
+    base_model_prefix = ""  # per model: the source's (`model`, `bert`, `transformer`, ...)
     main_input_name = "input_ids"
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -182,40 +192,56 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         # the MoE blocks' implementation (installed below), and the source's model has no experts
         # of transformers' kind, whose check would refuse it.
         config.text_config._experts_implementation_internal = None
-        self.backbone = self._auto_class_of_task.from_config(config.text_config)
-        if serving:
-            register_vllm_weight_names(type(self).__name__, config)
+        source = self._auto_class_of_task.from_config(config.text_config)
+        self.__dict__["_condcomp_source"] = source
         if self.can_generate():  # from the config's dict, which nests the source's: its special tokens
             self.generation_config = GenerationConfig.from_model_config(config.to_dict())
         self._moe_blocks, self._conditional_layers, self._condcomp_stacks = [], [], []
-        for stack, layers, moe_layers, layout in model_stacks(self.backbone, config):
+        for stack, layers, moe_layers, layout in model_stacks(source, config):
             blocks = install_moe_blocks(layers, moe_layers, config, layout)
             conditional = install_conditional_layers(layers, config, layout.causal)
             # Every forward reaches the stack (a task head calls it, `generate()` too, an encoder-decoder's
             # `generate()` its encoder apart): its hooks give the blocks and layers the padding of each call.
-            pooled = None if config.decoder_ffn_layout is not None else _pooled_token_kind(self.backbone, layout.causal)
+            pooled = None if config.decoder_ffn_layout is not None else _pooled_token_kind(source, layout.causal)
             stack._condcomp_parts = (config, pooled, blocks, conditional)
             stack.register_forward_pre_hook(begin_forward, with_kwargs=True)
             stack.register_forward_hook(end_forward)
             self._moe_blocks += blocks
             self._conditional_layers += conditional
             self._condcomp_stacks.append(stack)
-        self._no_split_modules = list(getattr(self.backbone, "_no_split_modules", None) or [])
-        drop_stale_plan_entries(self.backbone)
-        # The backbone's tied keys under `backbone.`, where transformers looks for a class's own
-        # (`post_init` collects its ignore-on-save keys the same way).
-        tied = getattr(self.backbone, "_tied_weights_keys", None)
-        if isinstance(tied, dict):
-            self._tied_weights_keys = {f"backbone.{k}": f"backbone.{v}" for k, v in tied.items()}
-        elif tied:
-            self._tied_weights_keys = [f"backbone.{k}" for k in tied]
+        drop_stale_plan_entries(source)
+        self._adopt_source()
         self.post_init()
+
+    def _adopt_source(self):
+        """Hold the source model's children, parameters and buffers as this model's own: the same
+        dictionaries, so that whatever sets a module or tensor on one (PEFT's wrapper around a
+        classifier, `set_output_embeddings`, loading, `.to()`) sets it on both. Take the class-level
+        facts transformers reads off a model from it too: the base model's prefix, the tied weights,
+        the modules never split across devices, the parallel plans."""
+        source = self._condcomp_source
+        for name in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+            self.__dict__[name] = source.__dict__[name]
+        self.base_model_prefix = source.base_model_prefix
+        tied = getattr(source, "_tied_weights_keys", None)
+        if tied:
+            self._tied_weights_keys = dict(tied) if isinstance(tied, dict) else list(tied)
+        self._no_split_modules = list(getattr(source, "_no_split_modules", None) or [])
+        for attr in _PARALLEL_PLANS:
+            plan = getattr(source, attr, None)
+            if plan:
+                setattr(self, attr, dict(plan))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._condcomp_source.training = mode  # the source model's own flag (not a submodule)
+        return self
 
     @torch.no_grad()
     def initialize_weights(self):
-        """transformers initialises every module under a model inside this one (the backbone) by
-        that model's `_init_weights`, which knows the source's modules but not the MoE blocks'
-        experts: they would keep whatever memory they were given. The blocks are drawn here first,
+        """transformers initialises every module under a model inside this one (the source's base
+        model) by that model's `_init_weights`, which knows the source's modules but not the MoE
+        blocks' experts: they would keep whatever memory they were given. The blocks are drawn here first,
         by this class's `_init_weights` (experts and routers at `initializer_range`, biases zero), and
         marked done; then transformers initialises the rest. It runs on every path: construction,
         `from_config`, and `from_pretrained`'s missing keys (loaded tensors are marked and kept)."""
@@ -231,64 +257,62 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Also loads a checkpoint saved from another task's class: a classifier's weights into
-        `CondCompModel` (its head left out, as transformers does for `AutoModel`), or a base
-        model's into a task class (the new head initialised). The source's base model sits under
-        `backbone.<prefix>.` in a task class and under `backbone.` in `CondCompModel`."""
-        config = kwargs.get("config")
-        if not isinstance(config, CondCompConfig):
-            hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-            config = CondCompConfig.from_pretrained(pretrained_model_name_or_path, **hub)
-        saved = (getattr(config, "architectures", None) or [cls.__name__])[0]
-        mapping = _cross_head_key_mapping(config, saved == CondCompModel.__name__, cls is CondCompModel)
-        if mapping and kwargs.get("key_mapping") is None:
-            kwargs["key_mapping"] = mapping
+        """Also loads folders saved by releases that held the source's model under `backbone.` and
+        named the MoE router `router` (`LEGACY_KEY_MAPPING`). A checkpoint of another task's class
+        loads as transformers loads any model's: the base model's prefix added or stripped."""
+        kwargs["key_mapping"] = {**LEGACY_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
+        return self._condcomp_source.get_input_embeddings()
 
     def set_input_embeddings(self, value):
-        self.backbone.set_input_embeddings(value)
+        self._condcomp_source.set_input_embeddings(value)
 
     def get_output_embeddings(self):
-        return self.backbone.get_output_embeddings()
+        return self._condcomp_source.get_output_embeddings()
 
     def set_output_embeddings(self, value):
-        self.backbone.set_output_embeddings(value)
+        self._condcomp_source.set_output_embeddings(value)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, output_router_logits=None, return_dict=None,
-                past_key_values=None, cache=None, **kwargs):
-        """The source model's forward (every argument it takes), plus `output_router_logits`. The
-        output is the source model's, with `loss` = task loss + weighted router losses and the
-        fields `routing_loss`, `aux_loss`, `z_loss`, `compute_loss` (the gated layers' weighted
-        losses) and `router_logits` (when asked) after its own; `compute_fraction` (the executed
-        share of token-layer compute, 1.0 = dense) and `layer_compute_fractions` ({layer: share} of
-        the routed and gated layers) are attributes.
-        A KV cache is taken as `cache=` or `past_key_values=` and handed to the backbone under the
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                output_router_logits=None, return_dict=None, past_key_values=None, cache=None, **kwargs):
+        """The source model's forward (every argument it takes), plus `output_router_logits`
+        (default: the config's). The output is the source model's, with `loss` = task loss + the
+        gated layers' losses + (where `output_router_logits`, as Mixtral does) the weighted router
+        losses, and the fields `routing_loss`, `aux_loss`, `z_loss`, `compute_loss` (the gated layers'
+        weighted losses) and `router_logits` (where `output_router_logits`) after its own;
+        `compute_fraction` (the executed share of token-layer compute, 1.0 = dense) and
+        `layer_compute_fractions` ({layer: share} of the routed and gated layers) are attributes.
+        `position_ids` and `inputs_embeds` are handed on as the source's model takes them (where given).
+        A KV cache is taken as `cache=` or `past_key_values=` and handed to the source's model under the
         name the installed transformers uses (compat.py)."""
         past = cache_argument(past_key_values, cache)
         if past is not None:
             kwargs[CACHE_KEY] = past
+        # named in the signature, as serving engines read it (vLLM compiles by these arguments' names)
+        for name, value in (("position_ids", position_ids), ("inputs_embeds", inputs_embeds)):
+            if value is not None:
+                kwargs[name] = value
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         if labels is not None:
             kwargs["labels"] = labels
-        for name in ("output_hidden_states", "output_attentions"):  # set on this config, read by the backbone
+        for name in ("output_hidden_states", "output_attentions"):  # set on this config, read by the source's model
             if kwargs.get(name) is None and getattr(self.config, name, False):
                 kwargs[name] = True
         for stack in self._condcomp_stacks:
             stack.__dict__.pop("_condcomp_last", None)
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        out = self._condcomp_source(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         recorder = merge_recorders([stack.__dict__.pop("_condcomp_last", None) for stack in self._condcomp_stacks])
-        total, aux, z, extra = condcomp_losses(
-            self.config, recorder, self.training or bool(output_router_logits) or labels is not None
-        )
+        router = bool(output_router_logits)
+        total, aux, z, extra = condcomp_losses(self.config, recorder, router,
+                                               self.training or router or labels is not None)
         if total is not None and getattr(out, "loss", None) is not None:
             out["loss"] = out.loss + total
         fields = {"routing_loss": total, "aux_loss": aux, "z_loss": z, "compute_loss": extra,
                   "router_logits": tuple(getattr(recorder, "outputs", recorder.router_logits))
-                  if output_router_logits else None}
+                  if router else None}
         for name, value in fields.items():
             if value is not None:
                 out[name] = value
@@ -340,25 +364,6 @@ def check_vllm_servable(config) -> None:
         raise ValueError(f"vLLM cannot serve this model: {reason}")
 
 
-def vllm_weight_renaming(config) -> tuple[str, str]:
-    """(regex, replacement) from a task class's saved weight name to where vLLM's Transformers
-    backend holds the weight: it builds `CondCompModel` (the source's base model under `backbone.`) as
-    `model.` and its own head, so `backbone.<prefix>.X` is `model.backbone.X`, and the head
-    (`backbone.lm_head.X`) is `lm_head.X` by vLLM's own mapping."""
-    return rf"^backbone\.{_source_prefix(config)}\.", "model.backbone."
-
-
-def register_vllm_weight_names(class_name: str, config) -> None:
-    """Register `vllm_weight_renaming` as transformers' checkpoint conversion mapping of `class_name`,
-    which vLLM's Transformers backend reads to name the weights it loads. Only a model that vLLM builds
-    registers it: transformers users load the weights under their saved names."""
-    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
-
-    source, target = vllm_weight_renaming(config)
-    register_checkpoint_conversion_mapping(class_name, [WeightRenaming(source, target)], overwrite=True)
-
-
 def merge_recorders(recorders: list) -> Recorder:
     """One `Recorder` for the losses and outputs of a forward from the stacks that ran in it (an
     encoder-decoder's two, or its decoder alone when the encoder's outputs were given): each stack's
@@ -381,8 +386,11 @@ def merge_recorders(recorders: list) -> Recorder:
 
 def begin_forward(base, args, kwargs):
     """Forward pre-hook of the source's base model: the per-forward `Recorder` of the MoE blocks and
-    conditional layers, with the padding of this call."""
+    conditional layers, with the padding of this call. An `output_router_logits` argument (TRL's
+    trainers pass it to `model.base_model`, as to Mixtral's) is taken here, not passed to the source's
+    model, which does not know it."""
     config, pooled, blocks, layers = base._condcomp_parts
+    flag = kwargs.pop("output_router_logits", None)
     attention_mask = kwargs.get("attention_mask")
     inputs = kwargs.get("input_ids")
     if inputs is None:
@@ -402,26 +410,34 @@ def begin_forward(base, args, kwargs):
         if config.keep_pooled_token and pooled is not None and inputs is not None:
             pinned = _pooled_token(pooled, token_mask, inputs.shape[:2], inputs.device)
     recorder = Recorder(token_mask, key_mask, pinned)
+    recorder.output_router_logits = bool(config.output_router_logits if flag is None else flag)
     for module in (*blocks, *layers):
         module._condcomp_recorder = recorder
     base._condcomp_last = recorder
+    return args, kwargs
 
 
 def end_forward(base, args, output):
-    """Forward hook: in evaluation the layers drop the recorder (in training they keep it until the
-    next forward, as gradient checkpointing recomputes them in the backward pass)."""
+    """Forward hook: the base model's output carries `router_logits` (one (B*T, E) tensor per MoE layer)
+    where `output_router_logits` is set, as a Mixtral or Qwen3-MoE base model's does. In evaluation the
+    layers drop the recorder (in training they keep it until the next forward, as gradient
+    checkpointing recomputes them in the backward pass)."""
+    recorder = base.__dict__.get("_condcomp_last")
+    if recorder is not None and recorder.output_router_logits and recorder.router_logits \
+            and isinstance(output, ModelOutput):
+        output["router_logits"] = tuple(recorder.router_logits)
     if not base.training:
         _, _, blocks, layers = base._condcomp_parts
         for module in (*blocks, *layers):
             module._condcomp_recorder = None
 
 
-def _pooled_token_kind(backbone, causal):
+def _pooled_token_kind(source, causal):
     """Which token the source's head pools: "first" for an encoder (its pooler or classification head
-    reads [CLS]; a base model pins it too, so that it routes as the classifier's backbone does),
+    reads [CLS]; a base model pins it too, so that it routes as the classifier's base model does),
     "last" for a decoder's sequence classifier (the last real token), or None where the head reads
     every token (masked and causal LM, token classification)."""
-    name = type(backbone).__name__
+    name = type(source).__name__
     if name.endswith(("ForMaskedLM", "ForTokenClassification", "ForCausalLM", "LMHeadModel")):
         return None
     if not causal:
@@ -442,27 +458,9 @@ def _pooled_token(kind, token_mask, shape, device):
     return pinned
 
 
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
-
-
-def _source_prefix(config) -> str:
-    """Where the source's task classes hold its base model (`model`, `transformer`, `bert`, ...)."""
-    return AutoModel._model_mapping[type(config.text_config)].base_model_prefix
-
-
-def _cross_head_key_mapping(config, saved_base: bool, loading_base: bool) -> dict | None:
-    """`key_mapping` (regex -> replacement) between a checkpoint of a base model and one of a task
-    class, whose backbone holds the source's base model under its `base_model_prefix`."""
-    if saved_base == loading_base:
-        return None
-    prefix = _source_prefix(config)
-    if getattr(config.text_config, "is_encoder_decoder", False):
-        with torch.device("meta"):  # T5's task model holds its base model's modules at its root, not under it
-            if not isinstance(getattr(AutoModelForSeq2SeqLM.from_config(config.text_config), prefix, None), nn.Module):
-                return None
-    if saved_base:
-        return {r"^backbone\.": f"backbone.{prefix}."}
-    return {rf"^backbone\.{prefix}\.": "backbone."}
+# Folders saved by earlier releases: the source's model under `backbone.` (its base model under
+# `backbone.` in `CondCompModel`), each MoE block's router named `router`.
+LEGACY_KEY_MAPPING = {r"^backbone\.": "", r"\.router\.weight$": ".gate.weight"}
 
 
 class CondCompModel(CondCompPreTrainedModel):
@@ -482,17 +480,17 @@ class CondCompForMaskedLM(CondCompPreTrainedModel):
 
 
 class _BackboneGeneration:
-    """Generation by the source model's own `generate()`, run on the backbone (which holds the MoE
+    """Generation by the source model's own `generate()` (its modules hold the MoE
     blocks) with this model's generation config: positions, masks, caches (an encoder-decoder's
     too) and every hook a model class gives its `generate()` (OPT's positions from the padding mask,
     Phi-3's, ...) stay the source's. Router losses play no part in decoding."""
 
     def generate(self, *args, **kwargs):
-        self.backbone.generation_config = self.generation_config
-        return self.backbone.generate(*args, **kwargs)
+        self._condcomp_source.generation_config = self.generation_config
+        return self._condcomp_source.generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
-        return self.backbone.prepare_inputs_for_generation(*args, **kwargs)
+        return self._condcomp_source.prepare_inputs_for_generation(*args, **kwargs)
 
 
 class CondCompForCausalLM(_BackboneGeneration, CondCompPreTrainedModel, GenerationMixin):
@@ -506,10 +504,10 @@ class CondCompForConditionalGeneration(_BackboneGeneration, CondCompPreTrainedMo
     _auto_class_of_task = AutoModelForSeq2SeqLM
 
     def get_encoder(self, *args, **kwargs):
-        return self.backbone.get_encoder(*args, **kwargs)
+        return self._condcomp_source.get_encoder(*args, **kwargs)
 
     def get_decoder(self):
-        return self.backbone.get_decoder()
+        return self._condcomp_source.get_decoder()
 
 
 _HEADS = (CondCompModel, CondCompForSequenceClassification, CondCompForTokenClassification, CondCompForMaskedLM,

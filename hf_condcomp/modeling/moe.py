@@ -37,7 +37,7 @@ class MoEFeedForward(nn.Module):
         self.unit_weights = config.router_unit_weights
         self.jitter_noise = config.router_jitter_noise
         self.causal = causal
-        self.router = nn.Linear(hidden_size, self.num_experts, bias=False)
+        self.gate = nn.Linear(hidden_size, self.num_experts, bias=False)  # the router (transformers' MoE name)
         self.experts = Experts(
             self.num_experts,
             hidden_size,
@@ -73,7 +73,7 @@ class MoEFeedForward(nn.Module):
         router_in = x
         if self.training and self.jitter_noise > 0:
             router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        logits = self.router(router_in)  # (N, E)
+        logits = self.gate(router_in)  # (N, E)
 
         rows = keep = None
         if token_mask is not None and torch.compiler.is_compiling() and self.routes_each_token_alone():

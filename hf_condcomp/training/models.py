@@ -42,6 +42,10 @@ def load_model(args, auto_class, task, **head_kwargs):
         if isinstance(getattr(model.config, "upcycling", None), dict):
             model.config.upcycling["source"] = name
     _set_labels(model.config, head_kwargs)
+    if getattr(model.config, "moe_layers", None) or getattr(model.config, "decoder_moe_layers", None):
+        # The recipes train MoE layers with their router losses (load balancing, z-loss), whatever the
+        # folder's `output_router_logits` says (folders of earlier releases say False).
+        model.config.output_router_logits = True
     if args.export_format == "native":  # refuse now, not after hours of training
         from ..export import ExportError, choose_format
 
@@ -195,7 +199,7 @@ def routing_parameter_names(model) -> set[str]:
     names = set()
     for prefix, module in model.named_modules():
         if isinstance(module, MoEFeedForward):
-            owned = module.router.named_parameters(prefix=f"{prefix}.router")
+            owned = module.gate.named_parameters(prefix=f"{prefix}.gate")
         elif isinstance(module, gated):
             owned = module.named_parameters(prefix=prefix)
         else:

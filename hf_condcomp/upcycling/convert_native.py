@@ -1,5 +1,5 @@
-"""The target's config and state dict: transformers' own model of the source under `backbone.`
-with MoE blocks in its FFNs' places. Where a layer's FFN is comes from
+"""The target's config and state dict: transformers' own model of the source, its weights under
+their own names, with MoE blocks in its FFNs' places. Where a layer's FFN is comes from
 `hf_condcomp.modeling.architectures` (its layout), checked against the dense layer before use."""
 
 import copy
@@ -118,7 +118,7 @@ def _check_native_ffn(layer, layout, ffn, activation, model_type):
 
 def convert_native_state_dict(dense, target, config, stacks, init="copy", seed=0, noise_std=0.01, drop_ratio=0.5,
                               expert_sources=None, routers=None):
-    """The dense state dict under `backbone.`, with the MoE layers' FFNs turned into experts: made
+    """The dense state dict, with the MoE layers' FFNs turned into experts: made
     from `dense`'s FFNs, or from those of `expert_sources` (dense models of the same architecture,
     each giving an equal share of the experts; `dense` then holds the shared weights). `stacks` as
     `native_stacks` gives them; their MoE layers are `moe_layers` (and `decoder_moe_layers`).
@@ -140,7 +140,7 @@ def convert_native_state_dict(dense, target, config, stacks, init="copy", seed=0
             if expert_sources is not None:
                 ffns = [layout_ffn(state, src_prefix, layout) for state in expert_states]
             router = (routers or {}).get(i) if stack == 0 else None
-            out.update(moe_block_tensors(ffns, f"backbone.{src_prefix}{layout.module}.", target_keys, config,
+            out.update(moe_block_tensors(ffns, f"{src_prefix}{layout.module}.", target_keys, config,
                                           layout.gated, init, gen, noise_std, drop_ratio, router))
             consumed.update(ffn[4])
-    return copy_rest(src_state, target, target_keys, out, consumed, config, gen, lambda key: key[len("backbone."):])
+    return copy_rest(src_state, target, target_keys, out, consumed, config, gen)

@@ -5,13 +5,13 @@ that nothing consumed is refused rather than dropped."""
 import re
 
 
-def copy_rest(src_state, target, target_keys, out, consumed, config, gen, source_key):
-    """Every target weight not built yet is the source's `source_key(key)`, shape asserted; a
+def copy_rest(src_state, target, target_keys, out, consumed, config, gen):
+    """Every target weight not built yet is the source's of the same name, shape asserted; a
     source weight that nothing consumed is refused rather than dropped."""
     for key, param in target_keys.items():
         if key in out:
             continue
-        src_key = source_key(key)
+        src_key = key
         if src_key not in src_state:
             fresh = _fresh_parameter(target, key, param, config, gen)
             if fresh is None:

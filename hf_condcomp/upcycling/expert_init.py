@@ -126,7 +126,7 @@ def moe_block_tensors(ffns, block_prefix, target_keys, config, gated, init, gen,
              for ffn in ffns]
     tensors = {name: torch.cat([p[0][name] for p in parts]) for name in parts[0][0]}
     out = {f"{block_prefix}experts.{name}": tensor.contiguous() for name, tensor in tensors.items()}
-    router_key = f"{block_prefix}router.weight"
+    router_key = f"{block_prefix}gate.weight"
     if router is None:
         router = parts[0][1]  # split inits: the groups' mean input weights (one source only)
     if router is None:
