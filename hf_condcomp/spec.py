@@ -108,9 +108,11 @@ class UpcycleSpec:
         if self.num_experts is not None and (not isinstance(self.num_experts, int) or self.num_experts < 1):
             raise _error("num_experts", self.num_experts, "a positive integer")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= (self.num_experts or self.top_k):
+            experts = (f"`num_experts`={self.num_experts}" if self.num_experts is not None
+                       else "`num_experts` (unset: 8 from one source, one per source from several)")
             raise ValueError(
-                f"`top_k` (num_experts_per_tok) must be between 1 and `num_experts`={self.num_experts}, got "
-                f"{self.top_k!r}: lower top_k or raise num_experts."
+                f"`top_k` (num_experts_per_tok) must be between 1 and {experts}, got {self.top_k!r}: lower top_k or "
+                "raise num_experts."
             )
         if self.routing not in ROUTING_METHODS:
             raise _error("routing", self.routing, f"one of {tuple(ROUTING_METHODS)}")

@@ -66,3 +66,9 @@ def test_cli_reads_values_as_the_recipes_do(tmp_path):
 def test_the_spec_refuses_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         UpcycleSpec(**kwargs)
+
+
+def test_top_k_zero_names_the_default_number_of_experts():
+    with pytest.raises(ValueError) as err:
+        UpcycleSpec(top_k=0)
+    assert "None" not in str(err.value) and "8 from one source" in str(err.value) and "got 0" in str(err.value)
