@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
 
 import hf_condcomp  # noqa: E402
 from hf_condcomp import assets, cli  # noqa: E402
-from hf_condcomp.insight import compare, inspect, load_stats, routing_summary, save_plots  # noqa: E402
+from hf_condcomp.insight import compare, format_inspect, inspect, load_stats, routing_summary, save_plots  # noqa: E402
 
 TEXTS = [
     "How do I locate my card?",
@@ -124,6 +124,8 @@ def test_top2_counts_and_most_frequent_tokens_per_expert():
     assert s["top_tokens"][3][0] == ["42", 3] and len(s["top_tokens"][3]) == 2
     assert s["top_tokens"][2] == []
     assert result["sample"] is None  # no tokenizer: no sample sentence
+    # the table counts the dead experts, then names them: "dead experts: 0" is never expert 0
+    assert "dead experts: 1 (expert 2)" in format_inspect(result).splitlines()[0]
 
 
 def test_load_stats_extremes():

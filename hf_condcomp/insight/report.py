@@ -6,7 +6,8 @@ def format_inspect(result: dict) -> str:
     lines = []
     for layer, s in result["moe_layers"].items():
         total = sum(s["tokens_per_expert"]) or 1
-        dead = ", ".join(map(str, s["dead_experts"])) or "none"
+        ids = s["dead_experts"]  # a count, then which: "dead experts: 0" never names expert 0
+        dead = f"{len(ids)}" + (f" (expert{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))})" if ids else "")
         lines.append(
             f"MoE layer {layer}: {s['num_tokens']} tokens, load entropy {s['load_entropy']:.3f} "
             f"({s['load_entropy_raw']:.3f} nats), max/mean {s['max_over_mean']:.2f}, dropped {s['dropped']}, "
