@@ -29,7 +29,10 @@ from .checkpoints import CHECKPOINT_DIR, STATE_FILE, find_checkpoint
 from .data import check_file, load_splits, load_table, pad_collate, require_columns, seq2seq_collate, split_source
 from .evaluation import evaluate_loss, generate, routing_stats
 from .loop import (
+    check_engine,
+    engine_record,
     make_accelerator,
+    prepare_for_engine,
     router_loss_parts,
     save_checkpoint,
     schedule,
@@ -65,7 +68,8 @@ __all__ = [
     "NULL_WORDS", "UPCYCLING_KEYS", "RecipeError", "add_common_arguments", "load_config", "parse_args", "run_recipe",
     "validate_args", "yaml_value", "check_file", "load_splits", "load_table", "pad_collate", "require_columns",
     "seq2seq_collate", "split_source", "evaluate_loss", "generate", "routing_stats", "CHECKPOINT_DIR", "STATE_FILE",
-    "find_checkpoint", "make_accelerator", "router_loss_parts", "save_checkpoint", "schedule", "start_run", "train",
+    "find_checkpoint", "check_engine", "engine_record", "make_accelerator", "prepare_for_engine",
+    "router_loss_parts", "save_checkpoint", "schedule", "start_run", "train",
     "apply_lora", "count_parameters", "decays", "is_encoder_decoder", "load_model", "load_tokenizer", "lora_targets",
     "make_optimizer", "routing_parameter_names", "source_config", "unwrap", "HUB_IGNORE", "NATIVE_DIR",
     "end_training", "native_dir", "push_to_hub", "save_model", "write_model_card", "write_predictions",

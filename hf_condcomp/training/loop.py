@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import CHECKPOINT_DIR, STATE_FILE
+from .errors import RecipeError
 from .models import count_parameters
 
 
@@ -26,7 +27,60 @@ def make_accelerator(args):
         **kwargs,
     )
     set_seed(args.seed)
+    check_engine(accelerator)
     return accelerator
+
+
+# What `accelerate launch` asks for (the variables it sets for its workers) and the engine it must give.
+_ASKED = {"ACCELERATE_USE_DEEPSPEED": "DEEPSPEED", "ACCELERATE_USE_FSDP": "FSDP"}
+
+
+def check_engine(accelerator):
+    """Refuse a launch whose engine is not the one the launcher asked for: accelerate runs plain DDP under
+    `ACCELERATE_USE_CPU=1` whatever `--use_deepspeed` or an FSDP config says, and without it reports one
+    process while DeepSpeed's world has two (both would read the same batches)."""
+    import os
+
+    got = accelerator.distributed_type.value
+    for variable, engine in _ASKED.items():
+        if os.environ.get(variable, "").lower() in ("true", "1") and got != engine:
+            raise RecipeError(
+                f"the launch asked for {engine} ({variable}=true) and accelerate set up {got}: on a CPU machine "
+                f"launch DeepSpeed as `DS_ACCELERATOR=cpu accelerate launch --num_processes N --use_deepspeed "
+                f"...` without ACCELERATE_USE_CPU; accelerate's FSDP needs GPUs (docs/scaling.md).")
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world != accelerator.num_processes:
+        raise RecipeError(
+            f"torch.distributed has {world} processes but accelerate sees {accelerator.num_processes} ({got}): each "
+            "process would read the same batches. Launch with `accelerate launch --num_processes N` (and, for "
+            "DeepSpeed on the CPU, DS_ACCELERATOR=cpu).")
+
+
+def engine_record(accelerator) -> dict:
+    """The engine a run trained with, as all_results.json records it."""
+    record = {"distributed_type": accelerator.distributed_type.value, "num_processes": accelerator.num_processes,
+              "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        record["zero_stage"] = plugin.zero_stage
+    return record
+
+
+def prepare_for_engine(accelerator, model):
+    """Before `accelerator.prepare`: under DeepSpeed ZeRO-3 every MoE block is one leaf module, gathered
+    whole, so that a rank that routes no token to an expert does not wait for that expert's gather
+    forever (DeepSpeed's `set_z3_leaf_modules`)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        return []
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from ..modeling.moe import MoEFeedForward
+
+    classes = sorted({type(m) for m in model.modules() if isinstance(m, MoEFeedForward)}, key=lambda c: c.__name__)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+    return classes
 
 
 def schedule(args, accelerator, train_dataloader, optimizer):
@@ -145,6 +199,7 @@ def train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, c
         "train_loss": (loss_sum[0] / loss_sum[1].clamp(min=1)).item(),  # over every process's batches
         "train_steps": completed_steps,
         "train_examples_per_process": seen,
+        "engine": engine_record(accelerator),
         "log_history": history,
     }
 
