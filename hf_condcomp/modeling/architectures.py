@@ -11,6 +11,7 @@ one entry of `LAYOUTS`; one that is not listed is recognised from its layer's mo
 This file travels to the Hub with every saved model: only sibling relative imports.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -104,11 +105,26 @@ SEQ2SEQ_LAYOUTS = {
     "m2m_100": _bart_family,
 }
 
-# Shapes recognised in architectures that `LAYOUTS` does not name: (child modules of `module`, layout).
+# The config attributes that transformers' configs name an FFN's activation by, tried in this order
+# for an architecture `LAYOUTS` does not name: `hidden_act` (most), `hidden_activation` (the Gemma
+# family, ModernBERT), `activation_function` (GPT-2, OPT, BART), `activation` (DistilBERT, Falcon),
+# `mlp_hidden_act` (Nemotron-H), `ff_activation` (XLNet), `afn` (OpenAI GPT), `dense_act_fn` (T5).
+# The installed configs that carry two of them give both the same value (EXAONE's alias), and the
+# numerical check of the FFN at upcycling time catches a wrong pick.
+FFN_ACTIVATIONS = ("hidden_act", "hidden_activation", "activation_function", "activation", "mlp_hidden_act",
+                   "ff_activation", "afn", "dense_act_fn")
+
+# Shapes recognised in architectures that `LAYOUTS` does not name: (child modules of `module`, layout),
+# the first match wins, so a shape comes before the shapes it contains (gate/up/down before up/down).
 _SHAPES = (
+    # Llama's, and Gemma 3, OLMo 2, SmolLM3, Granite, Cohere, ...
     (("gate_proj", "up_proj", "down_proj"), _LLAMA),
-    (("c_fc", "c_proj"), FFNLayout("mlp", ("mlp.c_fc",), "mlp.c_proj", ("hidden_act", "activation_function"), True)),
-    (("fc1", "fc2"), FFNLayout("mlp", ("mlp.fc1",), "mlp.fc2", ("hidden_act", "activation_function"), True)),
+    # Phi-3's fused [gate; up]: GLM, GLM-4
+    (("gate_up_proj", "down_proj"), LAYOUTS["phi3"]),
+    # an ungated FFN: Arcee (AFM), Nemotron, Apertus, Jais 2
+    (("up_proj", "down_proj"), FFNLayout("mlp", ("mlp.up_proj",), "mlp.down_proj", FFN_ACTIVATIONS, True)),
+    (("c_fc", "c_proj"), FFNLayout("mlp", ("mlp.c_fc",), "mlp.c_proj", FFN_ACTIVATIONS, True)),
+    (("fc1", "fc2"), FFNLayout("mlp", ("mlp.fc1",), "mlp.fc2", FFN_ACTIVATIONS, True)),
 )
 
 
@@ -162,31 +178,36 @@ def seq2seq_layout(config, layer: nn.Module, causal: bool) -> FFNLayout:
 
 
 def detect_layout(model_type: str, layer: nn.Module, causal: bool) -> FFNLayout:
-    """The layout of `LAYOUTS`, or one recognised from the layer's modules; refuses naming the type."""
+    """The layout of `LAYOUTS`, or one recognised from the layer's modules, whose activation is
+    read from any of `FFN_ACTIVATIONS`; refuses naming the type."""
     if model_type in LAYOUTS:
         return LAYOUTS[model_type]
     for children, layout in _SHAPES:
         mlp = getattr(layer, layout.module, None)
         if mlp is not None and all(isinstance(getattr(mlp, c, None), nn.Linear) for c in children):
-            return FFNLayout(**{**layout.__dict__, "causal": causal})
+            return dataclasses.replace(layout, act=FFN_ACTIVATIONS, causal=causal)
     intermediate, output = getattr(layer, "intermediate", None), getattr(layer, "output", None)
     if (isinstance(getattr(intermediate, "dense", None), nn.Linear)
             and isinstance(getattr(output, "dense", None), nn.Linear)):
-        return FFNLayout(**{**_BERT.__dict__, "causal": causal})
+        return dataclasses.replace(_BERT, act=FFN_ACTIVATIONS, causal=causal)
     raise ValueError(
         f"unsupported source architecture `model_type`={model_type!r}: supported are {', '.join(sorted(LAYOUTS))}, "
         "and architectures whose layers hold an FFN of a known shape (an `mlp` with gate_proj/up_proj/down_proj, "
-        f"c_fc/c_proj or fc1/fc2, or BERT's intermediate/output); its {type(layer).__name__} has "
-        f"{', '.join(n for n, _ in layer.named_children())}."
+        f"gate_up_proj/down_proj, up_proj/down_proj, c_fc/c_proj or fc1/fc2, or BERT's intermediate/output); its "
+        f"{type(layer).__name__} has {', '.join(n for n, _ in layer.named_children())}."
     )
 
 
 def activation_of(config, layout: FFNLayout) -> str:
+    """The FFN's activation (an `ACT2FN` name): the first of the layout's config attributes set."""
     for name in layout.act:
         value = getattr(config, name, None)
         if isinstance(value, str):
             return value
-    raise ValueError(f"the source config names no activation under {layout.act}")
+    raise ValueError(
+        f"source model type {getattr(config, 'model_type', None)!r}: its config names the FFN's activation under none "
+        f"of {', '.join(layout.act)}; add an entry for it to hf_condcomp.modeling.architectures.LAYOUTS."
+    )
 
 
 def layout_to_dict(layout: FFNLayout) -> dict:

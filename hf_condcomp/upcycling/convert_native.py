@@ -94,6 +94,13 @@ def native_config(src_config, stacks, fields, overrides):
 def _check_native_ffn(layer, layout, ffn, activation, model_type):
     """The layout must reproduce the dense layer's FFN: run both on random inputs."""
     ins, in_b, out, out_b, _ = ffn
+    learned = [name for name, _ in ACT2FN[activation].named_parameters()]
+    if learned:  # Apertus' xIELU: each layer learns its own, and experts build theirs from the name alone
+        raise ValueError(
+            f"source model type {model_type!r}: its FFN's activation {activation!r} has learned parameters "
+            f"({', '.join(learned)}), which experts do not carry, so its FFNs cannot become experts; routed blocks "
+            "(variant='mod') and gates (variant='gate') keep the FFN as it is."
+        )
     x = torch.randn(2, 3, ins[0].shape[1], generator=torch.Generator().manual_seed(0)).to(ins[0].dtype)
     modules = [layer.get_submodule(layout.module)] + [layer.get_submodule(n) for n in layout.identity]
     was_training = layer.training
