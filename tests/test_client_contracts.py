@@ -230,3 +230,25 @@ def test_trls_sft_trainer_with_its_defaults_fine_tunes_a_saved_moe(tmp_path, coe
     moved = {name for name, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[name])}
     for part in (".mlp.gate.weight", ".mlp.experts.gate_up_proj", ".self_attn.q_proj.weight"):
         assert any(name.endswith(part) for name in moved), part
+
+
+def test_a_renamed_head_is_saved_as_the_sources_class_saves_it(tmp_path):
+    """transformers renames some classes' weights on loading and back on saving (GPT-NeoX's `lm_head`
+    is `embed_out` in its checkpoints, and in releases before the rename): the folder holds the
+    canonical name, which every release in the range loads, and reloads to the same logits."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    dense = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=40)).eval()
+    model = hf_condcomp.upcycle(dense, num_experts=4, top_k=2, layers="all")
+    dense.save_pretrained(tmp_path / "dense")
+    model.save_pretrained(tmp_path / "moe")
+    keys = {name: set(safe_open(tmp_path / name / "model.safetensors", "pt").keys()) for name in ("dense", "moe")}
+    heads = {name: {k for k in found if not k.startswith("gpt_neox.")} for name, found in keys.items()}
+    assert heads["moe"] == heads["dense"]
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)

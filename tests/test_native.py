@@ -243,7 +243,8 @@ def test_return_dict_false_gives_the_dense_models_tuple_order(contract_models, n
     with torch.no_grad():
         ours = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
         theirs = dense(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
-    assert isinstance(ours, tuple) and len(ours) == len(theirs) + 3  # + routing_loss, aux_loss, z_loss after them
+    # + routing_loss, aux_loss, z_loss and router_logits after them (`output_router_logits`, which upcycle sets)
+    assert isinstance(ours, tuple) and len(ours) == len(theirs) + 4 and isinstance(ours[-1], tuple)
     assert ours[0].dim() == 0 and torch.allclose(ours[0], theirs[0] + ours[len(theirs)], atol=1e-5)
     torch.testing.assert_close(ours[1][mask.bool()] if ours[1].dim() == 3 else ours[1],
                                theirs[1][mask.bool()] if theirs[1].dim() == 3 else theirs[1], atol=1e-4, rtol=0)

@@ -40,6 +40,21 @@ def is_custom_code(model) -> bool:
     return bool(method())
 
 
+def class_weight_renamings(class_name: str) -> dict:
+    """{regex: replacement} of the renamings transformers registers for checkpoints of the class `class_name`
+    (GPT-NeoX's `embed_out.` is `lm_head.` from 5.2x on), where the installed release has any."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return {}
+    renamings = {}
+    for transform in get_checkpoint_conversion_mapping(class_name) or []:
+        if type(transform) is WeightRenaming and len(transform.source_patterns) == len(transform.target_patterns) == 1:
+            renamings[transform.source_patterns[0]] = transform.target_patterns[0]
+    return renamings
+
+
 def cache_argument(past_key_values, cache):
     """The cache a forward was given, under either name (callers and `generate()` use both)."""
     if past_key_values is not None and cache is not None and past_key_values is not cache:

@@ -34,7 +34,7 @@ from transformers.utils import ModelOutput
 
 from .architectures import find_layers, layout_from_dict, seq2seq_stacks
 from .common import CondCompInitMixin, compute_fraction, condcomp_losses, use_return_dict
-from .compat import CACHE_KEY, cache_argument, is_custom_code
+from .compat import CACHE_KEY, cache_argument, class_weight_renamings, is_custom_code
 from .configuration_condcomp import CondCompConfig
 from .depth import GATED_VARIANTS, Recorder, install_conditional_layers, layer_variant
 from .moe import MoEFeedForward
@@ -260,8 +260,36 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         """Also loads folders saved by releases that held the source's model under `backbone.` and
         named the MoE router `router` (`LEGACY_KEY_MAPPING`). A checkpoint of another task's class
         loads as transformers loads any model's: the base model's prefix added or stripped."""
-        kwargs["key_mapping"] = {**LEGACY_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
+        config = kwargs.get("config")
+        if not isinstance(config, CondCompConfig):
+            hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            config = CondCompConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        source = cls._auto_class_of_task._model_mapping.get(type(config.text_config), None)
+        renamings = class_weight_renamings(source.__name__) if source is not None else {}
+        kwargs["key_mapping"] = {**LEGACY_KEY_MAPPING, **renamings, **(kwargs.get("key_mapping") or {})}
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Writes the weights as the source's own class writes them: transformers renames some classes'
+        weights on loading and back on saving (GPT-NeoX's `lm_head` is saved as `embed_out`), by the
+        class of the model, which for the source's head is this one."""
+        renamings = class_weight_renamings(type(self._condcomp_source).__name__)
+        if not renamings:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        own = self.__dict__.get("_weight_conversions")
+        conversions = own if own is not None else get_model_conversion_mapping(self, add_legacy=False)
+        self._weight_conversions = [*conversions, *(WeightRenaming(source, target)
+                                                    for source, target in renamings.items())]
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if own is None:
+                del self._weight_conversions
+            else:
+                self._weight_conversions = own
 
     def get_input_embeddings(self):
         return self._condcomp_source.get_input_embeddings()
@@ -458,6 +486,7 @@ def _pooled_token(kind, token_mask, shape, device):
     return pinned
 
 
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
 # Folders saved by earlier releases: the source's model under `backbone.` (its base model under
 # `backbone.` in `CondCompModel`), each MoE block's router named `router`.
 LEGACY_KEY_MAPPING = {r"^backbone\.": "", r"\.router\.weight$": ".gate.weight"}
