@@ -17,6 +17,7 @@ tensor-parallel plan, do not concern them; `output_attentions` is refused for th
 
 import copy
 import pickle
+import re
 
 import pytest
 import torch
@@ -267,12 +268,19 @@ def test_num_labels_and_problem_type_survive_save_and_load(models, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_tensor_parallel_plan_names_only_modules_of_every_layer(models, family):
     model = models[family, "moe"]
-    for plan in (model.tp_plan, model.pp_plan, getattr(model, "ep_plan", None)):
+    for plan in (model.tp_plan, model.pp_plan):
         for pattern in plan or {}:
             assert _resolves(model, pattern.split(".")), pattern
     if family == "llama":  # attention stays sharded; the FFN entries of the MoE layers are gone
         assert any("self_attn.q_proj" in k for k in model.tp_plan)
         assert not any("mlp." in k for k in model.tp_plan)
+    # The expert-parallel plan names the experts, which only the MoE layers (1 and 3) have: the engine
+    # applies an entry to each module it matches, as for Qwen3-MoE's plan with dense `mlp_only_layers`.
+    names = [name for name, _ in [*model.named_modules(), *model.named_parameters()]]
+    assert model.ep_plan
+    for pattern in model.ep_plan:
+        matches = re.compile(re.escape(pattern).replace(r"\*", r"\d+")).fullmatch
+        assert {int(re.search(r"\.(\d+)\.", n).group(1)) for n in names if matches(n)} == {1, 3}, pattern
 
 
 def _resolves(module, parts):

@@ -348,15 +348,23 @@ def _topk_from_sorted(sorted_forward: Callable, one_token: bool = False) -> Call
     on the CPU takes `_one_token_forward`."""
 
     def experts_forward(experts, hidden_states, top_k_index, top_k_weights):
-        if (one_token and hidden_states.shape[0] == 1 and hidden_states.device.type == "cpu"
+        # Under transformers' expert parallelism a rank holds `num_experts` of the experts, and its
+        # all-reduce dispatch marks a route to another rank's expert with id `num_experts` (weight 0):
+        # one more group, sorted last and not computed.
+        skipped = int(experts._is_expert_parallel)
+        if (one_token and not skipped and hidden_states.shape[0] == 1 and hidden_states.device.type == "cpu"
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
             return _one_token_forward(experts, hidden_states, top_k_index, top_k_weights)
-        token_index, counts, inverse = sort_by_expert(top_k_index, experts.num_experts)
+        token_index, counts, inverse = sort_by_expert(top_k_index, experts.num_experts + skipped)
         if torch.is_grad_enabled():
             x_sorted = _DispatchRows.apply(hidden_states, token_index, inverse)  # (S, H)
         else:
             x_sorted = hidden_states.index_select(0, token_index)
-        y = sorted_forward(experts, x_sorted, counts)  # (S, H)
+        if skipped:
+            kept = x_sorted.shape[0] - int(counts[-1])
+            y = F.pad(sorted_forward(experts, x_sorted[:kept], counts[:-1]), (0, 0, 0, x_sorted.shape[0] - kept))
+        else:
+            y = sorted_forward(experts, x_sorted, counts)  # (S, H)
         return combine_topk(y, top_k_weights, inverse)  # (N, H)
 
     experts_forward.__name__ = experts_forward.__qualname__ = sorted_forward.__name__.replace("_forward", "_topk")

@@ -17,6 +17,8 @@ MoE names (`model.layers.1.mlp.gate.weight`, `model.layers.1.mlp.experts.gate_up
 This file travels to the Hub with every saved model: only sibling relative imports.
 """
 
+import re
+
 import torch
 import torch.nn as nn
 from transformers import (
@@ -37,6 +39,7 @@ from .common import CondCompInitMixin, compute_fraction, condcomp_losses, use_re
 from .compat import CACHE_KEY, cache_argument, class_weight_renamings, is_custom_code
 from .configuration_condcomp import CondCompConfig
 from .depth import GATED_VARIANTS, Recorder, install_conditional_layers, layer_variant
+from .experts import Experts
 from .moe import MoEFeedForward
 
 
@@ -158,6 +161,43 @@ def _names_everywhere(module: nn.Module, parts: list) -> bool:
     return not rest and isinstance(child, torch.Tensor)
 
 
+def expert_parallel_plan(model: nn.Module) -> dict:
+    """transformers' expert-parallel plan for the MoE blocks, in the style of Qwen3-MoE's
+    `base_model_ep_plan`: every experts parameter split on its expert dim (`grouped_gemm`), the
+    experts module reached through the engine's token dispatch (`ep_dispatch_experts`). Layer
+    numbers are `*`, as the engine matches them; a dense layer matches no entry."""
+    plan = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            name = re.sub(r"\.\d+(\.|$)", r".*\1", name)  # transformers' `replace_layer_number_by_wildcard`
+            plan.update({f"{name}.{param}": "grouped_gemm" for param, _ in module.named_parameters(recurse=False)})
+            plan[name] = "ep_dispatch_experts"
+    return plan
+
+
+def check_expert_parallel(config) -> None:
+    """Refuse, before a weight is read, what transformers' expert parallelism (`ep_size > 1` in the
+    `distributed_config` given to `from_pretrained`) cannot run: its dispatch hands the experts each
+    token's top-k, and each rank holds an equal share of every layer's experts."""
+    ep_size = getattr(getattr(config, "distributed_config", None), "ep_size", None) or 1
+    if ep_size == 1 or not (config.moe_layers or config.decoder_moe_layers):
+        return
+    if config.moe_routing != "token_choice":
+        raise ValueError(
+            f"`moe_routing={config.moe_routing!r}` cannot run with expert parallelism (`ep_size={ep_size}`): each "
+            "expert picks its tokens from the whole batch, and the engine dispatches each token's top-k experts; "
+            "use `moe_routing='token_choice'` or `ep_size=1`.")
+    if config.moe_capacity_factor is not None:
+        raise ValueError(
+            f"`moe_capacity_factor={config.moe_capacity_factor!r}` cannot run with expert parallelism "
+            f"(`ep_size={ep_size}`): a capacity ranks the tokens against each other and drops some, and the engine "
+            "dispatches every token's top-k experts; use `moe_capacity_factor=None` (dropless) or `ep_size=1`.")
+    if config.num_local_experts % ep_size:
+        raise ValueError(
+            f"`num_local_experts={config.num_local_experts}` is not divisible by `ep_size={ep_size}`: each rank "
+            "holds an equal share of every MoE layer's experts; choose an `ep_size` that divides it.")
+
+
 def _set_submodule(root, dotted, module):
     parent, _, name = dotted.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
@@ -182,6 +222,7 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
+        check_expert_parallel(config)
         if config.text_config is None:
             raise ValueError("`config.text_config` is None: a CondCompConfig needs the source model's config "
                              "(hf_condcomp.upcycle writes it).")
@@ -231,6 +272,12 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
             plan = getattr(source, attr, None)
             if plan:
                 setattr(self, attr, dict(plan))
+
+    def init_parallel_plans(self):
+        """The plans transformers gathers from the source's modules, and the expert-parallel plan
+        of the MoE blocks, which the source has not got (`DistributedConfig(ep_size=...)` applies it)."""
+        super().init_parallel_plans()
+        self._ep_plan = {**expert_parallel_plan(self), **self._ep_plan}
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -1,0 +1,286 @@
+"""Expert parallelism by transformers' own engine: a saved upcycled model loaded with
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 script.py   # in script.py:
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True,
+                                         distributed_config=DistributedConfig(ep_size=2, tp_plan={}))
+
+splits every MoE layer's experts over the two processes (gloo, CPU), E/2 per rank, and computes what one
+process computes. One launch covers tiny upcycled Llamas (MoE in every layer, through our experts function
+and through transformers' `grouped_mm`; MoE in every other layer), a BERT encoder (plain experts with
+biases) and T5 and Marian encoder-decoders. Inside the ranks, each
+case records that the engine ran: a world of 2, every experts parameter a `DTensor` split on the expert
+dim holding E/2 experts, the engine's all-to-all dispatch run with gradients and its all-reduce dispatch
+without. Each rank compares the logits, the loss (task plus router losses) and every gradient (its own
+experts' rows for the experts) with the single-process model, computed here beforehand. The routing
+that the engine's top-k dispatch cannot carry, and an expert count the ranks cannot share evenly, are
+refused when the model is built, in one line naming the field.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORLD = 2
+TOLERANCE = 1e-5  # fp32; the ranks run the same products on fewer rows per expert
+SEQ2SEQ = ("t5", "marian")
+
+
+def _inputs(case):
+    """The batch of `case`: right padding in row 1, labels for the task head."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 99, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if case == "bert":
+        inputs["labels"] = torch.tensor([0, 1, 2])
+    elif case in SEQ2SEQ:
+        inputs["decoder_input_ids"] = torch.randint(3, 99, (3, 5), generator=g)
+        inputs["labels"] = torch.randint(3, 99, (3, 5), generator=g)
+    else:
+        inputs["labels"] = ids.masked_fill(mask == 0, -100)
+    return inputs
+
+
+def _auto_class(case):
+    import transformers
+
+    if case == "bert":
+        return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModelForSeq2SeqLM if case in SEQ2SEQ else transformers.AutoModelForCausalLM
+
+
+def _load_kwargs(case):
+    """transformers' own experts function (it masks the routes to other ranks' experts itself); ours otherwise."""
+    return {"experts_implementation": "grouped_mm"} if case.endswith("grouped_mm") else {}
+
+
+def _forward_backward(model, inputs):
+    """(logits, loss, {name: grad}) with gradients, and the logits without."""
+    model.zero_grad()
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    with torch.no_grad():
+        no_grad_logits = model(**inputs).logits
+    return out.logits.detach(), out.loss.detach(), grads, no_grad_logits
+
+
+# --- inside the ranks (torchrun runs this file) -----------------------------------------------------------
+
+
+def _rank_main(root):
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+    from transformers.distributed import DistributedConfig
+    from transformers.distributed import expert_parallel as engine
+
+    calls = {"AllToAllEP": 0, "AllReduceEP": 0}
+    for cls in (engine.AllToAllEP, engine.AllReduceEP):
+        def counted(self, *args, _call=cls.__call__, _name=cls.__name__):
+            calls[_name] += 1
+            return _call(self, *args)
+        cls.__call__ = counted
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root = Path(root)
+    results = {"world_size": world, "cases": {}}
+    for case in json.loads((root / "cases.json").read_text()):
+        folder = root / case
+        ref = torch.load(folder / "reference.pt")
+        config = DistributedConfig(ep_size=WORLD, tp_plan={})
+        try:
+            model = _auto_class(case).from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
+                                                      distributed_config=config, **_load_kwargs(case)).eval()
+        except ValueError as error:
+            results["cases"][case] = {"refused": str(error)}
+            continue
+        E = model.config.num_local_experts
+        sharding, local_experts = [], []
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                sharding.append(isinstance(p, DTensor) and tuple(p.placements) == (Shard(0),))
+                local_experts.append(p.to_local().shape[0] if isinstance(p, DTensor) else p.shape[0])
+        calls.update(dict.fromkeys(calls, 0))
+        logits, loss, grads, no_grad_logits = _forward_backward(model, ref["inputs"])
+        grad_diff, missing = 0.0, []
+        for name, grad in grads.items():
+            expected = ref["grads"][name]
+            if grad is None or expected is None:
+                missing += [name] if (grad is None) != (expected is None) else []
+                continue
+            if isinstance(grad, DTensor):  # this rank's experts: its rows of the whole gradient
+                grad = grad.to_local()
+                expected = expected[rank * grad.shape[0]:(rank + 1) * grad.shape[0]]
+            grad_diff = max(grad_diff, (grad - expected).abs().max().item())
+        results["cases"][case] = {
+            "num_experts": E,
+            "experts_params": len(sharding),
+            "all_sharded": all(sharding),
+            "local_experts": sorted(set(local_experts)),
+            "module_num_experts": sorted({m.num_experts for n, m in model.named_modules() if n.endswith(".experts")}),
+            "calls": dict(calls),
+            "logits": (logits - ref["logits"]).abs().max().item(),
+            "no_grad_logits": (no_grad_logits - ref["no_grad_logits"]).abs().max().item(),
+            "loss": abs(loss.item() - ref["loss"].item()),
+            "grad": grad_diff,
+            "grads_compared": len(grads),
+            "missing_grads": missing,
+        }
+        del model
+    (root / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1])
+    sys.exit(0)
+
+
+# --- the test process ----------------------------------------------------------------------------------
+
+import hf_condcomp  # noqa: E402
+
+from conftest import tiny_source  # noqa: E402
+
+MOE = dict(num_experts=4, top_k=2, init="noise", noise_std=0.3)  # experts apart, so routing matters
+
+
+def _seq2seq_source(name):
+    import transformers as T
+
+    common = dict(vocab_size=99, d_model=32, num_heads=4)
+    if name == "t5":
+        config = T.T5Config(**common, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, dropout_rate=0.0,
+                            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    else:
+        config = T.MarianConfig(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2,
+                                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0, pad_token_id=1,
+                                bos_token_id=0, eos_token_id=2, decoder_start_token_id=1)
+    torch.manual_seed(0)
+    return T.AutoModelForSeq2SeqLM.from_config(config).eval()
+
+
+def _build(case):
+    if case in ("llama_all", "llama_all_grouped_mm"):
+        model = hf_condcomp.upcycle(tiny_source("llama"), layers="all", **MOE)
+    elif case == "llama_every_other":
+        model = hf_condcomp.upcycle(tiny_source("llama"), layers=[1, 3], **MOE)
+    elif case == "bert":
+        source = tiny_source("bert", "sequence-classification", hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=0.0)
+        model = hf_condcomp.upcycle(source, layers=[1, 3], **MOE)
+    elif case == "expert_choice":
+        model = hf_condcomp.upcycle(tiny_source("llama"), layers=[1, 3], routing="expert_choice", **MOE)
+    else:
+        model = hf_condcomp.upcycle(_seq2seq_source(case), layers="all", **MOE)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # routers apart from the copy's, so tokens spread over both ranks' experts
+        for name, p in model.named_parameters():
+            if name.endswith(".gate.weight") and p.shape[0] == MOE["num_experts"]:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CASES = ["llama_all", "llama_every_other", "llama_all_grouped_mm", "bert", "t5", "marian"]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Saves every case with its single-process reference, launches torchrun once, returns each rank's record."""
+    root = tmp_path_factory.mktemp("expert_parallel")
+    for case in CASES + ["expert_choice"]:
+        folder = root / case
+        _build(case).save_pretrained(folder)
+        inputs = _inputs(case)
+        # the reference is the saved folder loaded in this process, as the ranks load it
+        model = _auto_class(case).from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
+                                                  **_load_kwargs(case)).eval()
+        logits, loss, grads, no_grad_logits = _forward_backward(model, inputs)
+        torch.save({"inputs": inputs, "logits": logits, "loss": loss, "grads": grads,
+                    "no_grad_logits": no_grad_logits}, folder / "reference.pt")
+    (root / "cases.json").write_text(json.dumps(CASES + ["expert_choice"]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", __file__, str(root)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).parent)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_engine_splits_the_experts_over_the_ranks(ranks, case):
+    for record in ranks:
+        assert record["world_size"] == WORLD
+        got = record["cases"][case]
+        E = got["num_experts"]
+        assert got["experts_params"] > 0 and got["all_sharded"], got
+        assert got["local_experts"] == [E // WORLD] and got["module_num_experts"] == [E // WORLD], got
+        # with gradients the engine exchanges tokens (all-to-all), without them it all-reduces
+        assert got["calls"]["AllToAllEP"] > 0 and got["calls"]["AllReduceEP"] > 0, got
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_loss_and_every_gradient_equal_one_process(ranks, case):
+    for record in ranks:
+        got = record["cases"][case]
+        assert not got["missing_grads"], got
+        assert got["grads_compared"] > 0
+        for key in ("logits", "no_grad_logits", "loss", "grad"):
+            assert got[key] <= TOLERANCE, (key, got)
+
+
+def test_a_saved_expert_choice_model_is_refused_under_torchrun(ranks):
+    for record in ranks:
+        message = record["cases"]["expert_choice"]["refused"]
+        assert "`moe_routing='expert_choice'`" in message and "ep_size=2" in message and "\n" not in message
+
+
+def _config_with_ep(monkeypatch, model, ep_size=2, **fields):
+    from transformers.distributed import DistributedConfig
+
+    monkeypatch.setenv("WORLD_SIZE", str(ep_size))  # DistributedConfig derives tp_size from it
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    for name, value in fields.items():
+        setattr(config, name, value)
+    config.distributed_config = DistributedConfig(ep_size=ep_size, tp_plan={})
+    return config
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"moe_routing": "expert_choice"}, "`moe_routing='expert_choice'`"),
+    ({"moe_capacity_factor": 1.25}, "`moe_capacity_factor=1.25`"),
+    ({"num_local_experts": 3, "num_experts_per_tok": 1}, "`num_local_experts=3`"),
+])
+def test_what_the_engine_cannot_run_is_refused_in_one_line(monkeypatch, fields, named):
+    model = hf_condcomp.upcycle(tiny_source("llama"), layers=[1, 3], **MOE)
+    config = _config_with_ep(monkeypatch, model, **fields)
+    with pytest.raises(ValueError) as error:
+        type(model)(config)
+    message = str(error.value)
+    assert named in message and "`ep_size=2`" in message and "\n" not in message
+
+
+def test_the_plan_names_only_the_experts_and_only_under_ep(monkeypatch):
+    """Without `ep_size` the plan is declared but unused (the model loads as before); it names each MoE
+    layer's experts module and its parameters, with `*` for the layer numbers, as Qwen3-MoE's does."""
+    model = hf_condcomp.upcycle(tiny_source("llama"), layers=[1, 3], **MOE)
+    assert model.ep_plan == {"model.layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+                             "model.layers.*.mlp.experts.down_proj": "grouped_gemm",
+                             "model.layers.*.mlp.experts": "ep_dispatch_experts"}
