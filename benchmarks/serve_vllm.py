@@ -22,8 +22,15 @@ Targets:
   MoE architecture expresses Phi-3 (its fused `gate_up_proj`, its rotary embedding), so there is no export.
 - `phi3_mod`: the same Phi-3 upcycled as Mixture-of-Depths blocks, which vLLM cannot serve: expected refused,
   with the package's one-line reason.
+- `smollm2_moe_server`, `smollm2_mixtral_server`: vLLM's OpenAI-compatible server (`python -m
+  vllm.entrypoints.openai.api_server --model FOLDER --trust-remote-code`, what `vllm serve` runs) on
+  127.0.0.1, answering one `/v1/completions` request for the four prompts; its texts are compared with
+  transformers' greedy tokens decoded.
 
-Both sides decode the same prompt token ids (no chat template), greedily, 16 new tokens, EOS ignored, float32.
+vLLM runs with its defaults: the engine core in a process of its own, which receives the model's config
+pickled (cloudpickle, the remote code by value); only its memory reservation is lowered to half the machine
+(`MEMORY_UTILIZATION`), so that it starts beside other processes. Both sides decode the same prompt token ids (no chat
+template), greedily, 16 new tokens, EOS ignored, float32.
 """
 
 import argparse
@@ -43,6 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import machine_info  # noqa: E402
 
+# vLLM's CPU backend reserves this share of the machine's memory (`gpu_memory_utilization`, default 0.92, which
+# fails at start-up on a machine where other processes hold a few GiB): the one setting changed for a shared host.
+MEMORY_UTILIZATION = 0.5
 # The start of the ValueError that the package raises when vLLM builds a model it cannot serve.
 REFUSAL = "vLLM cannot serve this model"
 
@@ -79,7 +89,8 @@ WORKER = textwrap.dedent('''
                                "transformers": transformers.__version__}
             from vllm import LLM, SamplingParams
             llm = LLM(model=req["model"], trust_remote_code=req["trust_remote_code"], model_impl=req["model_impl"],
-                      dtype="float32", max_model_len=256, enforce_eager=True, seed=0, max_num_seqs=4, **req["extra"])
+                      dtype="float32", max_model_len=256, enforce_eager=True, seed=0, max_num_seqs=4,
+                      gpu_memory_utilization=req["memory_utilization"], **req["extra"])
             try:
                 core = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
                 out["model_class"] = f"{type(core).__module__}.{type(core).__name__}"
@@ -164,9 +175,7 @@ def run_vllm(vllm_python: str, request: dict, timeout: int) -> dict:
         worker, req, answer = Path(tmp, "worker.py"), Path(tmp, "request.json"), Path(tmp, "answer.json")
         worker.write_text(WORKER)
         req.write_text(json.dumps(request))
-        env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1",
-               "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
-        env.pop("PYTHONPATH", None)  # the worker must not see this project's packages: only the saved folders
+        env = vllm_env()
         start = time.perf_counter()
         try:
             proc = subprocess.run(["nice", vllm_python, str(worker), str(req), str(answer)], capture_output=True,
@@ -180,7 +189,77 @@ def run_vllm(vllm_python: str, request: dict, timeout: int) -> dict:
                     "stderr_tail": tail, "seconds": seconds}
         result = json.loads(answer.read_text())
         result["seconds"] = seconds
+        # The model is built in vLLM's engine process, which prints a refusal there; the worker sees only
+        # that the engine did not start. The engine's line is the refusal.
+        refusal = [line for line in (proc.stderr or "").splitlines() if REFUSAL in line]
+        if not result["ok"] and refusal:
+            result["error"] = "ValueError: " + REFUSAL + refusal[-1].split(REFUSAL, 1)[1]
         return result
+
+
+def vllm_env() -> dict:
+    """vLLM's defaults, on the CPU; the vLLM side must not see this project's packages: only the saved folders."""
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for name in ("PYTHONPATH", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        env.pop(name, None)
+    return env
+
+
+def run_server(vllm_python: str, folder: Path, prompt_ids: list, max_tokens: int, timeout: int) -> dict:
+    """vLLM's OpenAI-compatible server on a free port of 127.0.0.1, one completion request for every prompt;
+    the server is stopped before returning. {"ok", "texts" | "error", "seconds", "log_tail"}."""
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--trust-remote-code",
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+           "--enforce-eager", "--max-num-seqs", "4", "--seed", "0", "--gpu-memory-utilization", str(MEMORY_UTILIZATION)]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="serve-vllm-server-") as tmp:
+        log = Path(tmp, "server.log")
+        with open(log, "w") as out:
+            proc = subprocess.Popen(["nice", *cmd], stdout=out, stderr=subprocess.STDOUT, env=vllm_env(), cwd=tmp,
+                                    start_new_session=True)
+        result = {"ok": False}
+        try:
+            while True:
+                if proc.poll() is not None:
+                    result["error"] = f"the server exited with status {proc.returncode} before it answered"
+                    break
+                if time.perf_counter() - start > timeout:
+                    result["error"] = f"no answer from the server in {timeout} s"
+                    break
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    time.sleep(2)
+            if "error" not in result:
+                body = {"model": str(folder), "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
+                        "ignore_eos": True}
+                request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=timeout) as response:
+                    choices = sorted(json.loads(response.read())["choices"], key=lambda c: c["index"])
+                result.update(ok=True, texts=[choice["text"] for choice in choices])
+        except OSError as err:
+            result["error"] = f"{type(err).__name__}: {err}"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        result["log_tail"] = [line[:300] for line in log.read_text(errors="replace").strip().splitlines()[-8:]]
+    return result
 
 
 def first_difference(a: list, b: list) -> int | None:
@@ -188,6 +267,21 @@ def first_difference(a: list, b: list) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def server_entry(args, folder, tokenizer, prompt_ids, reference, expected) -> dict:
+    """The OpenAI-compatible server's answer against transformers' greedy tokens, decoded."""
+    served = run_server(args.vllm_python, folder, prompt_ids, args.max_tokens, args.timeout)
+    expected_texts = [tokenizer.decode(tokens) for tokens in reference["tokens"]]
+    entry = {"folder": folder.name, "model_impl": "server (vllm.entrypoints.openai.api_server)", "expected": expected,
+             "served": served["ok"], "error": served.get("error"), "vllm_seconds": served["seconds"],
+             "transformers_class": reference["model_class"], "prompt_ids": prompt_ids,
+             "transformers_texts": expected_texts, "server_texts": served.get("texts"),
+             "tokens_equal": served.get("texts") == expected_texts if served["ok"] else None}
+    if not served["ok"]:
+        entry["error_detail"] = served["log_tail"]
+    entry["as_expected"] = bool(entry["tokens_equal"])
+    return entry
 
 
 def main():
@@ -215,6 +309,8 @@ def main():
         "phi3_moe_transformers": (folders["phi3"], "transformers", "served"),
         "phi3_moe_auto": (folders["phi3"], "auto", "served"),
         "phi3_mod": (folders["phi3_mod"], "transformers", "refused"),
+        "smollm2_moe_server": (folders["smollm2"], "server", "served"),
+        "smollm2_mixtral_server": (folders["mixtral"], "server", "served"),
     }
     if args.only:
         targets = {name: targets[name] for name in args.only}
@@ -228,7 +324,8 @@ def main():
         "versions": {"project": {"torch": torch.__version__, "transformers": transformers.__version__},
                      "vllm_venv": vllm_versions},
         "settings": {"max_tokens": args.max_tokens, "dtype": "float32", "greedy": True, "ignore_eos": True,
-                     "max_model_len": 256, "enforce_eager": True, "prompts": PROMPTS},
+                     "max_model_len": 256, "enforce_eager": True, "gpu_memory_utilization": MEMORY_UTILIZATION,
+                     "engine": "vLLM's default: the engine core in a process of its own", "prompts": PROMPTS},
         "targets": {},
     }
     references = {}
@@ -239,8 +336,14 @@ def main():
         if folder not in references:  # one reference per folder, whatever vLLM serves it with
             references[folder] = transformers_greedy(folder, prompt_ids, args.max_tokens)
         reference = references[folder]
+        if impl == "server":
+            entry = server_entry(args, folder, tokenizer, prompt_ids, reference, expected)
+            result["targets"][name] = entry
+            print(f"  answered={entry['served']} equal={entry['tokens_equal']} error={entry['error']}", flush=True)
+            continue
         served = run_vllm(args.vllm_python, {"model": str(folder), "trust_remote_code": True, "model_impl": impl,
-                                             "extra": {}, "max_tokens": args.max_tokens, "prompt_ids": prompt_ids},
+                                             "extra": {}, "max_tokens": args.max_tokens, "prompt_ids": prompt_ids,
+                                             "memory_utilization": MEMORY_UTILIZATION},
                           args.timeout)
         config = json.loads((folder / "config.json").read_text())
         entry = {"folder": folder.name, "model_type": config.get("model_type"),
