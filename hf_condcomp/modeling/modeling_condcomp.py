@@ -258,7 +258,7 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         self.backbone.set_output_embeddings(value)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, output_router_logits=None, return_dict=None,
-                past_key_values=None, cache=None, **kwargs):
+                past_key_values=None, cache=None, position_ids=None, **kwargs):
         """The source model's forward (every argument it takes), plus `output_router_logits`. The
         output is the source model's, with `loss` = task loss + weighted router losses and the
         fields `routing_loss`, `aux_loss`, `z_loss`, `compute_loss` (the gated layers' weighted
@@ -267,6 +267,8 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         the routed and gated layers) are attributes.
         A KV cache is taken as `cache=` or `past_key_values=` and handed to the backbone under the
         name the installed transformers uses (compat.py)."""
+        if position_ids is not None:  # named, so that callers reading the signature pass it (GPT-2 has no RoPE)
+            kwargs["position_ids"] = position_ids
         past = cache_argument(past_key_values, cache)
         if past is not None:
             kwargs[CACHE_KEY] = past
