@@ -238,3 +238,24 @@ def test_config_field_names_any_registered_implementation():
     with pytest.raises(ValueError, match="must be one of.*grouped_mm"):
         upcycle(tiny_source("llama"), num_experts=4, top_k=2, layers=[1], moe_implementation="fast")
 
+
+def test_a_model_without_experts_offers_no_experts_implementation(tmp_path):
+    """transformers' own code (its exporters, `set_experts_implementation`) asks a model
+    `_can_set_experts_implementation()`: one with MoE layers says True, one with routed blocks or gates
+    only says False, as transformers' dense models do, and setting a name on it (checked all the same)
+    changes nothing. Its common tests ask the class, which serves both kinds of model: True."""
+    moe = _tiny("llama")
+    mixed = upcycle(tiny_source("llama"), num_experts=4, top_k=2, layers=[1], mod_layers=[0])
+    assert moe._can_set_experts_implementation() and mixed._can_set_experts_implementation()
+    assert type(moe)._can_set_experts_implementation()
+    for variant in ("mod", "gate"):
+        model = upcycle(tiny_source("llama"), variant=variant, layers="all")
+        assert not model._can_set_experts_implementation()
+        before = model.config._experts_implementation
+        model.set_experts_implementation("batched_mm")
+        assert model.config._experts_implementation == before
+        with pytest.raises(ValueError, match="must be one of"):
+            model.set_experts_implementation("fast")
+    model.save_pretrained(tmp_path)  # loading one with transformers' argument is no error either
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, experts_implementation="grouped_mm")
+    assert not loaded._can_set_experts_implementation()
