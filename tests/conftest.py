@@ -25,7 +25,8 @@ VOCAB, HIDDEN, INTER, LAYERS, HEADS = 99, 32, 40, 4, 4
 
 
 def tiny_source(family: str, task: str | None = None, seed: int = 0, **overrides):
-    """A small randomly initialised dense transformers model of the given family."""
+    """A small randomly initialised dense transformers model of the given family; `overrides` are
+    config fields, the sizes above included (`intermediate_size=37`, GPT-2's `n_inner=37`)."""
     from transformers import (
         BertConfig,
         BertForMaskedLM,
@@ -46,20 +47,20 @@ def tiny_source(family: str, task: str | None = None, seed: int = 0, **overrides
 
     torch.manual_seed(seed)
     if family == "bert":
-        config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                            intermediate_size=INTER, num_labels=3, **overrides)
+        config = BertConfig(**{**dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                      num_attention_heads=HEADS, intermediate_size=INTER, num_labels=3), **overrides})
         cls = {None: BertModel, "base": BertModel, "sequence-classification": BertForSequenceClassification,
                "token-classification": BertForTokenClassification, "masked-lm": BertForMaskedLM}[task]
     elif family == "gpt2":
-        config = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTER,
-                            bos_token_id=0, eos_token_id=0, **overrides)
+        config = GPT2Config(**{**dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTER,
+                                      bos_token_id=0, eos_token_id=0), **overrides})
         cls = GPT2LMHeadModel
     else:
         config_cls, cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
                            "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
-        config = config_cls(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                            num_key_value_heads=2, intermediate_size=INTER, bos_token_id=0, eos_token_id=0,
-                            pad_token_id=0, **overrides)
+        config = config_cls(**{**dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                      num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=INTER,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0), **overrides})
         if family in ("mistral", "qwen2"):
             config.sliding_window = None
     return cls(config).eval()

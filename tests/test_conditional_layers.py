@@ -154,6 +154,28 @@ def test_a_rows_routing_depends_neither_on_other_rows_nor_on_its_padding(name, v
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
+@pytest.mark.parametrize("variant", ["mod", "gate"])
+def test_a_row_alone_with_its_padding_gives_every_output_it_has_in_the_batch(name, variant):
+    """transformers' `test_batching_equivalence`: each row run alone, with its own padding mask, gives
+    the logits and hidden states it has in the batch at every position, its padding's included. With
+    the causal-LM testers' mask (row i has i + 1 real tokens), some row alone runs every real token
+    of a layer whose batch skips tokens of other rows."""
+    model = _routed(name, variant)
+    ids, _ = batch(ARCHS[name][1])
+    ids = torch.cat([ids, ids.flip(0)])[:, :7]  # (4, 7)
+    mask = torch.tril(torch.ones(7, 7, dtype=torch.long))[:4]
+    with torch.no_grad():
+        together = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        alone = [model(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1], output_hidden_states=True)
+                 for i in range(ids.shape[0])]
+    assert any(out.layer_compute_fractions[layer] == 1.0 > fraction
+               for out in alone for layer, fraction in together.layer_compute_fractions.items())
+    for i, out in enumerate(alone):
+        for a, b in zip((together.logits, *together.hidden_states), (out.logits, *out.hidden_states)):
+            torch.testing.assert_close(a[i:i + 1], b, atol=1e-5, rtol=1e-5)
+
+
 def _deberta_v3(**kwargs):
     """A tiny DeBERTa-v3-style model: log-bucketed relative positions, keys shared with positions."""
     config = T.DebertaV2Config(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

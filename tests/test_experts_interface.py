@@ -1,10 +1,13 @@
 """The experts follow transformers' MoE conventions: called as `experts(hidden_states, top_k_index,
 top_k_weights)`, with one registry that holds our implementations and transformers' own
 (`ALL_EXPERTS_FUNCTIONS`: `grouped_mm`, `batched_mm`, ...), picked by `moe_implementation` or by
-transformers' `experts_implementation`. Every implementation is checked against `eager`."""
+transformers' `experts_implementation`. Every implementation is checked against `eager`, at sizes
+`grouped_mm` takes as they are and at the transformers testers' odd ones (intermediate 37), which
+break its 16-byte stride alignment."""
 
 import inspect
 from types import SimpleNamespace
+from unittest.mock import Mock, patch
 
 import pytest
 import torch
@@ -20,8 +23,12 @@ from conftest import tiny_source
 GPU_ONLY = ("megablocks", "deepgemm", "sonicmoe")  # CUDA kernels (optional packages), by name prefix
 CPU_IMPLEMENTATIONS = [name for name in EXPERTS_FUNCTIONS.valid_keys() if not name.startswith(GPU_ONLY)]
 OTHERS = [name for name in CPU_IMPLEMENTATIONS if name != "eager"]
-# (activation, gated, bias): BERT, GPT-2, Llama experts
-STYLES = {"bert": ("gelu", False, True), "gpt2": ("gelu_new", False, True), "llama": ("silu", True, False)}
+# (activation, gated, bias): BERT, GPT-2, Llama experts, and the other two combinations
+STYLES = {"bert": ("gelu", False, True), "gpt2": ("gelu_new", False, True), "llama": ("silu", True, False),
+          "gated+bias": ("silu", True, True), "plain": ("relu", False, False)}
+# (experts, hidden, intermediate): aligned for `grouped_mm`; the transformers testers' (8 experts,
+# intermediate 37); an odd hidden size too (30 fp32 values: 120 bytes)
+SIZES = {"aligned": (4, 16, 32), "tester": (8, 32, 37), "odd-hidden": (8, 30, 37)}
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -65,14 +72,16 @@ def _run(experts, name, x, index, weights, grad_out):
     return out.detach(), xi.grad, wi.grad, {n: p.grad.clone() for n, p in experts.named_parameters()}
 
 
+@pytest.mark.parametrize("size", sorted(SIZES))
 @pytest.mark.parametrize("style", sorted(STYLES))
 @pytest.mark.parametrize("name", OTHERS)
-def test_implementation_matches_eager_in_outputs_and_every_gradient(name, style):
-    experts = _experts(style)
+def test_implementation_matches_eager_in_outputs_and_every_gradient(name, style, size):
+    num_experts, hidden, inter = SIZES[size]
+    experts = _experts(style, num_experts, hidden, inter)
     torch.manual_seed(1)
-    index = _topk(13, 4, 2, empty=1)
-    x, weights = torch.randn(13, 16), torch.rand(13, 2)
-    grad_out = torch.randn(13, 16)
+    index = _topk(13, num_experts, 2, empty=1)
+    x, weights = torch.randn(13, hidden), torch.rand(13, 2)
+    grad_out = torch.randn(13, hidden)
     ref = _run(experts, "eager", x, index, weights, grad_out)
     got = _run(experts, name, x, index, weights, grad_out)
     for a, b in zip(got[:3], ref[:3]):  # output, input gradient, routing-weight gradient
@@ -83,14 +92,16 @@ def test_implementation_matches_eager_in_outputs_and_every_gradient(name, style)
         assert got[3][key][1].abs().sum() == 0  # expert 1 has no tokens: zero gradient
 
 
+@pytest.mark.parametrize("size", sorted(SIZES))
 @pytest.mark.parametrize("style", sorted(STYLES))
 @pytest.mark.parametrize("name", OTHERS)
-def test_sorted_entry_point_matches_eager(name, style):
+def test_sorted_entry_point_matches_eager(name, style, size):
     """The rows of capacity limits and expert choice (`forward_sorted`), an empty expert included."""
-    experts = _experts(style)
-    counts = torch.tensor([5, 0, 9, 3])
+    num_experts, hidden, inter = SIZES[size]
+    experts = _experts(style, num_experts, hidden, inter)
+    counts = torch.tensor([5, 0, 9, 3] + [2] * (num_experts - 4))
     torch.manual_seed(2)
-    x, grad_out = torch.randn(17, 16), torch.randn(17, 16)
+    x, grad_out = torch.randn(int(counts.sum()), hidden), torch.randn(int(counts.sum()), hidden)
     results = []
     for impl in ("eager", name):
         experts.implementation = impl
@@ -165,24 +176,36 @@ def test_a_standin_experts_module_swapped_in_gives_the_same_output():
     torch.testing.assert_close(got, expected, **TOL)
 
 
-def _tiny(kind):
-    dense = tiny_source(kind)
-    return upcycle(dense, num_experts=4, top_k=2, layers="all", init="noise", noise_std=0.1)
+def _tiny(kind, num_experts=4, **overrides):
+    dense = tiny_source(kind, "masked-lm" if kind == "bert" else None, **overrides)
+    return upcycle(dense, num_experts=num_experts, top_k=2, layers="all", init="noise", noise_std=0.1)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_model_output_with_each_implementation_equals_eager(kind):
-    model = _tiny(kind).eval()
+# the transformers testers' sizes (8 experts, intermediate 37) for BERT, GPT-2 and Llama sources
+TESTER_SIZES = {"bert": dict(intermediate_size=37), "gpt2": dict(n_inner=37), "llama": dict(intermediate_size=37)}
+
+
+@pytest.mark.parametrize("kind,tester_sizes", [("llama", False), ("qwen3", False), ("bert", True), ("gpt2", True),
+                                               ("llama", True)])
+def test_model_output_with_each_implementation_equals_eager(kind, tester_sizes):
+    """As transformers' `test_eager_matches_batched_and_grouped_inference` checks it: the output of
+    each implementation equals eager's, and transformers' own function ran."""
+    model = (_tiny(kind, 8, **TESTER_SIZES[kind]) if tester_sizes else _tiny(kind)).eval()
     assert type(model).__module__.endswith("modeling_condcomp")
     ids = torch.randint(1, 99, (2, 7))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
+    theirs = {name: Mock(wraps=ALL_EXPERTS_FUNCTIONS[name]) for name in ("batched_mm", "grouped_mm")}
     outputs = {}
-    for name in CPU_IMPLEMENTATIONS:
-        model.set_experts_implementation(name)
-        assert model.config._experts_implementation == name
-        with torch.no_grad():
-            outputs[name] = model(input_ids=ids, attention_mask=mask).logits
+    with patch.dict(ALL_EXPERTS_FUNCTIONS._global_mapping, theirs):
+        for name in CPU_IMPLEMENTATIONS:
+            model.set_experts_implementation(name)
+            assert model.config._experts_implementation == name
+            with torch.no_grad():
+                outputs[name] = model(input_ids=ids, attention_mask=mask).logits
+            for other, mock in theirs.items():
+                assert mock.called == (other == name), (name, other)
+                mock.reset_mock()
     for name in OTHERS:
         torch.testing.assert_close(outputs[name], outputs["eager"], **TOL)
     with pytest.raises(ValueError, match="must be one of.*grouped_mm"):
@@ -214,3 +237,25 @@ def test_config_field_names_any_registered_implementation():
     assert model.model.layers[1].mlp.experts.experts_implementation == "batched_mm"
     with pytest.raises(ValueError, match="must be one of.*grouped_mm"):
         upcycle(tiny_source("llama"), num_experts=4, top_k=2, layers=[1], moe_implementation="fast")
+
+
+def test_a_model_without_experts_offers_no_experts_implementation(tmp_path):
+    """transformers' own code (its exporters, `set_experts_implementation`) asks a model
+    `_can_set_experts_implementation()`: one with MoE layers says True, one with routed blocks or gates
+    only says False, as transformers' dense models do, and setting a name on it (checked all the same)
+    changes nothing. Its common tests ask the class, which serves both kinds of model: True."""
+    moe = _tiny("llama")
+    mixed = upcycle(tiny_source("llama"), num_experts=4, top_k=2, layers=[1], mod_layers=[0])
+    assert moe._can_set_experts_implementation() and mixed._can_set_experts_implementation()
+    assert type(moe)._can_set_experts_implementation()
+    for variant in ("mod", "gate"):
+        model = upcycle(tiny_source("llama"), variant=variant, layers="all")
+        assert not model._can_set_experts_implementation()
+        before = model.config._experts_implementation
+        model.set_experts_implementation("batched_mm")
+        assert model.config._experts_implementation == before
+        with pytest.raises(ValueError, match="must be one of"):
+            model.set_experts_implementation("fast")
+    model.save_pretrained(tmp_path)  # loading one with transformers' argument is no error either
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, experts_implementation="grouped_mm")
+    assert not loaded._can_set_experts_implementation()

@@ -11,6 +11,8 @@ the tokens each layer ran on). tests/test_native.py adds flex attention for MoE 
 decoding); MoD, gates, capacity limits and expert choice pick tokens by value, so they compile
 with graph breaks."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -228,6 +230,33 @@ def test_left_padded_batch_equals_the_dense_parent_without_position_ids(family):
     greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids, attention_mask=mask, **greedy),
                        dense.generate(ids, attention_mask=mask, **greedy))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_left_padding_leaves_the_last_logits_as_transformers_checks_it(family, variant):
+    """transformers' `test_left_padding_compatibility`: 32 padding tokens on the left of a batch with
+    the testers' random mask leave the last token's logits unchanged, given `position_ids` counted from
+    the first real token wherever `forward`'s signature names them (GPT-2's positions are learned
+    absolute ones, so without them the padding shifts every position). The dense parent passes too."""
+    model = build(family, variant).eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, VOCAB, (13, 7), generator=g)
+    mask = torch.randint(0, 2, (13, 7), generator=g)
+    mask[:, -1] = 1
+    pad = model.config.get_text_config(decoder=True).pad_token_id or 0
+    padded_ids = torch.cat([torch.full((13, 32), pad), ids], 1)
+    padded_mask = torch.cat([torch.zeros(13, 32, dtype=mask.dtype), mask], 1)
+    for m in (tiny_source(family), model):
+        assert "position_ids" in inspect.signature(m.forward).parameters
+        torch.testing.assert_close(_last_logits(m, padded_ids, padded_mask), _last_logits(m, ids, mask), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def _last_logits(model, ids, mask):
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as transformers' test counts them
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
 
 
 def test_gpt2_token_type_ids_are_embedded_as_in_the_dense_parent():

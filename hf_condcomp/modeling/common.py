@@ -6,6 +6,7 @@ This file travels to the Hub with every saved model: only sibling relative impor
 
 import json
 import shutil
+import types
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -113,6 +114,22 @@ def copy_sentence_transformers_files(source, save_directory) -> list[str]:
     return copied
 
 
+def has_moe_layers(config) -> bool:
+    """Whether a model of `config` has MoE layers (in its encoder's or decoder's stack)."""
+    return bool(getattr(config, "moe_layers", None) or getattr(config, "decoder_moe_layers", None))
+
+
+class _ClassOrInstanceMethod:
+    """A classmethod that, looked up on an instance, is bound to the instance instead."""
+
+    def __init__(self, function):
+        self.function = function
+        self.__doc__ = function.__doc__
+
+    def __get__(self, instance, owner=None):
+        return types.MethodType(self.function, owner if instance is None else instance)
+
+
 class CondCompInitMixin:
     """Initialisation of the modules this package adds (experts, routers, gates), and an
     `auto_map` that lists every head class, so a saved base model also loads with
@@ -124,12 +141,17 @@ class CondCompInitMixin:
     # without this, Trainer would skip its own division by the accumulation steps.
     accepts_loss_kwargs = False
 
-    @classmethod
-    def _can_set_experts_implementation(cls) -> bool:
-        """transformers reads this off the source for `@use_experts_implementation`; our experts read
-        `config._experts_implementation` themselves (experts.py), so `from_pretrained(...,
-        experts_implementation=...)` and `set_experts_implementation` apply."""
-        return True
+    @_ClassOrInstanceMethod
+    def _can_set_experts_implementation(model_or_class) -> bool:
+        """Whether the experts implementation can be set: our experts read `config._experts_implementation`
+        themselves (experts.py), so `from_pretrained(..., experts_implementation=...)` and
+        `set_experts_implementation` apply, on a model with MoE layers. A model without them (routed
+        blocks or gates only) says False, as transformers' dense models do, so that transformers'
+        exporters and `set_experts_implementation` leave it alone. transformers' own code asks a model;
+        its common tests ask the class, which serves models with and without experts and says True."""
+        if isinstance(model_or_class, type):
+            return True
+        return has_moe_layers(model_or_class.config)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """The requested experts implementation, else the config's `moe_implementation`; any name of
@@ -145,11 +167,14 @@ class CondCompInitMixin:
         """Switch the MoE blocks' experts to another registered implementation (they read
         `config._experts_implementation` at each call). Only this model's config is set: the
         source's model inside has no experts of transformers' kind, and some
-        releases would check the name against it."""
+        releases would check the name against it. On a model without MoE layers the name is checked
+        and nothing changes, as transformers' own method does where it cannot set one."""
         name = experts_implementation
         if isinstance(name, dict):
             name = name.get("", self.config._experts_implementation)
-        self.config._experts_implementation_internal = self.get_correct_experts_implementation(name)
+        name = self.get_correct_experts_implementation(name)
+        if self._can_set_experts_implementation():
+            self.config._experts_implementation_internal = name
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
         # transformers >= 5.24 routes `activation_checkpointing_enable` through an overridden

@@ -245,8 +245,10 @@ class ConditionalLayerMixin:
             if cache is not None:
                 self._store_valid(cache, past_valid, torch.ones(B, T, dtype=torch.bool, device=x.device))
             rec.layer_fractions[idx] = 1.0
-            out = _call(self, x, named, hidden_name)
-            return x + scale.unsqueeze(-1).to(x.dtype) * (out - x)
+            out = x + scale.unsqueeze(-1).to(x.dtype) * (_call(self, x, named, hidden_name) - x)
+            # Padding passes unchanged, as on the subset path below: otherwise a row's padding positions would
+            # depend on whether some other row of its batch skips a token.
+            return out if real is None else torch.where(real.unsqueeze(-1), out, x)
         if keep is None:
             keep = all_real(x, real)
 

@@ -27,6 +27,12 @@ combines with our own autograd Functions:
 Rows that cannot be written as a dense (N, k) top-k (capacity limits, expert choice) go through
 `Experts.forward_sorted`; a transformers function runs them as a top-1 call with unit weights.
 
+torch's `grouped_mm` needs every row stride to be a multiple of 16 bytes, and transformers'
+`grouped_mm` passes it the experts' weights and activations as they are (its own check looks at
+data pointers only), so widths such as the transformers testers' intermediate size 37 fail there,
+for Mixtral's experts as for ours (torch 2.13, CPU). At such widths the function runs
+on a zero-padded copy of the experts (`_PaddedExperts`), which gives the same outputs and gradients.
+
 This file travels to the Hub with every saved model: only sibling relative imports.
 """
 
@@ -207,11 +213,15 @@ def _sum_per_expert(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return rows.new_zeros(counts.numel(), rows.shape[1]).index_add_(0, ids, rows)
 
 
+def _per_16_bytes(x: torch.Tensor) -> int:
+    """Elements of x's dtype in 16 bytes, the row-stride multiple `grouped_mm` needs."""
+    return max(1, 16 // x.element_size())
+
+
 def _grouped_mm_aligned(experts: Experts, x: torch.Tensor) -> bool:
     """`grouped_mm` needs every row stride to be a multiple of 16 bytes."""
-    per_16_bytes = max(1, 16 // x.element_size())
     widths = (experts.hidden_size, experts.intermediate_size, experts.up_weight.shape[1])
-    return all(w % per_16_bytes == 0 for w in widths)
+    return all(w % _per_16_bytes(x) == 0 for w in widths)
 
 
 def grouped_experts_forward(experts: Experts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -372,6 +382,57 @@ def _topk_from_sorted(sorted_forward: Callable, one_token: bool = False) -> Call
     return experts_forward
 
 
+class _PaddedExperts:
+    """The experts with hidden size H and intermediate size I zero-padded to multiples of `multiple`,
+    carrying the attributes transformers' experts functions read. The padding adds nothing: padded
+    input columns meet zero weight columns, and the padded hidden units (whatever their activation)
+    meet zero down-projection columns. Built from the parameters at each call (`F.pad`), so the
+    gradients reach them; only at widths that break `grouped_mm`'s alignment, which real models'
+    sizes do not."""
+
+    def __init__(self, experts: Experts, multiple: int):
+        E, H, intermediate = experts.num_experts, experts.hidden_size, experts.intermediate_size
+        self.hidden_size = -(-H // multiple) * multiple
+        self.intermediate_size = -(-intermediate // multiple) * multiple
+        dh, di = self.hidden_size - H, self.intermediate_size - intermediate
+        halves = 2 if experts.gated else 1  # [gate; up] are padded apart, so that `chunk(2)` still splits them
+        up = experts.up_weight.reshape(E, halves, intermediate, H)
+        up = F.pad(up, (0, dh, 0, di)).view(E, halves * self.intermediate_size, self.hidden_size)
+        setattr(self, experts.up_name, up)  # (E, I' or 2I', H')
+        self.down_proj = F.pad(experts.down_proj, (0, di, 0, dh))  # (E, H', I')
+        if experts.has_bias:
+            up_bias = F.pad(experts.up_bias.reshape(E, halves, intermediate), (0, di)).view(E, -1)
+            setattr(self, f"{experts.up_name}_bias", up_bias)  # (E, I' or 2I')
+            self.down_proj_bias = F.pad(experts.down_bias, (0, dh))  # (E, H')
+        for name in ("num_experts", "has_gate", "has_bias", "is_transposed", "is_concatenated",
+                     "has_post_expert_norm", "_is_expert_parallel", "act_fn", "config"):
+            setattr(self, name, getattr(experts, name))
+
+    def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        return Experts._apply_gate(self, gate_up_out)
+
+
+# transformers' experts functions that call torch's `grouped_mm` (16-byte row strides)
+_STRIDE_ALIGNED = ("grouped_mm",)
+
+
+def _transformers_forward(name: str) -> Callable:
+    """transformers' experts function `name`, looked up at each call (a test may patch the mapping);
+    those in `_STRIDE_ALIGNED` run on `_PaddedExperts` where the experts' widths are not aligned."""
+
+    def forward(experts, hidden_states, top_k_index, top_k_weights):
+        function = TRANSFORMERS_EXPERTS_FUNCTIONS[name]
+        weights = experts.down_proj
+        if name not in _STRIDE_ALIGNED or _grouped_mm_aligned(experts, weights):
+            return function(experts, hidden_states, top_k_index, top_k_weights)
+        padded = _PaddedExperts(experts, _per_16_bytes(weights))
+        x = F.pad(hidden_states, (0, padded.hidden_size - experts.hidden_size))  # (N, H')
+        return function(padded, x, top_k_index, top_k_weights)[:, :experts.hidden_size]  # (N, H)
+
+    forward.__name__ = forward.__qualname__ = f"{name}_experts_forward"
+    return forward
+
+
 def _sorted_from_topk(topk_forward: Callable) -> Callable:
     """Rows sorted by expert through an experts-interface function: one top-1 call with weight 1."""
 
@@ -418,7 +479,7 @@ class ExpertsFunctions:
         if name in self._local:
             return self._local[name]
         if name in TRANSFORMERS_EXPERTS_FUNCTIONS.keys():
-            forward = TRANSFORMERS_EXPERTS_FUNCTIONS[name]
+            forward = _transformers_forward(name)
             return ExpertsImplementation(forward, _sorted_from_topk(forward))
         raise ValueError(
             f"`moe_implementation` / `experts_implementation` must be one of {self.valid_keys()}, got {name!r}."

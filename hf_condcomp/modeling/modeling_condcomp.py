@@ -365,7 +365,8 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         past = cache_argument(past_key_values, cache)
         if past is not None:
             kwargs[CACHE_KEY] = past
-        # named in the signature, as serving engines read it (vLLM compiles by these arguments' names)
+        # named in the signature, as callers that read it pass them (transformers' tests pass GPT-2's
+        # positions for left padding; vLLM compiles by these arguments' names)
         for name, value in (("position_ids", position_ids), ("inputs_embeds", inputs_embeds)):
             if value is not None:
                 kwargs[name] = value
