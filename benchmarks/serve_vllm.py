@@ -189,9 +189,10 @@ def run_vllm(vllm_python: str, request: dict, timeout: int) -> dict:
                     "stderr_tail": tail, "seconds": seconds}
         result = json.loads(answer.read_text())
         result["seconds"] = seconds
-        # The model is built in vLLM's engine process, which prints a refusal there; the worker sees only
-        # that the engine did not start. The engine's line is the refusal.
-        refusal = [line for line in (proc.stderr or "").splitlines() if REFUSAL in line]
+        # The model is built in vLLM's engine process, whose log (on stdout) carries the refusal; the worker
+        # sees only that the engine did not start. The engine's logged error is the refusal.
+        logged = f"{proc.stdout or ''}\n{proc.stderr or ''}".splitlines()
+        refusal = [line for line in logged if f"ValueError: {REFUSAL}" in line]
         if not result["ok"] and refusal:
             result["error"] = "ValueError: " + REFUSAL + refusal[-1].split(REFUSAL, 1)[1]
         return result
