@@ -166,3 +166,16 @@ def test_a_tokenizer_without_vocabulary_is_refused(tmp_path):
     assert sorted(p.name for p in source.iterdir() if p.name.startswith("tokenizer")) == ["tokenizer_config.json"]
     with pytest.raises(CheckpointError, match=r"^`source` .*source has no tokenizer \(no tokenizer.json"):
         load_tokenizer(str(source))
+
+
+def test_a_missing_local_folder_is_named_as_one(tmp_path):
+    """`./no-such-model` is a path, not a Hub id: the user hears that the folder is not there, not the
+    Hub's rules for repository names; exit 2 and nothing written."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "hf_condcomp.cli", "upcycle", "./no-such-model", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "`source`='./no-such-model': no such folder" in lines[0] and "Repo id" not in lines[0]
+    assert not out.exists()

@@ -73,6 +73,9 @@ def load_source(source, task, num_labels):
         raise _error("source", source, "a Hub id, a local folder or a loaded `PreTrainedModel`")
     name = str(source)
     path = assets.resolve(name)
+    if name.startswith((".", "/", "~")) and not Path(path).expanduser().exists():  # a path, not a Hub id
+        raise ValueError(f"`source`={name!r}: no such folder. Pass an existing folder with config.json and weights, "
+                         "a Hub id (org/name) or one of the embedded names: " + ", ".join(assets.EMBEDDED))
     try:
         config = assets.load_config(path, "`source`")  # config.json there but unreadable: CheckpointError naming it
     except assets.CheckpointError:
