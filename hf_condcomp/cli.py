@@ -75,7 +75,7 @@ def save_with_tokenizer(model, source, folder):
             pass  # a source without a tokenizer (random test checkpoints) still upcycles
 
 
-def _upcycle_and_save(sources, settings, output_dir, overwrite, dtype=None):
+def _upcycle_and_save(sources, settings, output_dir, overwrite, dtype=None, as_json=False):
     """Upcycle one source (or several, as experts) and save it with the tokenizer of the base, else
     of the first source."""
     from .saving import check_output_dir
@@ -89,12 +89,32 @@ def _upcycle_and_save(sources, settings, output_dir, overwrite, dtype=None):
         model.to(getattr(torch, dtype))
     tokenizer_source = settings.get("tokenizer") or settings.get("base") or sources[0]
     save_atomically(Path(output_dir), lambda tmp: save_with_tokenizer(model, tokenizer_source, tmp), overwrite)
-    print(json.dumps({"output_dir": str(output_dir), "architecture": type(model).__name__,
-                      "upcycling": model.config.upcycling}, indent=2))
+    if as_json:
+        print(json.dumps({"output_dir": str(output_dir), "architecture": type(model).__name__,
+                          "upcycling": model.config.upcycling}, indent=2))
+    else:
+        print(upcycle_summary(model, output_dir))
+
+
+def upcycle_summary(model, output_dir) -> str:
+    """A few lines: what was made, from what, and how to load it (`--json`: the whole record)."""
+    record = model.config.upcycling
+    sources = record.get("expert_sources") or [record.get("source")]
+    if record["variant"] == "moe":
+        what = (f"MoE, {record['num_experts']} experts, top-{record['top_k']}, {record['routing']}, "
+                f"init {record['init']}")
+    else:
+        what = record["variant"]
+    auto = type(model)._auto_class_of_task.__name__
+    return "\n".join([
+        f"upcycled : {', '.join(map(str, sources))} ({record['source_model_type']}) -> {output_dir}",
+        f"variant  : {what}; layers {record['layers']}",
+        f"load with: {auto}.from_pretrained({str(output_dir)!r}, trust_remote_code=True)",
+    ])
 
 
 def cmd_upcycle(args):
-    _upcycle_and_save(args.source, upcycle_kwargs(args), args.output_dir, args.overwrite)
+    _upcycle_and_save(args.source, upcycle_kwargs(args), args.output_dir, args.overwrite, as_json=args.json)
 
 
 def cmd_merge(args):
@@ -102,7 +122,7 @@ def cmd_merge(args):
     from .merge_config import read_merge_config
 
     sources, settings, dtype = read_merge_config(args.config)
-    _upcycle_and_save(sources, {**settings, "seed": args.seed}, args.output_dir, args.overwrite, dtype)
+    _upcycle_and_save(sources, {**settings, "seed": args.seed}, args.output_dir, args.overwrite, dtype, args.json)
 
 
 def cmd_export(args):
@@ -164,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "dense fine-tunes of one model, which become the experts of each MoE layer")
     p.add_argument("output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    p.add_argument("--json", action="store_true", help="print the whole upcycling record as JSON, not a summary")
     add_upcycle_arguments(p)
     p.set_defaults(func=cmd_upcycle)
     p = sub.add_parser("merge", help="a mergekit-moe YAML: several fine-tunes into one MoE (export: the native class)")
@@ -171,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir")
     p.add_argument("--seed", type=int, default=0, help="seeds random routers; default: 0")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    p.add_argument("--json", action="store_true", help="print the whole upcycling record as JSON, not a summary")
     p.set_defaults(func=cmd_merge)
     from .export import FORMATS
 

@@ -72,3 +72,21 @@ def test_top_k_zero_names_the_default_number_of_experts():
     with pytest.raises(ValueError) as err:
         UpcycleSpec(top_k=0)
     assert "None" not in str(err.value) and "8 from one source" in str(err.value) and "got 0" in str(err.value)
+
+
+def test_cli_upcycle_prints_a_summary_and_the_record_with_json(tmp_path, capsys):
+    import json
+
+    from hf_condcomp.cli import main as cli_main
+
+    from conftest import tiny_source
+
+    tiny_source("llama").save_pretrained(tmp_path / "dense")
+    assert cli_main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "a"), "--num-experts", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and "MoE, 4 experts, top-2" in lines[1]
+    folder = str(tmp_path / "a")
+    assert lines[2] == f"load with: AutoModelForCausalLM.from_pretrained({folder!r}, trust_remote_code=True)"
+    assert cli_main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "b"), "--num-experts", "4", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["architecture"] == "CondCompForCausalLM" and record["upcycling"]["num_experts"] == 4
