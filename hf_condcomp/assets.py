@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def smollm2_path() -> Path:
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    # about 20 s on 2 cores, once: say so, or the first command seems to hang
+    print(f"SmolLM2-135M-Instruct: converting its GGUF into a plain checkpoint in {target} (once, about 20 s)",
+          file=sys.stderr, flush=True)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     config = gguf_model.config
     config.quantization_config = None

@@ -179,3 +179,21 @@ def test_a_missing_local_folder_is_named_as_one(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "`source`='./no-such-model': no such folder" in lines[0] and "Repo id" not in lines[0]
     assert not out.exists()
+
+
+def test_the_first_conversion_of_the_embedded_smollm2_says_what_it_does(tmp_path, monkeypatch, capsys):
+    """The GGUF's first conversion takes about 20 s: a line says so before it starts (the conversion
+    itself is stopped here, so that the test costs nothing)."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_condcomp import assets
+
+    monkeypatch.setenv("HF_CONDCOMP_CACHE", str(tmp_path))
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("the conversion starts here")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", stop)
+    with pytest.raises(RuntimeError, match="the conversion starts here"):
+        assets.smollm2_path()
+    assert "SmolLM2-135M-Instruct: converting its GGUF into a plain checkpoint" in capsys.readouterr().err
