@@ -28,11 +28,13 @@ module composes them into `upcycle()`.
 
 import copy
 import inspect
+import os
 
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from .modeling.common import SENTENCE_TRANSFORMERS_SOURCE
+from . import assets
+from .modeling.common import SENTENCE_TRANSFORMERS_SOURCE, TOKENIZER_SOURCE
 from .spec import SPEC_FIELDS, UpcycleSpec, split_kwargs
 from .upcycling.convert_native import convert_native_state_dict, native_config, native_stacks
 from .upcycling.expert_init import balanced_kmeans
@@ -97,13 +99,14 @@ def upcycle(source, **settings):
     state = convert_native_state_dict(dense, target, config, stacks, spec.init, spec.seed, spec.noise_std,
                                       spec.drop_ratio, expert_sources, routers)
     target.load_state_dict(state, strict=True)
-    _carry_over(target, dense, spec.base if spec.base is not None else sources[0])
+    _carry_over(target, dense, spec.base if spec.base is not None else sources[0], spec.tokenizer)
     return target.eval()
 
 
-def _carry_over(target, dense, first):
+def _carry_over(target, dense, first, tokenizer=None):
     """What the source has beside its weights: the tied head, the dtype, an encoder-decoder's
-    generation config, the sentence-transformers folder of `first` (the base, else the first source)."""
+    generation config, and the folders `save_pretrained` copies the tokenizer (`tokenizer`, else
+    `first`'s: the base, else the first source) and the sentence-transformers modules from."""
     if getattr(target.config, "tie_word_embeddings", False):
         # The model was built without `post_init`'s weight init, which is also where transformers
         # ties the head to the embeddings: tie here, or fine-tuning trains two copies of a matrix
@@ -116,6 +119,11 @@ def _carry_over(target, dense, first):
     st_folder = sentence_transformers_folder(st_name)
     if st_folder is not None:  # `save_pretrained` copies its pooling, `Normalize`, ... next to the model
         setattr(target, SENTENCE_TRANSFORMERS_SOURCE, st_folder)
+    origin = tokenizer if tokenizer is not None else first
+    if isinstance(origin, (str, os.PathLike)):
+        folder = assets.resolve(str(origin))
+        if os.path.isdir(folder):  # a Hub id's tokenizer is the user's to save
+            setattr(target, TOKENIZER_SOURCE, folder)
 
 
 # `help(upcycle)` and `inspect.signature(upcycle)` show the spec's fields with its defaults.

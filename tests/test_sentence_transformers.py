@@ -205,3 +205,22 @@ def test_classification_recipe_output_keeps_the_sentence_transformers_files(tmp_
     embeddings = model.encode(SENTENCES[:2], convert_to_tensor=True)
     assert embeddings.shape == (2, 384)
     assert embeddings.norm(dim=-1).tolist() == pytest.approx([1.0, 1.0], abs=1e-4)
+
+
+def test_a_folder_saved_from_python_is_complete(tmp_path, minilm_path):
+    """`save_pretrained` on an upcycled model writes its source's tokenizer too, from Python as from the
+    command line: the folder alone builds a batch (`AutoTokenizer`) and a `SentenceTransformer` that
+    gives the dense model's embeddings."""
+    from transformers import AutoTokenizer
+
+    import hf_condcomp
+
+    model = hf_condcomp.upcycle("all-MiniLM-L6-v2", num_experts=4, top_k=2, init="copy")
+    folder = tmp_path / "minilm-moe"
+    model.save_pretrained(folder)
+    assert (folder / "tokenizer_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer("I lost my card")["input_ids"] == AutoTokenizer.from_pretrained(minilm_path)("I lost my card")[
+        "input_ids"]
+    check_files(folder, minilm_path, ["1_Pooling"])
+    check_report(st_report(folder, minilm_path, SENTENCES), ["Transformer", "Pooling", "Normalize"])

@@ -71,6 +71,8 @@ def _refuse_reentrant(kwargs):
 
 # The model attribute that names the local sentence-transformers folder a model was upcycled from.
 SENTENCE_TRANSFORMERS_SOURCE = "_sentence_transformers_source"
+# The model attribute that names the local folder whose tokenizer `save_pretrained` writes beside the model.
+TOKENIZER_SOURCE = "_tokenizer_source"
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
@@ -90,6 +92,23 @@ def sentence_transformers_modules(folder) -> list[str] | None:
     if "" not in paths:
         return None
     return [path for path in paths if path]
+
+
+def copy_tokenizer(source, save_directory) -> bool:
+    """Writes the tokenizer of the local folder `source` into `save_directory`, unless that folder has one
+    already (the caller saved its own) or `source` has none; returns whether it wrote one."""
+    if not source or not Path(source).is_dir() or (Path(save_directory) / "tokenizer_config.json").exists():
+        return False
+    if Path(source).resolve() == Path(save_directory).resolve():
+        return False
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError, KeyError):  # a checkpoint without a tokenizer (random test models)
+        return False
+    tokenizer.save_pretrained(save_directory)
+    return True
 
 
 def copy_sentence_transformers_files(source, save_directory) -> list[str]:
@@ -183,9 +202,10 @@ class CondCompInitMixin:
         return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Also writes the sentence-transformers files (`modules.json`, pooling, `Normalize`, ...) of the
-        checkpoint this model was upcycled or loaded from, so `SentenceTransformer(save_directory,
-        trust_remote_code=True)` keeps that checkpoint's modules and settings."""
+        """Also writes the tokenizer and the sentence-transformers files (`modules.json`, pooling,
+        `Normalize`, ...) of the local checkpoint this model was upcycled or loaded from, so the folder
+        is complete: `AutoTokenizer.from_pretrained(save_directory)` and `SentenceTransformer(save_directory,
+        trust_remote_code=True)` work, with that checkpoint's modules and settings."""
         module = type(self).__module__.rsplit(".", 1)[-1]
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map["AutoConfig"] = f"configuration_condcomp.{type(self.config).__name__}"
@@ -196,6 +216,7 @@ class CondCompInitMixin:
             # `upcycle` sets the attribute; a model loaded from a folder has that folder as `name_or_path`.
             source = getattr(self, SENTENCE_TRANSFORMERS_SOURCE, None) or self.name_or_path
             copy_sentence_transformers_files(source, save_directory)
+            copy_tokenizer(getattr(self, TOKENIZER_SOURCE, None) or self.name_or_path, save_directory)
         return result
 
     def _init_weights(self, module):
