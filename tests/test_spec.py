@@ -33,7 +33,7 @@ def test_upcycle_signature_is_the_spec():
 def test_cli_flags_and_defaults_are_the_spec():
     actions = {a.dest: a for a in upcycle_subparser()._actions}
     flags = {dest: a.default for dest, a in actions.items() if dest not in ("help", "overwrite", "overrides",
-                                                                            "source", "output_dir")}
+                                                                            "source", "output_dir", "json")}
     assert flags == spec_defaults()
     for name, f in SPEC_FIELDS.items():
         assert f.metadata["help"] in actions[name].help

@@ -261,8 +261,10 @@ def test_unsupported_source_architecture(tmp_path):
 
 
 def test_unreadable_source_names_it(tmp_path):
-    with pytest.raises(ValueError, match=r"`source`=.*could not be read"):
+    with pytest.raises(ValueError, match=r"`source`=.*nothing-here': no such folder"):  # a path: said as one
         hf_condcomp.upcycle(str(tmp_path / "nothing-here"))
+    with pytest.raises(ValueError, match=r"`source`='no-such-org/no-such-model' could not be read"):  # a Hub id
+        hf_condcomp.upcycle("no-such-org/no-such-model")
 
 
 def test_cli_upcycle_writes_a_loadable_folder(tmp_path):
