@@ -62,13 +62,14 @@ def upcycle_kwargs(args) -> dict:
 
 
 def save_with_tokenizer(model, source, folder):
-    """save_pretrained (weights, config with auto_map, code files) plus the source's tokenizer."""
+    """save_pretrained (weights, config with auto_map, code files, and the tokenizer of a local source)
+    plus the tokenizer of a source that `save_pretrained` did not write (a Hub id's)."""
     from transformers import AutoTokenizer
 
     from . import assets
 
     model.save_pretrained(folder)
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, (str, os.PathLike)) and not (Path(folder) / "tokenizer_config.json").exists():
         try:
             AutoTokenizer.from_pretrained(assets.resolve(str(source))).save_pretrained(folder)
         except (OSError, ValueError, TypeError):

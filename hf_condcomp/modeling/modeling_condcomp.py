@@ -35,7 +35,7 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from .architectures import find_layers, layout_from_dict, seq2seq_stacks
-from .common import CondCompInitMixin, compute_fraction, condcomp_losses, use_return_dict
+from .common import CondCompInitMixin, compute_fraction, condcomp_losses, has_moe_layers, use_return_dict
 from .compat import CACHE_KEY, cache_argument, class_weight_renamings, is_custom_code
 from .configuration_condcomp import CondCompConfig
 from .depth import GATED_VARIANTS, Recorder, install_conditional_layers, layer_variant
@@ -180,7 +180,7 @@ def check_expert_parallel(config) -> None:
     `distributed_config` given to `from_pretrained`) cannot run: its dispatch hands the experts each
     token's top-k, and each rank holds an equal share of every layer's experts."""
     ep_size = getattr(getattr(config, "distributed_config", None), "ep_size", None) or 1
-    if ep_size == 1 or not (config.moe_layers or config.decoder_moe_layers):
+    if ep_size == 1 or not has_moe_layers(config):
         return
     if config.moe_routing != "token_choice":
         raise ValueError(
@@ -556,7 +556,7 @@ class CondCompForMaskedLM(CondCompPreTrainedModel):
     _auto_class_of_task = AutoModelForMaskedLM
 
 
-class _BackboneGeneration:
+class _SourceGeneration:
     """Generation by the source model's own `generate()` (its modules hold the MoE
     blocks) with this model's generation config: positions, masks, caches (an encoder-decoder's
     too) and every hook a model class gives its `generate()` (OPT's positions from the padding mask,
@@ -570,11 +570,11 @@ class _BackboneGeneration:
         return self._condcomp_source.prepare_inputs_for_generation(*args, **kwargs)
 
 
-class CondCompForCausalLM(_BackboneGeneration, CondCompPreTrainedModel, GenerationMixin):
+class CondCompForCausalLM(_SourceGeneration, CondCompPreTrainedModel, GenerationMixin):
     _auto_class_of_task = AutoModelForCausalLM
 
 
-class CondCompForConditionalGeneration(_BackboneGeneration, CondCompPreTrainedModel, GenerationMixin):
+class CondCompForConditionalGeneration(_SourceGeneration, CondCompPreTrainedModel, GenerationMixin):
     """An encoder-decoder source (T5, BART, Marian, M2M100, ...) with MoE blocks in its encoder's and
     decoder's chosen layers (`moe_layers`, `decoder_moe_layers`)."""
 

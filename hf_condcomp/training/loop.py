@@ -3,6 +3,7 @@ the learning-rate schedule, `save_state` checkpoints and finding them again, log
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -39,8 +40,6 @@ def check_engine(accelerator):
     """Refuse a launch whose engine is not the one the launcher asked for: accelerate runs plain DDP under
     `ACCELERATE_USE_CPU=1` whatever `--use_deepspeed` or an FSDP config says, and without it reports one
     process while DeepSpeed's world has two (both would read the same batches)."""
-    import os
-
     got = accelerator.distributed_type.value
     for variable, engine in _ASKED.items():
         if os.environ.get(variable, "").lower() in ("true", "1") and got != engine:
@@ -48,7 +47,7 @@ def check_engine(accelerator):
                 f"the launch asked for {engine} ({variable}=true) and accelerate set up {got}: on a CPU machine "
                 f"launch DeepSpeed as `DS_ACCELERATOR=cpu accelerate launch --num_processes N --use_deepspeed "
                 f"...` without ACCELERATE_USE_CPU; accelerate's FSDP needs GPUs (docs/scaling.md).")
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = _world_size()
     if world != accelerator.num_processes:
         raise RecipeError(
             f"torch.distributed has {world} processes but accelerate sees {accelerator.num_processes} ({got}): each "
@@ -56,10 +55,15 @@ def check_engine(accelerator):
             "DeepSpeed on the CPU, DS_ACCELERATOR=cpu).")
 
 
+def _world_size() -> int:
+    """torch.distributed's world size, 1 where no process group runs."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 def engine_record(accelerator) -> dict:
     """The engine a run trained with, as all_results.json records it."""
     record = {"distributed_type": accelerator.distributed_type.value, "num_processes": accelerator.num_processes,
-              "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+              "world_size": _world_size()}
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:
         record["zero_stage"] = plugin.zero_stage

@@ -6,6 +6,7 @@ import re
 import torch
 
 from .. import assets
+from ..modeling.common import has_moe_layers
 from .errors import RecipeError
 
 
@@ -42,7 +43,7 @@ def load_model(args, auto_class, task, **head_kwargs):
         if isinstance(getattr(model.config, "upcycling", None), dict):
             model.config.upcycling["source"] = name
     _set_labels(model.config, head_kwargs)
-    if getattr(model.config, "moe_layers", None) or getattr(model.config, "decoder_moe_layers", None):
+    if has_moe_layers(model.config):
         # The recipes train MoE layers with their router losses (load balancing, z-loss), whatever the
         # folder's `output_router_logits` says (folders of earlier releases say False).
         model.config.output_router_logits = True
