@@ -9,6 +9,7 @@ plain data; `run_recorded` hands them, per forward, to other views (`tokens.py`)
 
 import math
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 
@@ -101,6 +102,55 @@ def _subset_rows(executed: torch.Tensor, real: torch.Tensor):
     return full, valid
 
 
+@contextmanager
+def _recording(model, recorders, logits: dict):
+    """Every recorder switched on, the model in eval mode and each MoE block's router (N, E)
+    logits written to `logits[layer]`; the user's flags, logs and mode are put back after."""
+    saved = [(m, m.record_routing, getattr(m, "routing_log", None)) for _, _, m in recorders]
+    hooks = [
+        m.gate.register_forward_hook(lambda mod, args, out, layer=layer: logits.__setitem__(layer, out.detach()))
+        for layer, kind, m in recorders
+        if kind == "moe"
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        for m, _, log in saved:
+            m.record_routing = True
+            if log is not None:
+                m.routing_log = []  # ours during the run; the user's log is put back after
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, flag, log in saved:
+            m.record_routing = flag
+            if log is not None:
+                m.routing_log = log
+        model.train(was_training)
+
+
+def _moe_records(moe: dict, logits: dict, executed: dict, real: torch.Tensor):
+    """This forward's MoE records with `token_rows` in flat (B*T) rows, and each layer's router
+    first choice per flat row (-1 where the router did not see the token)."""
+    records, top1 = {}, {}
+    for layer, m in moe.items():
+        if m.last_routing is None:
+            continue  # the layer's block ran on no token
+        rec = dict(m.last_routing)
+        choice = logits[layer].argmax(-1).cpu()  # (rows the FFN saw,)
+        sub = _subset_rows(executed[layer], real) if layer in executed else None
+        if sub is None:
+            top1[layer] = choice
+        else:
+            full, valid = sub
+            rec["token_rows"] = full[rec["token_rows"].cpu().long()]
+            top1[layer] = torch.full((real.numel(),), -1, dtype=torch.long)
+            top1[layer][full[valid]] = choice[valid]
+        records[layer] = rec
+    return records, top1
+
+
 def run_recorded(model, batches, on_forward):
     """Run `model` over `batches` with every recorder switched on.
 
@@ -120,54 +170,20 @@ def run_recorded(model, batches, on_forward):
     moe = {layer: m for layer, kind, m in recorders if kind == "moe"}
     gated = {layer: m for layer, kind, m in recorders if kind == "gated"}
     device = next(model.parameters()).device
-    was_training = model.training
-    saved = [(m, m.record_routing, getattr(m, "routing_log", None)) for _, _, m in recorders]
     logits: dict[int, torch.Tensor] = {}
-    hooks = [  # the router's (N, E) logits of each MoE block
-        m.gate.register_forward_hook(lambda mod, args, out, layer=layer: logits.__setitem__(layer, out.detach()))
-        for layer, m in moe.items()
-    ]
-    model.eval()
-    try:
-        for m, _, log in saved:
-            m.record_routing = True
-            if log is not None:
-                m.routing_log = []  # ours during the run; the user's log is put back after
-        with torch.no_grad():
-            for batch in batches:
-                inputs = _model_inputs(batch, device)
-                for m in moe.values():
-                    m.last_routing = None
-                for m in gated.values():
-                    m.routing_log.clear()
-                logits.clear()
-                outputs = model(**inputs)
-                real = inputs["attention_mask"].cpu().bool()  # (B, T)
-                executed = {l: m.routing_log[-1].cpu().bool() & real for l, m in gated.items() if m.routing_log}
-                records, top1 = {}, {}
-                for layer, m in moe.items():
-                    if m.last_routing is None:
-                        continue  # the layer's block ran on no token
-                    rec = dict(m.last_routing)
-                    choice = logits[layer].argmax(-1).cpu()  # (rows the FFN saw,)
-                    sub = _subset_rows(executed[layer], real) if layer in executed else None
-                    if sub is None:
-                        top1[layer] = choice
-                    else:
-                        full, valid = sub
-                        rec["token_rows"] = full[rec["token_rows"].cpu().long()]
-                        top1[layer] = torch.full((real.numel(),), -1, dtype=torch.long)
-                        top1[layer][full[valid]] = choice[valid]
-                    records[layer] = rec
-                on_forward(inputs, outputs, records, {l: e.reshape(-1) for l, e in executed.items()}, top1)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, flag, log in saved:
-            m.record_routing = flag
-            if log is not None:
-                m.routing_log = log
-        model.train(was_training)
+    with _recording(model, recorders, logits), torch.no_grad():
+        for batch in batches:
+            inputs = _model_inputs(batch, device)
+            for m in moe.values():
+                m.last_routing = None
+            for m in gated.values():
+                m.routing_log.clear()
+            logits.clear()
+            outputs = model(**inputs)
+            real = inputs["attention_mask"].cpu().bool()  # (B, T)
+            executed = {l: m.routing_log[-1].cpu().bool() & real for l, m in gated.items() if m.routing_log}
+            records, top1 = _moe_records(moe, logits, executed, real)
+            on_forward(inputs, outputs, records, {l: e.reshape(-1) for l, e in executed.items()}, top1)
     return moe
 
 
