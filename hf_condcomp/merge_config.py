@@ -58,9 +58,7 @@ def _prompts(value, folder, where):
     raise ValueError(f"{where}: prompts must be a list of strings or a file path, got {value!r}.")
 
 
-def read_merge_config(path) -> tuple[list, dict, str | None]:
-    """(sources, `upcycle` settings, dtype) of a mergekit-moe YAML; a ValueError naming the field otherwise."""
-    path = Path(path)
+def _load_yaml(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"CONFIG {str(path)!r} does not exist.")
     try:
@@ -69,6 +67,11 @@ def read_merge_config(path) -> tuple[list, dict, str | None]:
         raise ValueError(f"CONFIG {str(path)!r} is not valid YAML ({' '.join(str(err).split())}).") from None
     if not isinstance(config, dict):
         raise ValueError(f"CONFIG {str(path)!r} must be a mapping with `experts`, got {type(config).__name__}.")
+    return config
+
+
+def _check_top_level(config: dict) -> None:
+    """The keys beside `experts`: known, supported, and with values this package can take."""
     unknown = [key for key in config if key not in TOP_KEYS]
     if unknown:
         raise ValueError(f"CONFIG: unknown key(s) {unknown}; a mergekit-moe config has {list(TOP_KEYS)}.")
@@ -84,33 +87,46 @@ def read_merge_config(path) -> tuple[list, dict, str | None]:
     dtype = config.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"CONFIG: `dtype`={dtype!r} is not supported: use one of {DTYPES}.")
-    top_k = config.get("experts_per_token", 2)
     experts = config.get("experts")
     if not isinstance(experts, list) or not experts:
         raise ValueError("CONFIG: `experts` must be a non-empty list of {source_model, positive_prompts, ...}.")
+    top_k = config.get("experts_per_token", 2)
     if not isinstance(top_k, int) or not 1 <= top_k <= len(experts):
         raise ValueError(f"CONFIG: `experts_per_token`={top_k!r} must be between 1 and the {len(experts)} experts.")
-    sources, prompts = [], []
-    for i, expert in enumerate(experts):
-        where = f"CONFIG: experts[{i}]"
-        if not isinstance(expert, dict):
-            raise ValueError(f"{where} must be a mapping with `source_model`, got {expert!r}.")
-        unknown = [key for key in expert if key not in EXPERT_KEYS]
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; an expert has {list(EXPERT_KEYS)}.")
-        for key in ("noise_scale", "residual_scale"):
-            if expert.get(key) is not None:
-                raise ValueError(f"{where}: `{key}` is not supported: {_UNSUPPORTED[key]}.")
-        sources.append(_model_reference(expert.get("source_model"), f"{where}.source_model"))
-        positive = _prompts(expert.get("positive_prompts"), path.parent, f"{where}.positive_prompts")
-        negative = _prompts(expert.get("negative_prompts"), path.parent, f"{where}.negative_prompts")
-        if GATE_MODES[gate_mode] != "random" and not positive:
-            raise ValueError(f"{where}: `gate_mode`={gate_mode!r} needs `positive_prompts` for every expert.")
-        prompts.append({"positive_prompts": positive or [], "negative_prompts": negative or []})
+
+
+def _read_expert(i: int, expert, gate_mode: str, folder: Path) -> tuple[str, dict]:
+    """(source, its router prompts) of `experts[i]`."""
+    where = f"CONFIG: experts[{i}]"
+    if not isinstance(expert, dict):
+        raise ValueError(f"{where} must be a mapping with `source_model`, got {expert!r}.")
+    unknown = [key for key in expert if key not in EXPERT_KEYS]
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; an expert has {list(EXPERT_KEYS)}.")
+    for key in ("noise_scale", "residual_scale"):
+        if expert.get(key) is not None:
+            raise ValueError(f"{where}: `{key}` is not supported: {_UNSUPPORTED[key]}.")
+    source = _model_reference(expert.get("source_model"), f"{where}.source_model")
+    positive = _prompts(expert.get("positive_prompts"), folder, f"{where}.positive_prompts")
+    negative = _prompts(expert.get("negative_prompts"), folder, f"{where}.negative_prompts")
+    if GATE_MODES[gate_mode] != "random" and not positive:
+        raise ValueError(f"{where}: `gate_mode`={gate_mode!r} needs `positive_prompts` for every expert.")
+    return source, {"positive_prompts": positive or [], "negative_prompts": negative or []}
+
+
+def read_merge_config(path) -> tuple[list, dict, str | None]:
+    """(sources, `upcycle` settings, dtype) of a mergekit-moe YAML; a ValueError naming the field otherwise."""
+    path = Path(path)
+    config = _load_yaml(path)
+    _check_top_level(config)
+    gate_mode = config.get("gate_mode", "hidden")
+    read = [_read_expert(i, expert, gate_mode, path.parent) for i, expert in enumerate(config["experts"])]
+    sources = [source for source, _ in read]
+    prompts = [prompt for _, prompt in read]
     base = config.get("base_model")
     settings = dict(
         base=None if base is None else _model_reference(base, "CONFIG: base_model"),
-        num_experts=len(sources), top_k=top_k, layers="all", router_init=GATE_MODES[gate_mode],
-        expert_prompts=prompts if GATE_MODES[gate_mode] != "random" else None,
+        num_experts=len(sources), top_k=config.get("experts_per_token", 2), layers="all",
+        router_init=GATE_MODES[gate_mode], expert_prompts=prompts if GATE_MODES[gate_mode] != "random" else None,
     )
-    return sources, settings, dtype
+    return sources, settings, config.get("dtype")
