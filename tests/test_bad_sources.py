@@ -197,3 +197,22 @@ def test_the_first_conversion_of_the_embedded_smollm2_says_what_it_does(tmp_path
     with pytest.raises(RuntimeError, match="the conversion starts here"):
         assets.smollm2_path()
     assert "SmolLM2-135M-Instruct: converting its GGUF into a plain checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8)),
+    ("deepseek_v3", dict(first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                         n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                         qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1)),
+])
+def test_a_mixture_of_experts_source_is_refused_by_name(tmp_path, model_type, extra):
+    """An MoE checkpoint (here DeepSeek-V3's layout, whose first layer is dense) is not a dense source:
+    one line naming it and its expert count, before any weight is read, not a missing-key error."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=37, **extra)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "source")
+    with pytest.raises(ValueError, match=rf"is already a Mixture-of-Experts \(model type '{model_type}', "
+                                         r"`num_(local_)?experts`=4\): upcycling starts from a dense checkpoint"):
+        hf_condcomp.upcycle(str(tmp_path / "source"), num_experts=4)

@@ -108,7 +108,19 @@ def load_source(source, task, num_labels):
     return model, task, name
 
 
+# The expert-count fields of transformers' MoE configs (Mixtral/PhiMoE, Qwen-MoE/OLMoE, DeepSeek/GLM-MoE).
+_MOE_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
 def _refuse_upcycled(config, name):
+    for field in _MOE_COUNT_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 1 and not is_condcomp_config(config):
+            raise ValueError(
+                f"`source`={name!r} is already a Mixture-of-Experts (model type {config.model_type!r}, `{field}`="
+                f"{value}): upcycling starts from a dense checkpoint. Upcycle its dense sibling instead, or fine-tune "
+                "it as it is with transformers."
+            )
     if is_condcomp_config(config):
         source = (getattr(config, "upcycling", None) or {}).get("source_model_type")
         raise ValueError(
