@@ -1,7 +1,7 @@
 """The decoders people upcycle today, each built from its own transformers config class with the
 settings that set it apart (Llama 3's rope scaling, Phi-4-mini's partial rotary LongRoPE, Gemma 3's
-sliding and global layers, SmolLM3's layers without RoPE, Granite's multipliers, GLM-4's fused
-FFN, Arcee's ungated FFN). Most are not named in `architectures.LAYOUTS`: their FFN and its
+sliding and global layers, Gemma 4's per-layer head size, SmolLM3's layers without RoPE, Granite's
+multipliers, GLM-4's fused FFN, Arcee's ungated FFN). Most are not named in `architectures.LAYOUTS`: their FFN and its
 activation are recognised from the layer's modules and the config (`detect_layout`).
 
 Reference: the dense parent. Copy-upcycled MoE, MoD at capacity 1 and open gates give its logits on
@@ -30,6 +30,11 @@ SOURCES = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
                          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}),
         lambda c: c.hidden_activation == "gelu_pytorch_tanh" and c.rope_parameters["full_attention"]["factor"] == 8),
+    # Gemma 4 sets `head_dim` per layer (`global_head_dim` on full-attention layers): the config reads no one value
+    "gemma4_text": (lambda: T.Gemma4TextConfig(
+        **_LM, head_dim=8, global_head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        vocab_size_per_layer_input=99, hidden_size_per_layer_input=8),
+        lambda c: c.to_dict()["per_layer_config"] == {"1": {"head_dim": 16}}),
     "llama3": (lambda: T.LlamaConfig(
         **_LM, tie_word_embeddings=True,
         rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0,
@@ -92,12 +97,12 @@ def test_upcycled_source_is_its_dense_parent(saved, name, variant):
 
 
 def test_unlisted_sources_are_recognised_from_their_modules(saved):
-    """Gemma 3, SmolLM3, Granite, OLMo 2, GLM-4 and Arcee are not in the layout table: their FFN is
+    """Gemma 3 and 4, SmolLM3, Granite, OLMo 2, GLM-4 and Arcee are not in the layout table: their FFN is
     found from the layer's modules, and its activation under whichever name their config uses."""
     layouts = {model.config.text_config.model_type: model.config.ffn_layout
                for (_, variant), (model, _, _) in saved.items() if variant == "moe"}
     unlisted = {name: layout for name, layout in layouts.items() if name not in architectures.LAYOUTS}
-    assert set(unlisted) == {"gemma3_text", "smollm3", "granite", "olmo2", "glm4", "arcee"}
+    assert set(unlisted) == {"gemma3_text", "gemma4_text", "smollm3", "granite", "olmo2", "glm4", "arcee"}
     assert all(tuple(layout["act"]) == architectures.FFN_ACTIVATIONS for layout in unlisted.values())
     assert unlisted["glm4"]["fused"] and not unlisted["arcee"]["gated"]
 

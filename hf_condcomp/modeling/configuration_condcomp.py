@@ -356,7 +356,12 @@ class CondCompConfig(PreTrainedConfig, CondCompFields):
         text = self.__dict__.get("text_config")
         if name.startswith("_") or _SETTING_UP in self.__dict__ or not isinstance(text, PreTrainedConfig):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(text, name)
+        try:
+            return getattr(text, name)
+        except RuntimeError as err:
+            # A per-layer field of a heterogeneous source (Gemma 4's `head_dim`) has no one value: transformers
+            # raises a RuntimeError there, which `hasattr` (its own config validation) does not catch.
+            raise AttributeError(f"{name!r} is set per layer in the source config: {err}") from err
 
     def _source_field(self, name) -> bool:
         """Whether `name` is a field of the source's config that this config does not have itself."""
