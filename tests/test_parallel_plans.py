@@ -18,6 +18,7 @@ refused when the model is built, in one line naming the field.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -75,9 +76,17 @@ def _forward_backward(model, inputs):
 # --- inside the ranks (torchrun runs this file) -----------------------------------------------------------
 
 
+def _gather(tensor):
+    """The whole tensor of a rank's shard (a collective: every rank calls it, in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def _rank_main(root):
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
     from transformers.distributed import DistributedConfig
     from transformers.distributed import expert_parallel as engine
 
@@ -91,48 +100,46 @@ def _rank_main(root):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     root = Path(root)
-    results = {"world_size": world, "cases": {}}
-    for case in json.loads((root / "cases.json").read_text()):
+    results = {"world_size": world, "runs": {}}
+    for run, (case, plan) in json.loads((root / "runs.json").read_text()).items():
         folder = root / case
         ref = torch.load(folder / "reference.pt")
-        config = DistributedConfig(ep_size=WORLD, tp_plan={})
         try:
             model = _auto_class(case).from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
-                                                      distributed_config=config, **_load_kwargs(case)).eval()
+                                                      distributed_config=DistributedConfig(**plan),
+                                                      **_load_kwargs(case)).eval()
         except ValueError as error:
-            results["cases"][case] = {"refused": str(error)}
+            results["runs"][run] = {"refused": str(error)}
             continue
-        E = model.config.num_local_experts
-        sharding, local_experts = [], []
-        for name, p in model.named_parameters():
-            if ".experts." in name:
-                sharding.append(isinstance(p, DTensor) and tuple(p.placements) == (Shard(0),))
-                local_experts.append(p.to_local().shape[0] if isinstance(p, DTensor) else p.shape[0])
+        params = {name: {"placements": [repr(p) for p in t.placements] if isinstance(t, DTensor) else None,
+                         "local_shape": list(t.to_local().shape if isinstance(t, DTensor) else t.shape),
+                         "requires_grad": t.requires_grad}
+                  for name, t in model.named_parameters()}
         calls.update(dict.fromkeys(calls, 0))
         logits, loss, grads, no_grad_logits = _forward_backward(model, ref["inputs"])
-        grad_diff, missing = 0.0, []
-        for name, grad in grads.items():
+        grad_diff, missing, frozen = 0.0, [], []
+        for name, grad in grads.items():  # every rank gathers every gradient, in the same order
             expected = ref["grads"][name]
+            if not params[name]["requires_grad"]:
+                frozen.append(name)
+                continue
             if grad is None or expected is None:
                 missing += [name] if (grad is None) != (expected is None) else []
                 continue
-            if isinstance(grad, DTensor):  # this rank's experts: its rows of the whole gradient
-                grad = grad.to_local()
-                expected = expected[rank * grad.shape[0]:(rank + 1) * grad.shape[0]]
-            grad_diff = max(grad_diff, (grad - expected).abs().max().item())
-        results["cases"][case] = {
-            "num_experts": E,
-            "experts_params": len(sharding),
-            "all_sharded": all(sharding),
-            "local_experts": sorted(set(local_experts)),
+            grad_diff = max(grad_diff, (_gather(grad) - expected).abs().max().item())
+        results["runs"][run] = {
+            "num_experts": model.config.num_local_experts,
+            "params": params,
+            "fsdp_units": sorted(name for name, m in model.named_modules() if isinstance(m, FSDPModule)),
             "module_num_experts": sorted({m.num_experts for n, m in model.named_modules() if n.endswith(".experts")}),
             "calls": dict(calls),
-            "logits": (logits - ref["logits"]).abs().max().item(),
-            "no_grad_logits": (no_grad_logits - ref["no_grad_logits"]).abs().max().item(),
-            "loss": abs(loss.item() - ref["loss"].item()),
+            "logits": (_gather(logits) - ref["logits"]).abs().max().item(),
+            "no_grad_logits": (_gather(no_grad_logits) - ref["no_grad_logits"]).abs().max().item(),
+            "loss": abs(_gather(loss).item() - ref["loss"].item()),
             "grad": grad_diff,
             "grads_compared": len(grads),
             "missing_grads": missing,
+            "frozen": frozen,
         }
         del model
     (root / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
@@ -197,14 +204,28 @@ def _free_port():
         return s.getsockname()[1]
 
 
-CASES = ["llama_all", "llama_every_other", "llama_all_grouped_mm", "bert", "t5", "marian"]
+MODELS = ["llama_all", "llama_every_other", "llama_all_grouped_mm", "bert", "t5", "marian", "expert_choice"]
+EP = {"ep_size": WORLD, "tp_plan": {}}  # tp_plan={}: the expert-parallel plan alone
+EP_CASES = ["llama_all", "llama_every_other", "llama_all_grouped_mm", "bert", "t5", "marian"]
+FSDP_CASES = ["llama_every_other", "bert", "t5", "marian"]
+# every stack of layers of each model, as the source names it: each layer is an FSDP unit of its own
+STACKS = {"llama_every_other": ["model.layers"], "bert": ["bert.encoder.layer"],
+          "t5": ["encoder.block", "decoder.block"], "marian": ["model.encoder.layers", "model.decoder.layers"]}
+FROZEN_POSITIONS = ["model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"]
+RUNS = {  # run: (saved model, DistributedConfig's fields), all in one launch
+    **{f"ep/{case}": (case, EP) for case in EP_CASES},
+    "ep/expert_choice": ("expert_choice", EP),
+    **{f"fsdp/{case}": (case, {"fsdp_size": WORLD}) for case in FSDP_CASES},
+    "hsdp/llama_every_other": ("llama_every_other", {"dp_replicate_size": WORLD}),
+    "tp_ep/llama_all": ("llama_all", {"tp_size": WORLD, "ep_size": WORLD}),
+}
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Saves every case with its single-process reference, launches torchrun once, returns each rank's record."""
-    root = tmp_path_factory.mktemp("expert_parallel")
-    for case in CASES + ["expert_choice"]:
+    """Saves every model with its single-process reference, launches torchrun once, returns each rank's record."""
+    root = tmp_path_factory.mktemp("parallel_plans")
+    for case in MODELS:
         folder = root / case
         _build(case).save_pretrained(folder)
         inputs = _inputs(case)
@@ -214,41 +235,91 @@ def ranks(tmp_path_factory):
         logits, loss, grads, no_grad_logits = _forward_backward(model, inputs)
         torch.save({"inputs": inputs, "logits": logits, "loss": loss, "grads": grads,
                     "no_grad_logits": no_grad_logits}, folder / "reference.pt")
-    (root / "cases.json").write_text(json.dumps(CASES + ["expert_choice"]))
+    (root / "runs.json").write_text(json.dumps(RUNS))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", __file__, str(root)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
                             cwd=Path(__file__).parent)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_the_engine_splits_the_experts_over_the_ranks(ranks, case):
-    for record in ranks:
+    records = [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    for record in records:
         assert record["world_size"] == WORLD
-        got = record["cases"][case]
+    return [record["runs"] for record in records]
+
+
+def _experts_params(got):
+    return {name: p for name, p in got["params"].items() if ".experts." in name}
+
+
+@pytest.mark.parametrize("case", EP_CASES)
+def test_the_engine_splits_the_experts_over_the_ranks(ranks, case):
+    for runs in ranks:
+        got = runs[f"ep/{case}"]
         E = got["num_experts"]
-        assert got["experts_params"] > 0 and got["all_sharded"], got
-        assert got["local_experts"] == [E // WORLD] and got["module_num_experts"] == [E // WORLD], got
+        experts = _experts_params(got)
+        assert experts and all(p["placements"] == ["Shard(dim=0)"] for p in experts.values()), experts
+        assert {p["local_shape"][0] for p in experts.values()} == {E // WORLD}, experts
+        assert got["module_num_experts"] == [E // WORLD], got
         # with gradients the engine exchanges tokens (all-to-all), without them it all-reduces
         assert got["calls"]["AllToAllEP"] > 0 and got["calls"]["AllReduceEP"] > 0, got
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_logits_loss_and_every_gradient_equal_one_process(ranks, case):
-    for record in ranks:
-        got = record["cases"][case]
+@pytest.mark.parametrize("run", [f"fsdp/{case}" for case in FSDP_CASES] + ["hsdp/llama_every_other"])
+def test_fsdp_shards_every_layer_of_every_stack(ranks, run):
+    """Each layer of each stack is an FSDP unit, and every parameter a `DTensor` split over the two ranks
+    (FSDP: `Shard(0)` on the `fsdp` dim; HSDP: whole on each replica, `Replicate()` then `Shard(0)` on an
+    `fsdp` dim of 1)."""
+    case = run.split("/")[1]
+    placements = ["Shard(dim=0)"] if run.startswith("fsdp") else ["Replicate()", "Shard(dim=0)"]
+    for runs in ranks:
+        got = runs[run]
+        units = set(got["fsdp_units"])
+        for stack in STACKS[case]:
+            layers = {m.group(1) for name in got["params"] if (m := re.match(rf"({re.escape(stack)}\.\d+)\.", name))}
+            assert len(layers) == (2 if case in SEQ2SEQ else 4), (stack, layers)
+            assert layers <= units, (stack, layers - units)
+            # and none of a layer's modules is a unit apart: the layer is gathered whole
+            assert not any(u.startswith(f"{layer}.") for layer in layers for u in units), units
+        assert "" in units  # the root unit holds the rest (embeddings, head)
+        assert {tuple(p["placements"] or ()) for p in got["params"].values()} == {tuple(placements)}, got["params"]
+
+
+def test_tensor_parallelism_with_ep_splits_attention_and_experts(ranks):
+    """`DistributedConfig(tp_size=2, ep_size=2)`: the source's TP plan splits attention and the head, the
+    expert-parallel plan splits each MoE layer's experts over the same two ranks; the routers, norms and
+    embeddings' positions stay whole."""
+    for runs in ranks:
+        got = runs["tp_ep/llama_all"]
+        params, E = got["params"], got["num_experts"]
+        for i in range(4):
+            for proj, dim in (("q_proj", 0), ("k_proj", 0), ("v_proj", 0), ("o_proj", 1)):
+                assert params[f"model.layers.{i}.self_attn.{proj}.weight"]["placements"] == [f"Shard(dim={dim})"]
+            for name in ("gate_up_proj", "down_proj"):
+                p = params[f"model.layers.{i}.mlp.experts.{name}"]
+                assert p["placements"] == ["Shard(dim=0)"] and p["local_shape"][0] == E // WORLD, p
+            assert params[f"model.layers.{i}.mlp.gate.weight"]["placements"] is None
+        assert params["lm_head.weight"]["placements"] == ["Shard(dim=0)"]
+        assert got["module_num_experts"] == [E // WORLD]
+        assert got["calls"]["AllToAllEP"] > 0
+
+
+@pytest.mark.parametrize("run", [r for r in RUNS if r != "ep/expert_choice"])
+def test_logits_loss_and_every_gradient_equal_one_process(ranks, run):
+    for runs in ranks:
+        got = runs[run]
         assert not got["missing_grads"], got
         assert got["grads_compared"] > 0
+        # Marian's sinusoidal position tables are frozen (`requires_grad=False`), as the engine keeps them;
+        # transformers' single-process loading makes them trainable, so their gradients are not compared
+        assert got["frozen"] == (FROZEN_POSITIONS if run == "fsdp/marian" else []), got["frozen"]
         for key in ("logits", "no_grad_logits", "loss", "grad"):
-            assert got[key] <= TOLERANCE, (key, got)
+            assert got[key] <= TOLERANCE, (key, got[key])
 
 
 def test_a_saved_expert_choice_model_is_refused_under_torchrun(ranks):
-    for record in ranks:
-        message = record["cases"]["expert_choice"]["refused"]
+    for runs in ranks:
+        message = runs["ep/expert_choice"]["refused"]
         assert "`moe_routing='expert_choice'`" in message and "ep_size=2" in message and "\n" not in message
 
 
@@ -284,3 +355,43 @@ def test_the_plan_names_only_the_experts_and_only_under_ep(monkeypatch):
     assert model.ep_plan == {"model.layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
                              "model.layers.*.mlp.experts.down_proj": "grouped_gemm",
                              "model.layers.*.mlp.experts": "ep_dispatch_experts"}
+
+
+@pytest.mark.parametrize(("case", "plan"), [
+    # the source's own units (Llama's embeddings, final norm and head) and each layer of each stack
+    ("llama_every_other", {"lm_head": "keep_full_weight", "model.embed_tokens": "free_full_weight",
+                           "model.layers.*": "free_full_weight", "model.norm": "keep_full_weight"}),
+    ("bert", {"bert.encoder.layer.*": "free_full_weight"}),
+    # T5's and Marian's `embed_tokens` are the `shared` embedding: no unit apart, the root unit shards it
+    ("t5", {"encoder.block.*": "free_full_weight", "decoder.block.*": "free_full_weight"}),
+    ("marian", {"model.encoder.layers.*": "free_full_weight", "model.decoder.layers.*": "free_full_weight"}),
+    ("gpt2", {"transformer.h.*": "free_full_weight"}),
+    ("llama_mod", {"lm_head": "keep_full_weight", "model.embed_tokens": "free_full_weight",
+                   "model.layers.*": "free_full_weight", "model.norm": "keep_full_weight"}),
+])
+def test_the_fsdp_plan_names_each_layer_of_every_stack(case, plan):
+    """Found from the model's structure (lists of `GradientCheckpointingLayer`s or `_no_split_modules`
+    classes), routed layers (Mixture-of-Depths on layer 1) included."""
+    if case == "gpt2":
+        model = hf_condcomp.upcycle(tiny_source("gpt2"), layers=[1, 3], **MOE)
+    elif case == "llama_mod":
+        model = hf_condcomp.upcycle(tiny_source("llama"), variant="mod", capacity=0.5, layers="1")
+    else:
+        model = _build(case)
+    assert model.fsdp_plan == plan
+
+
+def test_tensor_parallelism_alone_says_the_experts_stay_whole(monkeypatch):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    from hf_condcomp.modeling import parallel
+
+    model = hf_condcomp.upcycle(tiny_source("llama"), layers=[1, 3], **MOE)
+    config = _config_with_ep(monkeypatch, model)
+    config.distributed_config.tp_size, config.distributed_config.ep_size = 2, 1
+    parallel.logger.warning_once.cache_clear()
+    with CaptureLogger(logging.get_logger(parallel.__name__)) as captured:
+        parallel.check_parallel(config)
+    assert captured.out.strip().count("\n") == 0
+    assert "`tp_size=2` with `ep_size=1`" in captured.out and "ep_size=2)" in captured.out
