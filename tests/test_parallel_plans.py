@@ -217,7 +217,8 @@ RUNS = {  # run: (saved model, DistributedConfig's fields), all in one launch
     "ep/expert_choice": ("expert_choice", EP),
     **{f"fsdp/{case}": (case, {"fsdp_size": WORLD}) for case in FSDP_CASES},
     "hsdp/llama_every_other": ("llama_every_other", {"dp_replicate_size": WORLD}),
-    "tp_ep/llama_all": ("llama_all", {"tp_size": WORLD, "ep_size": WORLD}),
+    "fsdp_ep/llama_every_other": ("llama_every_other", {"fsdp_size": WORLD, "ep_size": WORLD}),
+    "tp_ep/llama_every_other": ("llama_every_other", {"tp_size": WORLD, "ep_size": WORLD}),
 }
 
 
@@ -285,22 +286,43 @@ def test_fsdp_shards_every_layer_of_every_stack(ranks, run):
         assert {tuple(p["placements"] or ()) for p in got["params"].values()} == {tuple(placements)}, got["params"]
 
 
-def test_tensor_parallelism_with_ep_splits_attention_and_experts(ranks):
-    """`DistributedConfig(tp_size=2, ep_size=2)`: the source's TP plan splits attention and the head, the
-    expert-parallel plan splits each MoE layer's experts over the same two ranks; the routers, norms and
-    embeddings' positions stay whole."""
+def test_tensor_parallelism_with_ep_splits_attention_the_dense_ffns_and_the_experts(ranks):
+    """`DistributedConfig(tp_size=2, ep_size=2)` on MoE layers 1 and 3: the source's TP plan splits the
+    attention, the dense layers' FFNs (0 and 2) and the head; the expert-parallel plan splits each MoE
+    layer's experts over the same two ranks; the routers and norms stay whole."""
     for runs in ranks:
-        got = runs["tp_ep/llama_all"]
+        got = runs["tp_ep/llama_every_other"]
         params, E = got["params"], got["num_experts"]
         for i in range(4):
             for proj, dim in (("q_proj", 0), ("k_proj", 0), ("v_proj", 0), ("o_proj", 1)):
                 assert params[f"model.layers.{i}.self_attn.{proj}.weight"]["placements"] == [f"Shard(dim={dim})"]
+            assert params[f"model.layers.{i}.input_layernorm.weight"]["placements"] is None
+        for i in (0, 2):
+            for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+                assert params[f"model.layers.{i}.mlp.{proj}.weight"]["placements"] == [f"Shard(dim={dim})"]
+        for i in (1, 3):
             for name in ("gate_up_proj", "down_proj"):
                 p = params[f"model.layers.{i}.mlp.experts.{name}"]
                 assert p["placements"] == ["Shard(dim=0)"] and p["local_shape"][0] == E // WORLD, p
             assert params[f"model.layers.{i}.mlp.gate.weight"]["placements"] is None
         assert params["lm_head.weight"]["placements"] == ["Shard(dim=0)"]
         assert got["module_num_experts"] == [E // WORLD]
+        assert got["calls"]["AllToAllEP"] > 0 and not got["fsdp_units"]
+
+
+def test_fsdp_with_ep_shards_the_experts_over_the_expert_ranks_and_the_rest_by_layer(ranks):
+    """`DistributedConfig(fsdp_size=2, ep_size=2)`: each MoE layer's experts split over the expert ranks
+    (an FSDP unit of their own, on the `efsdp` dim of 1), every other parameter `Shard(0)` by FSDP."""
+    for runs in ranks:
+        got = runs["fsdp_ep/llama_every_other"]
+        E = got["num_experts"]
+        assert {f"model.layers.{i}" for i in range(4)} | {"model.layers.1.mlp.experts", "model.layers.3.mlp.experts"} \
+            <= set(got["fsdp_units"])
+        for name, p in got["params"].items():
+            if ".experts." in name:
+                assert p["placements"][-1] == "Shard(dim=0)" and p["local_shape"][0] == E // WORLD, (name, p)
+            else:
+                assert p["placements"] == ["Shard(dim=0)"], (name, p)
         assert got["calls"]["AllToAllEP"] > 0
 
 

@@ -6,8 +6,8 @@ numbers written `*`: `tp_plan` (tensor parallelism, `tp_size`), `ep_plan` (exper
 `ep_size`), `fsdp_plan` (FSDP2 units, `fsdp_size` and `dp_replicate_size`) and `pp_plan`. An
 upcycled model declares:
 
-- the source's own plans (its class's and its base model's: attention colwise / rowwise, the head),
-  without the entries that name an FFN an MoE layer no longer has (`drop_stale_plan_entries`);
+- the source's own plans (its class's and its base model's: attention and the dense layers' FFNs colwise /
+  rowwise, the head), without the entries that name what an MoE layer changed (`drop_stale_plan_entries`);
 - the expert-parallel plan of the MoE blocks, as Qwen3-MoE's `base_model_ep_plan` (`expert_parallel_plan`);
 - one FSDP unit per layer of every stack of layers the model has (a decoder's, an encoder's, both stacks
   of an encoder-decoder), found from the model's structure (`layer_stacks`), where the source's plan
@@ -21,7 +21,6 @@ This file travels to the Hub with every saved model: only sibling relative impor
 
 import re
 
-import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -29,6 +28,7 @@ from transformers.utils import logging
 
 from .common import has_moe_layers
 from .experts import Experts
+from .moe import MoEFeedForward
 
 logger = logging.get_logger(__name__)
 
@@ -42,32 +42,36 @@ def _wildcard(name: str) -> str:
 
 def drop_stale_plan_entries(model: nn.Module) -> None:
     """Keep, in the parallel plans of `model` and of every model inside it, only the entries that
-    name a module or parameter in every layer their `*` stands for.
+    name a module or parameter of the model and nothing an MoE layer changed.
 
-    The source's plans name its FFN modules in every layer (Llama: `layers.*.mlp.gate_proj`
-    colwise, ..., `down_proj` rowwise), which an MoE layer no longer has, or has as an `Identity`
-    (BERT's `output.dense`); dropping them is a valid plan: each FFN then runs unsharded on every rank,
-    while the attention, embeddings and head keep their sharding (each colwise / rowwise pair is whole)."""
+    The source's plans name its FFN modules with `*` for the layer number (Llama: `layers.*.mlp.gate_proj`
+    colwise, `up_proj` colwise, `down_proj` rowwise). The engine applies an entry to each module it
+    matches, so these still shard the FFNs of the dense layers, which an MoE layer has not got: as
+    Qwen3-MoE's plan shards its dense `mlp_only_layers`. An entry that names an MoE block or a module
+    in it, or an FFN module an MoE layer keeps as an `Identity` (BERT's `output.dense`), is dropped:
+    that FFN then runs unsharded on every rank, while the others keep their sharding (each colwise /
+    rowwise pair is whole)."""
+    changed = set()
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward):
+            changed.update(id(m) for m in module.modules())
+        elif isinstance(module, nn.Identity):
+            changed.add(id(module))
     for module in model.modules():
         if not isinstance(module, PreTrainedModel):
             continue
         for attr in PARALLEL_PLANS:
             plan = module.__dict__.get(attr)
             if plan:
-                setattr(module, attr, {k: v for k, v in plan.items() if _names_everywhere(module, k.split("."))})
+                setattr(module, attr, {k: v for k, v in plan.items() if _names_unchanged(module, k, changed)})
 
 
-def _names_everywhere(module: nn.Module, parts: list) -> bool:
-    if not parts:
-        return True
-    head, rest = parts[0], parts[1:]
-    if head == "*":
-        children = list(module.children())
-        return bool(children) and all(_names_everywhere(child, rest) for child in children)
-    child = getattr(module, head, None)
-    if isinstance(child, nn.Module):
-        return _names_everywhere(child, rest)
-    return not rest and isinstance(child, torch.Tensor)
+def _names_unchanged(model: nn.Module, pattern: str, changed: set) -> bool:
+    """Whether the plan entry `pattern` names a module or parameter of `model`, and no module in `changed`."""
+    named = [m for name, m in model.named_modules() if _wildcard(name) == pattern]
+    named += [m for name, m in model.named_modules() for p, _ in m.named_parameters(recurse=False)
+              if _wildcard(f"{name}.{p}" if name else p) == pattern]
+    return bool(named) and not any(id(m) in changed for m in named)
 
 
 def expert_parallel_plan(model: nn.Module) -> dict:
