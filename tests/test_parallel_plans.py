@@ -182,6 +182,8 @@ def _build(case):
         model = hf_condcomp.upcycle(tiny_source("llama"), layers="all", **MOE)
     elif case == "llama_every_other":
         model = hf_condcomp.upcycle(tiny_source("llama"), layers=[1, 3], **MOE)
+    elif case == "llama_tied":  # one embedding for input and head, as SmolLM2's
+        model = hf_condcomp.upcycle(tiny_source("llama", tie_word_embeddings=True), layers=[1, 3], **MOE)
     elif case == "bert":
         source = tiny_source("bert", "sequence-classification", hidden_dropout_prob=0.0,
                              attention_probs_dropout_prob=0.0)
@@ -204,12 +206,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-MODELS = ["llama_all", "llama_every_other", "llama_all_grouped_mm", "bert", "t5", "marian", "expert_choice"]
+MODELS = ["llama_all", "llama_every_other", "llama_all_grouped_mm", "llama_tied", "bert", "t5", "marian",
+          "expert_choice"]
 EP = {"ep_size": WORLD, "tp_plan": {}}  # tp_plan={}: the expert-parallel plan alone
 EP_CASES = ["llama_all", "llama_every_other", "llama_all_grouped_mm", "bert", "t5", "marian"]
-FSDP_CASES = ["llama_every_other", "bert", "t5", "marian"]
+FSDP_CASES = ["llama_every_other", "llama_tied", "bert", "t5", "marian"]
 # every stack of layers of each model, as the source names it: each layer is an FSDP unit of its own
-STACKS = {"llama_every_other": ["model.layers"], "bert": ["bert.encoder.layer"],
+STACKS = {"llama_every_other": ["model.layers"], "llama_tied": ["model.layers"], "bert": ["bert.encoder.layer"],
           "t5": ["encoder.block", "decoder.block"], "marian": ["model.encoder.layers", "model.decoder.layers"]}
 FROZEN_POSITIONS = ["model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"]
 RUNS = {  # run: (saved model, DistributedConfig's fields), all in one launch
@@ -383,6 +386,8 @@ def test_the_plan_names_only_the_experts_and_only_under_ep(monkeypatch):
     # the source's own units (Llama's embeddings, final norm and head) and each layer of each stack
     ("llama_every_other", {"lm_head": "keep_full_weight", "model.embed_tokens": "free_full_weight",
                            "model.layers.*": "free_full_weight", "model.norm": "keep_full_weight"}),
+    # the tied embedding and head are no units apart: the root unit shards them
+    ("llama_tied", {"model.layers.*": "free_full_weight", "model.norm": "keep_full_weight"}),
     ("bert", {"bert.encoder.layer.*": "free_full_weight"}),
     # T5's and Marian's `embed_tokens` are the `shared` embedding: no unit apart, the root unit shards it
     ("t5", {"encoder.block.*": "free_full_weight", "decoder.block.*": "free_full_weight"}),
