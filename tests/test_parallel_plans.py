@@ -188,14 +188,16 @@ def _build(case):
         source = tiny_source("bert", "sequence-classification", hidden_dropout_prob=0.0,
                              attention_probs_dropout_prob=0.0)
         model = hf_condcomp.upcycle(source, layers=[1, 3], **MOE)
+    elif case == "llama_mod":  # a Mixture-of-Depths routed block on layer 1, no experts
+        model = hf_condcomp.upcycle(tiny_source("llama"), variant="mod", capacity=0.5, layers="1")
     elif case == "expert_choice":
         model = hf_condcomp.upcycle(tiny_source("llama"), layers=[1, 3], routing="expert_choice", **MOE)
     else:
         model = hf_condcomp.upcycle(_seq2seq_source(case), layers="all", **MOE)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # routers apart from the copy's, so tokens spread over both ranks' experts
+    with torch.no_grad():  # routers apart from the copy's: tokens spread over both ranks' experts, MoD skips some
         for name, p in model.named_parameters():
-            if name.endswith(".gate.weight") and p.shape[0] == MOE["num_experts"]:
+            if (name.endswith(".gate.weight") and p.shape[0] == MOE["num_experts"]) or "mod_router" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
     return model
 
@@ -206,13 +208,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-MODELS = ["llama_all", "llama_every_other", "llama_all_grouped_mm", "llama_tied", "bert", "t5", "marian",
-          "expert_choice"]
+MODELS = ["llama_all", "llama_every_other", "llama_all_grouped_mm", "llama_tied", "llama_mod", "bert", "t5",
+          "marian", "expert_choice"]
 EP = {"ep_size": WORLD, "tp_plan": {}}  # tp_plan={}: the expert-parallel plan alone
 EP_CASES = ["llama_all", "llama_every_other", "llama_all_grouped_mm", "bert", "t5", "marian"]
-FSDP_CASES = ["llama_every_other", "llama_tied", "bert", "t5", "marian"]
+FSDP_CASES = ["llama_every_other", "llama_tied", "llama_mod", "bert", "t5", "marian"]
 # every stack of layers of each model, as the source names it: each layer is an FSDP unit of its own
-STACKS = {"llama_every_other": ["model.layers"], "llama_tied": ["model.layers"], "bert": ["bert.encoder.layer"],
+STACKS = {"llama_every_other": ["model.layers"], "llama_tied": ["model.layers"], "llama_mod": ["model.layers"],
+          "bert": ["bert.encoder.layer"],
           "t5": ["encoder.block", "decoder.block"], "marian": ["model.encoder.layers", "model.decoder.layers"]}
 FROZEN_POSITIONS = ["model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"]
 RUNS = {  # run: (saved model, DistributedConfig's fields), all in one launch
@@ -222,6 +225,7 @@ RUNS = {  # run: (saved model, DistributedConfig's fields), all in one launch
     "hsdp/llama_every_other": ("llama_every_other", {"dp_replicate_size": WORLD}),
     "fsdp_ep/llama_every_other": ("llama_every_other", {"fsdp_size": WORLD, "ep_size": WORLD}),
     "tp_ep/llama_every_other": ("llama_every_other", {"tp_size": WORLD, "ep_size": WORLD}),
+    "tp/llama_mod": ("llama_mod", {"tp_size": WORLD}),
 }
 
 
@@ -313,6 +317,20 @@ def test_tensor_parallelism_with_ep_splits_attention_the_dense_ffns_and_the_expe
         assert got["calls"]["AllToAllEP"] > 0 and not got["fsdp_units"]
 
 
+def test_tensor_parallelism_splits_a_routed_layer_as_the_dense_ones(ranks):
+    """A Mixture-of-Depths layer keeps its source's modules: `tp_size=2` splits its attention and FFN as
+    every other layer's; its router (`mod_router`) stays whole."""
+    for runs in ranks:
+        params = runs["tp/llama_mod"]["params"]
+        for i in range(4):
+            for proj, dim in (("q_proj", 0), ("o_proj", 1)):
+                assert params[f"model.layers.{i}.self_attn.{proj}.weight"]["placements"] == [f"Shard(dim={dim})"]
+            for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+                assert params[f"model.layers.{i}.mlp.{proj}.weight"]["placements"] == [f"Shard(dim={dim})"]
+        routers = [p for name, p in params.items() if "mod_router" in name]
+        assert routers and all(p["placements"] is None for p in routers)
+
+
 def test_fsdp_with_ep_shards_the_experts_over_the_expert_ranks_and_the_rest_by_layer(ranks):
     """`DistributedConfig(fsdp_size=2, ep_size=2)`: each MoE layer's experts split over the expert ranks
     (an FSDP unit of their own, on the `efsdp` dim of 1), every other parameter `Shard(0)` by FSDP."""
@@ -401,8 +419,6 @@ def test_the_fsdp_plan_names_each_layer_of_every_stack(case, plan):
     classes), routed layers (Mixture-of-Depths on layer 1) included."""
     if case == "gpt2":
         model = hf_condcomp.upcycle(tiny_source("gpt2"), layers=[1, 3], **MOE)
-    elif case == "llama_mod":
-        model = hf_condcomp.upcycle(tiny_source("llama"), variant="mod", capacity=0.5, layers="1")
     else:
         model = _build(case)
     assert model.fsdp_plan == plan
