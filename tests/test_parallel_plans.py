@@ -1,19 +1,20 @@
-"""Expert parallelism by transformers' own engine: a saved upcycled model loaded with
+"""The parallel plans of an upcycled model, run by transformers' own engine: a saved model loaded with
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 script.py   # in script.py:
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True,
-                                         distributed_config=DistributedConfig(ep_size=2, tp_plan={}))
+                                         distributed_config=DistributedConfig(...))
 
-splits every MoE layer's experts over the two processes (gloo, CPU), E/2 per rank, and computes what one
-process computes. One launch covers tiny upcycled Llamas (MoE in every layer, through our experts function
-and through transformers' `grouped_mm`; MoE in every other layer), a BERT encoder (plain experts with
-biases) and T5 and Marian encoder-decoders. Inside the ranks, each
-case records that the engine ran: a world of 2, every experts parameter a `DTensor` split on the expert
-dim holding E/2 experts, the engine's all-to-all dispatch run with gradients and its all-reduce dispatch
-without. Each rank compares the logits, the loss (task plus router losses) and every gradient (its own
-experts' rows for the experts) with the single-process model, computed here beforehand. The routing
-that the engine's top-k dispatch cannot carry, and an expert count the ranks cannot share evenly, are
-refused when the model is built, in one line naming the field.
+on two processes (gloo, CPU) computes what one process computes. One launch runs every case (`RUNS`):
+`ep_size=2` (each MoE layer's experts split, E/2 per rank) on tiny upcycled Llamas (MoE in every layer,
+through our experts function and through transformers' `grouped_mm`; MoE in every other layer), a BERT
+encoder (plain experts with biases) and T5 and Marian encoder-decoders; `fsdp_size=2` (an FSDP unit per
+layer of every stack) on a Llama, a Llama with tied embeddings, a Mixture-of-Depths Llama, BERT, T5 and
+Marian; HSDP (`dp_replicate_size=2`), FSDP with EP and TP with EP on the Llama; TP on the Mixture-of-Depths
+Llama. Inside the ranks, each run records a world of 2 and every parameter's placements, which the tests
+assert (so the engine really ran), and compares the logits, the loss (task plus router losses) and every
+gradient, gathered whole from the shards, with the single-process model computed here beforehand. The
+routing that the engine's top-k dispatch cannot carry, and an expert count the ranks cannot share evenly,
+are refused when the model is built, in one line naming the field.
 """
 
 import json
