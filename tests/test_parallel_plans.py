@@ -169,6 +169,10 @@ def _seq2seq_source(name):
     if name == "t5":
         config = T.T5Config(**common, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, dropout_rate=0.0,
                             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    elif name == "bart":
+        config = T.BartConfig(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                              decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                              max_position_embeddings=64, dropout=0.0)
     else:
         config = T.MarianConfig(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2,
                                 encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
@@ -411,6 +415,7 @@ def test_the_plan_names_only_the_experts_and_only_under_ep(monkeypatch):
     # T5's and Marian's `embed_tokens` are the `shared` embedding: no unit apart, the root unit shards it
     ("t5", {"encoder.block.*": "free_full_weight", "decoder.block.*": "free_full_weight"}),
     ("marian", {"model.encoder.layers.*": "free_full_weight", "model.decoder.layers.*": "free_full_weight"}),
+    ("bart", {"model.encoder.layers.*": "free_full_weight", "model.decoder.layers.*": "free_full_weight"}),
     ("gpt2", {"transformer.h.*": "free_full_weight"}),
     ("llama_mod", {"lm_head": "keep_full_weight", "model.embed_tokens": "free_full_weight",
                    "model.layers.*": "free_full_weight", "model.norm": "keep_full_weight"}),
@@ -420,6 +425,8 @@ def test_the_fsdp_plan_names_each_layer_of_every_stack(case, plan):
     classes), routed layers (Mixture-of-Depths on layer 1) included."""
     if case == "gpt2":
         model = hf_condcomp.upcycle(tiny_source("gpt2"), layers=[1, 3], **MOE)
+    elif case == "bart":  # whose encoder and decoder tie their embeddings to `shared` in their own models
+        model = hf_condcomp.upcycle(_seq2seq_source("bart"), layers="all", **MOE)
     else:
         model = _build(case)
     assert model.fsdp_plan == plan

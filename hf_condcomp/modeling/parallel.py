@@ -121,10 +121,11 @@ def _holds_tied_weights(name: str, tied: dict) -> bool:
 
 def fsdp_plan(model: nn.Module, source_plan: dict, tied: dict) -> dict:
     """The FSDP2 units: the source's entries that name modules of this model, and every layer of every
-    stack (`layer_stacks`) freed after its forward (`free_full_weight`). FSDP2 shards a parameter in one
-    unit, so a module that holds a weight tied to one outside it (`tied`, the model's tied weights:
-    T5's and BART's `encoder.embed_tokens` and `decoder.embed_tokens`, which are `shared`) is no unit of
-    its own: the root unit, which holds whatever no unit does, shards it."""
+    stack (`layer_stacks`) freed after its forward (`free_full_weight`). A tied weight is wrapped once, as
+    transformers' `_resolve_tied_embed_lm_head_plan` does for a tied embedding and head: a module that
+    holds a weight tied to one outside it (`tied`: T5's, BART's and Marian's `encoder.embed_tokens` and
+    `decoder.embed_tokens`, which are `shared`) is no unit of its own, and the root unit, which holds
+    whatever no unit does, shards it."""
     plan = {pattern: style for pattern, style in source_plan.items()
             if (names := _matches(model, pattern)) and not any(_holds_tied_weights(n, tied) for n in names)}
     plan.update({f"{stack}.*": "free_full_weight" for stack in layer_stacks(model)})
@@ -137,7 +138,7 @@ def parallel_plans(model: nn.Module, source: nn.Module) -> dict:
     which name the head, and its base model's config plans) and pruned by `drop_stale_plan_entries`."""
     plans = {attr: dict(source.__dict__.get(attr) or {}) for attr in PARALLEL_PLANS}
     plans["_ep_plan"] = {**expert_parallel_plan(model), **plans["_ep_plan"]}
-    tied = source.get_expanded_tied_weights_keys(all_submodels=False)
+    tied = source.get_expanded_tied_weights_keys(all_submodels=True)  # BART ties its encoder's embedding in it
     plans["_fsdp_plan"] = fsdp_plan(model, plans["_fsdp_plan"], tied)
     return plans
 
