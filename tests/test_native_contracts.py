@@ -266,14 +266,23 @@ def test_num_labels_and_problem_type_survive_save_and_load(models, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_tensor_parallel_plan_names_only_modules_of_every_layer(models, family):
+def test_the_tensor_parallel_plan_names_attention_everywhere_and_ffns_only_in_dense_layers(models, family):
     model = models[family, "moe"]
-    for plan in (model.tp_plan, model.pp_plan):
-        for pattern in plan or {}:
-            assert _resolves(model, pattern.split(".")), pattern
-    if family == "llama":  # attention stays sharded; the FFN entries of the MoE layers are gone
+    names = [name for name, _ in [*model.named_modules(), *model.named_parameters()]]
+    for pattern in model.pp_plan or {}:
+        assert _resolves(model, pattern.split(".")), pattern
+    for pattern in model.tp_plan or {}:
+        matches = re.compile(re.escape(pattern).replace(r"\*", r"\d+")).fullmatch
+        layers = {int(m.group(1)) for n in names if matches(n) and (m := re.search(r"\.(\d+)\.", n))}
+        assert any(matches(n) for n in names), pattern
+        # attention in every layer; an FFN entry (Llama's `mlp.gate_proj`) only in the dense layers 0 and 2,
+        # as Qwen3-MoE's plan names the FFNs of its dense `mlp_only_layers`
+        assert layers in (set(), {0, 1, 2, 3}, {0, 2}), (pattern, layers)
+        assert ("mlp." in pattern) == (layers == {0, 2}), (pattern, layers)
+    if family == "llama":
         assert any("self_attn.q_proj" in k for k in model.tp_plan)
-        assert not any("mlp." in k for k in model.tp_plan)
+        ffn = {f"model.layers.*.mlp.{p}_proj" for p in ("gate", "up", "down")}
+        assert {k for k in model.tp_plan if "mlp." in k} == ffn
     # The expert-parallel plan names the experts, which only the MoE layers (1 and 3) have: the engine
     # applies an entry to each module it matches, as for Qwen3-MoE's plan with dense `mlp_only_layers`.
     names = [name for name, _ in [*model.named_modules(), *model.named_parameters()]]

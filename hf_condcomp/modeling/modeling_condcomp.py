@@ -17,7 +17,6 @@ MoE names (`model.layers.1.mlp.gate.weight`, `model.layers.1.mlp.experts.gate_up
 This file travels to the Hub with every saved model: only sibling relative imports.
 """
 
-import re
 
 import torch
 import torch.nn as nn
@@ -35,12 +34,12 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from .architectures import find_layers, layout_from_dict, seq2seq_stacks
-from .common import CondCompInitMixin, compute_fraction, condcomp_losses, has_moe_layers, use_return_dict
+from .common import CondCompInitMixin, compute_fraction, condcomp_losses, use_return_dict
 from .compat import CACHE_KEY, cache_argument, class_weight_renamings, is_custom_code
 from .configuration_condcomp import CondCompConfig
 from .depth import GATED_VARIANTS, Recorder, install_conditional_layers, layer_variant
-from .experts import Experts
 from .moe import MoEFeedForward
+from .parallel import check_parallel, drop_stale_plan_entries, parallel_plans
 
 
 class NativeMoEFeedForward(MoEFeedForward):
@@ -127,77 +126,6 @@ def model_stacks(source: nn.Module, config) -> list:
              layout_from_dict(config.decoder_ffn_layout))]
 
 
-_PARALLEL_PLANS = ("_tp_plan", "_ep_plan", "_pp_plan", "_fsdp_plan")
-
-
-def drop_stale_plan_entries(model: nn.Module) -> None:
-    """Keep, in the parallel plans of `model` and of every model inside it, only the entries that
-    name a module or parameter in every layer their `*` stands for.
-
-    The source's plans name its FFN modules in every layer (Llama: `layers.*.mlp.gate_proj`
-    colwise, ..., `down_proj` rowwise), which an MoE layer no longer has; a plan matches its
-    patterns against each layer's modules, so those entries cannot be kept for the dense layers
-    alone. Dropping them is a valid plan: each FFN then runs unsharded on every rank, while the
-    attention, embeddings and head keep their sharding (each colwise / rowwise pair is whole)."""
-    for module in model.modules():
-        if not isinstance(module, PreTrainedModel):
-            continue
-        for attr in _PARALLEL_PLANS:
-            plan = module.__dict__.get(attr)
-            if plan:
-                setattr(module, attr, {k: v for k, v in plan.items() if _names_everywhere(module, k.split("."))})
-
-
-def _names_everywhere(module: nn.Module, parts: list) -> bool:
-    if not parts:
-        return True
-    head, rest = parts[0], parts[1:]
-    if head == "*":
-        children = list(module.children())
-        return bool(children) and all(_names_everywhere(child, rest) for child in children)
-    child = getattr(module, head, None)
-    if isinstance(child, nn.Module):
-        return _names_everywhere(child, rest)
-    return not rest and isinstance(child, torch.Tensor)
-
-
-def expert_parallel_plan(model: nn.Module) -> dict:
-    """transformers' expert-parallel plan for the MoE blocks, in the style of Qwen3-MoE's
-    `base_model_ep_plan`: every experts parameter split on its expert dim (`grouped_gemm`), the
-    experts module reached through the engine's token dispatch (`ep_dispatch_experts`). Layer
-    numbers are `*`, as the engine matches them; a dense layer matches no entry."""
-    plan = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Experts):
-            name = re.sub(r"\.\d+(\.|$)", r".*\1", name)  # transformers' `replace_layer_number_by_wildcard`
-            plan.update({f"{name}.{param}": "grouped_gemm" for param, _ in module.named_parameters(recurse=False)})
-            plan[name] = "ep_dispatch_experts"
-    return plan
-
-
-def check_expert_parallel(config) -> None:
-    """Refuse, before a weight is read, what transformers' expert parallelism (`ep_size > 1` in the
-    `distributed_config` given to `from_pretrained`) cannot run: its dispatch hands the experts each
-    token's top-k, and each rank holds an equal share of every layer's experts."""
-    ep_size = getattr(getattr(config, "distributed_config", None), "ep_size", None) or 1
-    if ep_size == 1 or not has_moe_layers(config):
-        return
-    if config.moe_routing != "token_choice":
-        raise ValueError(
-            f"`moe_routing={config.moe_routing!r}` cannot run with expert parallelism (`ep_size={ep_size}`): each "
-            "expert picks its tokens from the whole batch, and the engine dispatches each token's top-k experts; "
-            "use `moe_routing='token_choice'` or `ep_size=1`.")
-    if config.moe_capacity_factor is not None:
-        raise ValueError(
-            f"`moe_capacity_factor={config.moe_capacity_factor!r}` cannot run with expert parallelism "
-            f"(`ep_size={ep_size}`): a capacity ranks the tokens against each other and drops some, and the engine "
-            "dispatches every token's top-k experts; use `moe_capacity_factor=None` (dropless) or `ep_size=1`.")
-    if config.num_local_experts % ep_size:
-        raise ValueError(
-            f"`num_local_experts={config.num_local_experts}` is not divisible by `ep_size={ep_size}`: each rank "
-            "holds an equal share of every MoE layer's experts; choose an `ep_size` that divides it.")
-
-
 def _set_submodule(root, dotted, module):
     parent, _, name = dotted.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
@@ -222,7 +150,7 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
-        check_expert_parallel(config)
+        check_parallel(config)
         if config.text_config is None:
             raise ValueError("`config.text_config` is None: a CondCompConfig needs the source model's config "
                              "(hf_condcomp.upcycle writes it).")
@@ -259,7 +187,7 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         dictionaries, so that whatever sets a module or tensor on one (PEFT's wrapper around a
         classifier, `set_output_embeddings`, loading, `.to()`) sets it on both. Take the class-level
         facts transformers reads off a model from it too: the base model's prefix, the tied weights,
-        the modules never split across devices, the parallel plans."""
+        the modules never split across devices."""
         source = self._condcomp_source
         for name in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
             self.__dict__[name] = source.__dict__[name]
@@ -268,16 +196,15 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         if tied:
             self._tied_weights_keys = dict(tied) if isinstance(tied, dict) else list(tied)
         self._no_split_modules = list(getattr(source, "_no_split_modules", None) or [])
-        for attr in _PARALLEL_PLANS:
-            plan = getattr(source, attr, None)
-            if plan:
-                setattr(self, attr, dict(plan))
 
     def init_parallel_plans(self):
-        """The plans transformers gathers from the source's modules, and the expert-parallel plan
-        of the MoE blocks, which the source has not got (`DistributedConfig(ep_size=...)` applies it)."""
+        """The source's parallel plans, the expert-parallel plan of the MoE blocks and an FSDP unit per
+        layer of every stack (parallel.py), read by `from_pretrained(..., distributed_config=...)`."""
         super().init_parallel_plans()
-        self._ep_plan = {**expert_parallel_plan(self), **self._ep_plan}
+        source = self.__dict__.get("_condcomp_source")
+        if source is not None:
+            for attr, plan in parallel_plans(self, source).items():
+                setattr(self, attr, plan)
 
     def train(self, mode: bool = True):
         super().train(mode)
