@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
 
 import hf_condcomp  # noqa: E402
 from hf_condcomp.export import ExportError, choose_format  # noqa: E402
-from hf_condcomp.modeling.depth import GATED_VARIANTS, GatedVariant, register_gated_variant  # noqa: E402
+from hf_condcomp.modeling.variants import GATED_VARIANTS, GatedVariant, register_gated_variant  # noqa: E402
 from hf_condcomp.training.models import routing_parameter_names  # noqa: E402
 
 

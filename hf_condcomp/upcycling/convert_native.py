@@ -17,7 +17,7 @@ from ..modeling.architectures import (
     seq2seq_stacks,
 )
 from ..modeling.configuration_condcomp import CondCompConfig
-from ..modeling.depth import variant_config_fields
+from ..modeling.variants import variant_config_fields
 from .copy_weights import copy_rest
 from .expert_init import layout_ffn, moe_block_tensors
 from .targets import as_floats_where_expected
