@@ -147,7 +147,7 @@ class UpcycleSettings:
                 fields["decoder_moe_layers"] = layers.decoder
         if layers.gated_variant is not None:
             fields[layers.gated_variant.layers_field] = layers.gated
-            fields.update({f.name: getattr(self, f.setting) for f in _chosen_settings(layers.gated_variant)})
+            fields.update({f.name: self.setting(f) for f in _chosen_settings(layers.gated_variant)})
         if task in ("sequence-classification", "token-classification"):
             fields.update(num_labels=src_config.num_labels, id2label=src_config.id2label,
                           label2id=src_config.label2id)
@@ -170,7 +170,7 @@ class UpcycleSettings:
             "top_k": self.top_k if moe else None,
             "routing": self.routing if moe else None,
             "capacity_factor": self.capacity_factor,
-            **{f.setting: getattr(self, f.setting) if v.name == self.variant else None
+            **{f.setting: self.setting(f) if v.name == self.variant else None
                for v in GATED_VARIANTS.values() for f in _chosen_settings(v)},
             "expert_sources": expert_sources,
             "shared_weights": ("base" if self.base is not None else "average") if merged else None,
@@ -179,6 +179,11 @@ class UpcycleSettings:
             "drop_ratio": self.drop_ratio if self.init == "drop" else None,
             "seed": self.seed,
         }
+
+    def setting(self, variant_field):
+        """The value of a gated variant's setting (`VariantField.setting`); its default where this spec's class
+        was made before the variant was registered."""
+        return getattr(self, variant_field.setting, variant_field.default)
 
     def config_overrides(self) -> dict:
         """The fields that are config fields of the upcycled model, as `upcycle` passes them on."""
