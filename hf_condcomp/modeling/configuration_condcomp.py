@@ -190,16 +190,17 @@ def _check_gated_layers(config, num_layers, seq2seq):
                              f"{config.text_config.model_type!r}): {SEQ2SEQ_GATED_REFUSAL}")
     owner = {}  # layer -> the gated variant's field that lists it
     for variant in GATED_VARIANTS.values():
-        field = variant.layers_field
-        layers = getattr(config, field) or []
-        _check_layers(field, layers, num_layers)
+        name = variant.layers_field
+        layers = getattr(config, name) or []
+        _check_layers(name, layers, num_layers)
         for i in layers:
             if i in owner:
                 raise ValueError(
-                    f"layer {i} is in both `{owner[i]}` and `{field}`: a block has one gated variant (routed, "
+                    f"layer {i} is in both `{owner[i]}` and `{name}`: a block has one gated variant (routed, "
                     "gated, ...), not two."
                 )
-            owner[i] = field
+            owner[i] = name
+
 
 SEQ2SEQ_GATED_REFUSAL = (
     "routed and gated layers run a subset of a stack's tokens, and the decoder's cross-attention and "
