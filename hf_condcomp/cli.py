@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .saving import save_atomically
+from .yaml_values import yaml_value
 
 DEMO_SOURCE = "all-MiniLM-L6-v2"
 DEMO_TEXTS = [
@@ -16,20 +17,28 @@ DEMO_TEXTS = [
 ]
 
 
-def _spec_value(text):
-    """A flag's value read as the recipes read `key=value` (YAML: 2, 0.5, true, null, [1, 3])."""
-    from .training import yaml_value
+# Packages that define gated variants name the modules that register them under this entry-point group
+# (pyproject.toml: [project.entry-points."hf_condcomp.gated_variants"] my_gate = "my_package.my_gate"),
+# so that `hf-condcomp upcycle` knows their `--variant` and flags.
+VARIANT_ENTRY_POINTS = "hf_condcomp.gated_variants"
 
-    return yaml_value(text)
+
+def load_variant_plugins():
+    """Import every module named under `VARIANT_ENTRY_POINTS`: importing a variant's module registers it."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=VARIANT_ENTRY_POINTS):
+        entry.load()
 
 
 def add_upcycle_arguments(p: argparse.ArgumentParser):
-    """One flag per field of `UpcycleSpec`, with its default and help: `--num-experts`, ..."""
-    from .spec import SPEC_FIELDS
+    """One flag per field of `UpcycleSpec`, with its default and help: `--num-experts`, ...; the settings of
+    every registered gated variant too (`--capacity`, and those of a variant registered from outside)."""
+    from .spec import spec_fields
 
-    for name, f in SPEC_FIELDS.items():
+    for name, f in spec_fields().items():
         meta = f.metadata
-        kind = f.type if f.type in (int, float) else _spec_value
+        kind = f.type if f.type in (int, float) else yaml_value  # read as the recipes read `key=value`
         help_text = meta["help"] + (f" (one of {', '.join(meta['choices'])})" if meta["choices"] else "")
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=f.default,
                        help=f"{help_text}; default: {f.default}")
@@ -39,8 +48,6 @@ def add_upcycle_arguments(p: argparse.ArgumentParser):
 
 def parse_overrides(items) -> dict:
     """`FIELD=VALUE` strings from `--set`, values read as the recipes read `key=value` overrides."""
-    from .training import yaml_value
-
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -51,9 +58,9 @@ def parse_overrides(items) -> dict:
 
 
 def upcycle_kwargs(args) -> dict:
-    from .spec import SPEC_FIELDS
+    from .spec import spec_fields
 
-    kwargs = {name: getattr(args, name) for name in SPEC_FIELDS}
+    kwargs = {name: getattr(args, name) for name in spec_fields()}
     for name, value in parse_overrides(args.overrides).items():
         if name in kwargs:
             raise ValueError(f"`--set {name}={value}`: `{name}` has its own flag, use --{name.replace('_', '-')}.")
@@ -177,6 +184,9 @@ def cmd_demo(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .modeling.configuration_condcomp import DEFAULT_NUM_EXPERTS, DEFAULT_TOP_K
+
+    load_variant_plugins()
     parser = argparse.ArgumentParser(prog="hf-condcomp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("upcycle", help="upcycle a dense checkpoint into a conditional-computation model")
@@ -208,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("demo", help="upcycle the embedded all-MiniLM-L6-v2 and check it against its parent")
     p.add_argument("--output-dir", default="outputs/all-MiniLM-L6-v2-moe")
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--num-experts", type=int, default=DEFAULT_NUM_EXPERTS)
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     p.set_defaults(func=cmd_demo)
     from .insight import add_inspect_parsers
 

@@ -22,14 +22,7 @@ from transformers.utils import cached_file
 from .assets import CheckpointError
 from .modeling.architectures import activation_of, layout_to_dict
 from .modeling.configuration_condcomp import CondCompConfig, CondCompFields
-from .modeling.modeling_condcomp import (
-    LEGACY_KEY_MAPPING,
-    CondCompForCausalLM,
-    CondCompForMaskedLM,
-    CondCompForSequenceClassification,
-    CondCompForTokenClassification,
-    CondCompModel,
-)
+from .modeling.modeling_condcomp import LEGACY_KEY_MAPPING, TASK_CLASSES
 from .upcycling.convert_native import native_layout
 
 # model type of an earlier release -> (path of its layers, name of its MoE blocks in a layer)
@@ -49,9 +42,9 @@ _ROBERTA_KEYS = (
     ("cls.predictions.decoder.", "lm_head.decoder."),
     ("cls.predictions.bias", "lm_head.bias"),
 )
-_CLASSES = {"Model": CondCompModel, "ForSequenceClassification": CondCompForSequenceClassification,
-            "ForTokenClassification": CondCompForTokenClassification, "ForMaskedLM": CondCompForMaskedLM,
-            "ForCausalLM": CondCompForCausalLM}
+# The earlier releases' architectures by suffix ("ForCausalLM", ...): the task classes but the encoder-decoder's,
+# which those releases did not have.
+_CLASSES = {cls.__name__.removeprefix("CondComp"): cls for task, cls in TASK_CLASSES.items() if task != "seq2seq-lm"}
 
 
 def native_config(values: dict) -> CondCompConfig:
@@ -165,19 +158,8 @@ def _loader_class(config_class, target):
 
 def register():
     """Registers the earlier model types with transformers' Auto classes (hf_condcomp/__init__.py)."""
-    from transformers import (
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForMaskedLM,
-        AutoModelForSequenceClassification,
-        AutoModelForTokenClassification,
-    )
-
-    autos = {AutoModel: CondCompModel, AutoModelForSequenceClassification: CondCompForSequenceClassification,
-             AutoModelForTokenClassification: CondCompForTokenClassification,
-             AutoModelForMaskedLM: CondCompForMaskedLM, AutoModelForCausalLM: CondCompForCausalLM}
     for model_type in LEGACY_TYPES:
         config_class = _legacy_config_class(model_type)
         AutoConfig.register(model_type, config_class, exist_ok=True)
-        for auto, target in autos.items():
-            auto.register(config_class, _loader_class(config_class, target), exist_ok=True)
+        for target in _CLASSES.values():
+            target._auto_class_of_task.register(config_class, _loader_class(config_class, target), exist_ok=True)

@@ -5,20 +5,33 @@ arguments with its defaults (and checks them in `__post_init__`), `hf-condcomp u
 one flag per field with the help text below, and the recipes accept exactly these names under
 `upcycling:`. The fields marked `config_field` are config fields of the upcycled model whose
 defaults come from the config itself (`CondCompFields`), so those defaults live in one place too.
+
+The settings of the gated variants (`capacity`, `threshold`, `mod_layers`, ...) are not written
+here: each variant declares them with its config fields (`VariantField.setting`,
+`GatedVariant.layers_setting`: hf_condcomp/modeling/variants.py), and `spec_class()` adds them to
+the settings below. A variant registered later (from outside the package) gets a class of its
+own with its settings too; `UpcycleSpec` and `SPEC_FIELDS` are those of the built-in variants.
 """
 
 import dataclasses
 from dataclasses import dataclass, field
 
-from .modeling.configuration_condcomp import MOE_IMPLEMENTATIONS, ROUTING_TYPES, CondCompFields
-from .modeling.depth import GATED_VARIANTS
+from .modeling.configuration_condcomp import (
+    DEFAULT_NUM_EXPERTS,
+    DEFAULT_TOP_K,
+    MOE_IMPLEMENTATIONS,
+    ROUTING_TYPES,
+    CondCompFields,
+)
+from .modeling.modeling_condcomp import TASK_CLASSES
 from .modeling.routing import ROUTING_METHODS
+from .modeling.variants import GATED_VARIANTS
 
 INITS = ("copy", "noise", "drop", "split-random", "split-kmeans")
 # How the routers start (upcycling/router_init.py): random, or from prompts per expert.
 ROUTER_INITS = ("random", "hidden", "hidden_last", "cheap_embed")
-TASKS = ("base", "sequence-classification", "token-classification", "masked-lm", "causal-lm", "seq2seq-lm")
-# "moe", then every registered gated variant (modeling/depth.py: `register_gated_variant`).
+TASKS = tuple(TASK_CLASSES)
+# "moe", then every gated variant registered at import (modeling/variants.py: `register_gated_variant`).
 VARIANTS = ("moe", *GATED_VARIANTS)
 
 _CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CondCompFields)}
@@ -38,17 +51,16 @@ def _error(argument, value, allowed):
 
 
 @dataclass
-class UpcycleSpec:
-    """How a dense checkpoint becomes a conditional-computation model (see `hf_condcomp.upcycle`)."""
+class UpcycleSettings:
+    """How a dense checkpoint becomes a conditional-computation model (see `hf_condcomp.upcycle`): the
+    settings but the gated variants' own, which `spec_class()` adds."""
 
-    variant: str = field(default="moe", metadata=_knob(
-        "moe: FFNs become experts; mod: Mixture-of-Depths routed blocks; gate: compute-allocation gates",
-        VARIANTS))
+    variant: str = field(default="moe", metadata=_knob("moe: FFNs become experts", VARIANTS))
     num_experts: int | None = field(default=None, metadata=_knob(
-        "experts per MoE layer (E); default 8 from one source, one per source from several (a multiple of the "
-        "number of sources gives each source that many experts)"))
-    top_k: int = field(default=2, metadata=_knob("experts each token picks under token choice (k)"))
-    routing: str = field(default="token_choice", metadata=_knob(
+        f"experts per MoE layer (E); default {DEFAULT_NUM_EXPERTS} from one source, one per source from several (a "
+        "multiple of the number of sources gives each source that many experts)"))
+    top_k: int = field(default=DEFAULT_TOP_K, metadata=_knob("experts each token picks under token choice (k)"))
+    routing: str = field(default=_CONFIG_DEFAULTS["moe_routing"], metadata=_knob(
         "token_choice (each token picks k experts) or expert_choice (each expert picks its tokens)", ROUTING_TYPES))
     capacity_factor: float | None = field(default=None, metadata=_knob(
         "expert capacity factor; None: dropless token choice (expert choice: tokens * factor / E each)"))
@@ -62,14 +74,6 @@ class UpcycleSpec:
         "head of the upcycled model; default: the source architecture's own", TASKS, recipe=False))
     num_labels: int | None = field(default=None, metadata=_knob(
         "size of a new classification head", recipe=False))
-    capacity: float = field(default=0.5, metadata=_knob(
-        "mod: fraction of each sequence's tokens a routed block processes"))
-    compute_penalty: float = field(default=0.01, metadata=_knob(
-        "gate: lambda in loss = task loss + lambda * mean allocation"))
-    threshold: float = field(default=0.5, metadata=_knob(
-        "gate: tokens whose allocation is below it skip the layer at inference"))
-    mod_layers: str | list | None = field(default=None, metadata=_knob(
-        "with variant moe: also make these blocks Mixture-of-Depths routed blocks at `capacity`"))
     base: str | None = field(default=None, metadata=_knob(
         "several sources: the model whose non-FFN (shared) weights the MoE takes; default: the sources' average "
         "(Branch-Train-MiX)"))
@@ -85,7 +89,7 @@ class UpcycleSpec:
     noise_std: float = field(default=0.01, metadata=_knob("init noise: noise std relative to each matrix's std"))
     drop_ratio: float = field(default=0.5, metadata=_knob("init drop: share of neurons re-initialised per expert"))
     seed: int = field(default=0, metadata=_knob("seeds the router, noise, drop and split initialisation"))
-    moe_implementation: str = field(default="grouped", metadata=_knob(
+    moe_implementation: str = field(default=_CONFIG_DEFAULTS["moe_implementation"], metadata=_knob(
         "experts' compute: grouped (default, CPU and CUDA), eager (reference loop), megablocks (CUDA), or "
         "transformers' grouped_mm / batched_mm / ...",
         MOE_IMPLEMENTATIONS))
@@ -93,9 +97,6 @@ class UpcycleSpec:
     router_z_loss_coef: float = _config_field("router_z_loss_coef", "weight of the ST-MoE router z-loss")
     router_jitter_noise: float = _config_field("router_jitter_noise",
                                                "multiplicative jitter on router inputs (training)")
-    gate_init_bias: float = _config_field("gate_init_bias", "gate: initial bias; sigmoid(bias) is the first allocation")
-    gate_straight_through: bool = _config_field(
-        "gate_straight_through", "gate: train on the inference decision (False: soft gates only)")
     keep_pooled_token: bool = _config_field(
         "keep_pooled_token", "routed and gated layers always compute the token a pooling head reads ([CLS])")
     skipped_tokens_as_keys: bool = _config_field(
@@ -108,8 +109,8 @@ class UpcycleSpec:
         if self.num_experts is not None and (not isinstance(self.num_experts, int) or self.num_experts < 1):
             raise _error("num_experts", self.num_experts, "a positive integer")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= (self.num_experts or self.top_k):
-            experts = (f"`num_experts`={self.num_experts}" if self.num_experts is not None
-                       else "`num_experts` (unset: 8 from one source, one per source from several)")
+            experts = (f"`num_experts`={self.num_experts}" if self.num_experts is not None else
+                       f"`num_experts` (unset: {DEFAULT_NUM_EXPERTS} from one source, one per source from several)")
             raise ValueError(
                 f"`top_k` (num_experts_per_tok) must be between 1 and {experts}, got {self.top_k!r}: lower top_k or "
                 "raise num_experts."
@@ -146,7 +147,7 @@ class UpcycleSpec:
                 fields["decoder_moe_layers"] = layers.decoder
         if layers.gated_variant is not None:
             fields[layers.gated_variant.layers_field] = layers.gated
-            fields.update({field: getattr(self, name) for name, field in layers.gated_variant.spec_fields.items()})
+            fields.update({f.name: self.setting(f) for f in _chosen_settings(layers.gated_variant)})
         if task in ("sequence-classification", "token-classification"):
             fields.update(num_labels=src_config.num_labels, id2label=src_config.id2label,
                           label2id=src_config.label2id)
@@ -169,8 +170,8 @@ class UpcycleSpec:
             "top_k": self.top_k if moe else None,
             "routing": self.routing if moe else None,
             "capacity_factor": self.capacity_factor,
-            **{name: getattr(self, name) if v.name == self.variant else None
-               for v in GATED_VARIANTS.values() for name in v.spec_fields},
+            **{f.setting: self.setting(f) if v.name == self.variant else None
+               for v in GATED_VARIANTS.values() for f in _chosen_settings(v)},
             "expert_sources": expert_sources,
             "shared_weights": ("base" if self.base is not None else "average") if merged else None,
             "router_init": self.router_init if moe else None,
@@ -179,17 +180,78 @@ class UpcycleSpec:
             "seed": self.seed,
         }
 
+    def setting(self, variant_field):
+        """The value of a gated variant's setting (`VariantField.setting`); its default where this spec's class
+        was made before the variant was registered."""
+        return getattr(self, variant_field.setting, variant_field.default)
+
     def config_overrides(self) -> dict:
         """The fields that are config fields of the upcycled model, as `upcycle` passes them on."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("config_field")}
 
 
-SPEC_FIELDS = {f.name: f for f in dataclasses.fields(UpcycleSpec)}
-# The keys a recipe's `upcycling:` section accepts (task and num_labels come from the recipe).
-RECIPE_KEYS = tuple(name for name, f in SPEC_FIELDS.items() if f.metadata["recipe"])
+def _chosen_settings(variant) -> list:
+    """The fields of `variant` set by an upcycling setting of another name (`capacity` -> `mod_capacity`):
+    copied into the config, and recorded, when the variant is chosen."""
+    return [f for f in variant.fields if f.setting not in (None, f.name)]
+
+
+def _variant_settings() -> list:
+    """(name, type, field) of the registered gated variants' settings, for `make_dataclass`: `variant`
+    with their names, each variant's layers setting, and its fields' settings (`VariantField.setting`)."""
+    names = "; ".join(f"{v.name}: {v.description}" for v in GATED_VARIANTS.values())
+    settings = [("variant", str, field(default="moe", metadata=_knob(
+        f"moe: FFNs become experts; {names}", ("moe", *GATED_VARIANTS))))]
+    for v in GATED_VARIANTS.values():
+        if v.layers_setting:
+            settings.append((v.layers_field, str | list | None, field(default=None, metadata=_knob(v.layers_setting))))
+        for f in v.fields:
+            if f.setting is not None:  # the variant's name first, as the flags' help reads it
+                own = f.setting == f.name
+                settings.append((f.setting, f.type, field(default=f.default, metadata=_knob(
+                    f"{v.name}: {f.help}", config_field=own))))
+    return settings
+
+
+_SPEC_CLASSES = {}
+
+
+def spec_class() -> type:
+    """`UpcycleSpec` with the settings of every gated variant registered now (one class per set of
+    variants): the class `upcycle`, the CLI and the recipes read."""
+    key = tuple((name, type(v)) for name, v in GATED_VARIANTS.items())
+    cls = _SPEC_CLASSES.get(key)
+    if cls is None:
+        settings = _variant_settings()
+        general = {f.name for f in dataclasses.fields(UpcycleSettings)} - {"variant"}
+        names = [name for name, _, _ in settings]
+        clash = sorted({n for n in names if n in general or names.count(n) > 1})
+        if clash:
+            raise ValueError(f"gated variant setting(s) {clash} clash with another upcycling setting: name the "
+                             "`VariantField.setting` of each differently.")
+        cls = _SPEC_CLASSES[key] = dataclasses.make_dataclass(
+            "UpcycleSpec", settings, bases=(UpcycleSettings,),
+            namespace={"__doc__": UpcycleSettings.__doc__.split(":")[0] + ".", "__module__": __name__})
+    return cls
+
+
+def spec_fields() -> dict:
+    """{name: dataclass field} of every upcycling setting, the registered variants' included."""
+    return {f.name: f for f in dataclasses.fields(spec_class())}
+
+
+def recipe_keys() -> tuple:
+    """The keys a recipe's `upcycling:` section accepts (task and num_labels come from the recipe)."""
+    return tuple(name for name, f in spec_fields().items() if f.metadata["recipe"])
+
+
+UpcycleSpec = spec_class()  # the built-in variants' settings
+SPEC_FIELDS = spec_fields()
+RECIPE_KEYS = recipe_keys()
 
 
 def split_kwargs(kwargs: dict) -> tuple[dict, dict]:
     """(spec fields, other config overrides) of `upcycle`'s keyword arguments."""
-    spec = {k: v for k, v in kwargs.items() if k in SPEC_FIELDS}
-    return spec, {k: v for k, v in kwargs.items() if k not in SPEC_FIELDS}
+    known = spec_fields()
+    spec = {k: v for k, v in kwargs.items() if k in known}
+    return spec, {k: v for k, v in kwargs.items() if k not in known}

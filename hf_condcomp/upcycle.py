@@ -35,7 +35,7 @@ from transformers.initialization import no_init_weights
 
 from . import assets
 from .modeling.common import SENTENCE_TRANSFORMERS_SOURCE, TOKENIZER_SOURCE
-from .spec import SPEC_FIELDS, UpcycleSpec, split_kwargs
+from .spec import SPEC_FIELDS, spec_class, split_kwargs
 from .upcycling.convert_native import convert_native_state_dict, native_config, native_stacks
 from .upcycling.expert_init import balanced_kmeans
 from .upcycling.layers import choose_layers, parse_layers
@@ -80,7 +80,7 @@ def upcycle(source, **settings):
     """
     spec_settings, overrides = split_kwargs(settings)
     sources = list(source) if isinstance(source, (list, tuple)) else [source]
-    spec = resolve_num_experts(UpcycleSpec(**spec_settings), len(sources))
+    spec = resolve_num_experts(spec_class()(**spec_settings), len(sources))
     dense, expert_sources, task, names, source_name = load_dense(sources, spec)
     stacks = native_stacks(dense, task)
     overrides = {**spec.config_overrides(), **overrides}

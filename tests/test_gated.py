@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
 
 import hf_condcomp  # noqa: E402
 from hf_condcomp.modeling.architectures import find_layers  # noqa: E402
-from hf_condcomp.modeling.depth import routed_token_count, top_capacity  # noqa: E402
+from hf_condcomp.modeling.mixture_of_depths import routed_token_count, top_capacity  # noqa: E402
 
 VOCAB, HIDDEN, INTER, LAYERS, HEADS = 99, 32, 40, 3, 4
 FAMILIES = ("bert", "gpt2", "llama")

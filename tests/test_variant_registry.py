@@ -3,8 +3,14 @@
 A variant written here (every even position runs the layer, the others pass along the residual)
 is registered, then upcycled, run, inspected, trained and refused by export with no other change
 to the package: against the dense parent's layer, the update reaches even positions only.
+
+A variant with a config field of its own (all tokens run, each update scaled by `all_tokens_scale`)
+gets its `hf-condcomp upcycle` flag and its config.json field, starts at its dense parent, and
+reloads through the package. Its module is not part of the saved folder's code: the package, with
+the module imported, loads it; the folder's own code refuses it by name (docs/architecture.md).
 """
 
+import json
 import os
 import tempfile
 
@@ -17,7 +23,12 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
 
 import hf_condcomp  # noqa: E402
 from hf_condcomp.export import ExportError, choose_format  # noqa: E402
-from hf_condcomp.modeling.depth import GATED_VARIANTS, GatedVariant, register_gated_variant  # noqa: E402
+from hf_condcomp.modeling.variants import (  # noqa: E402
+    GATED_VARIANTS,
+    GatedVariant,
+    VariantField,
+    register_gated_variant,
+)
 from hf_condcomp.training.models import routing_parameter_names  # noqa: E402
 
 
@@ -117,3 +128,96 @@ def test_unregistered_variant_is_refused_naming_the_registered_ones():
 def test_two_variants_cannot_claim_one_layer(registered):
     with pytest.raises(ValueError, match="layer 1 is in both"):
         hf_condcomp.upcycle(dense_llama(), variant="mod", layers=[1], even_positions_layers=[1])
+
+
+# --- a variant from outside the package, end to end ---------------------------------------------
+
+
+class AllTokensGate(nn.Module):
+    """No parameters: the gate runs every token, each update weighted by `all_tokens_scale`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def _condcomp_init(self, std):
+        pass
+
+
+class AllTokens(GatedVariant):
+    name = "all_tokens"
+    layers_field = "all_tokens_layers"
+    fields = (VariantField("all_tokens_scale", 1.0, float, "weight of each token's update",
+                           check=lambda s: s > 0, requirement="must be > 0", fix="pass e.g. 1.0",
+                           setting="all_tokens_scale"),)
+    modules = {"all_tokens_gate": AllTokensGate}
+    description = "all-token gates"
+
+    def decide(self, layer, x, rec, named):
+        scale = layer.all_tokens_gate.config.all_tokens_scale
+        return None, torch.full(x.shape[:2], scale, device=x.device)
+
+
+@pytest.fixture
+def all_tokens():
+    register_gated_variant(AllTokens)
+    yield GATED_VARIANTS[AllTokens.name]
+    GATED_VARIANTS.pop(AllTokens.name)
+
+
+def test_an_outside_variant_gets_its_flag_config_field_and_reloads(all_tokens, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from hf_condcomp.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["upcycle", "--help"])
+    assert "--all-tokens-scale" in capsys.readouterr().out
+    dense = dense_llama()
+    dense.save_pretrained(tmp_path / "dense")
+    folder = tmp_path / "gated"
+    assert main(["upcycle", str(tmp_path / "dense"), str(folder), "--variant", "all_tokens", "--layers", "1",
+                 "--all-tokens-scale", "1"]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    assert config["all_tokens_scale"] == 1.0 and config["all_tokens_layers"] == [1]
+    ids = torch.randint(1, 64, (2, 7))
+    with torch.no_grad():
+        reference = dense(ids).logits
+    # Reloaded through the package, whose Auto classes see the registry (with trust_remote_code too: the
+    # package's registered classes win): the dense parent's function at step 0.
+    for trust in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust).eval()
+        assert type(model.model.layers[1].all_tokens_gate) is AllTokensGate
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, reference, atol=1e-5, rtol=0)
+    # The folder's own code (what a process without hf_condcomp runs) knows the built-in variants only: it
+    # refuses, naming the variant and the fix, rather than load the model without its gates.
+    remote = get_class_from_dynamic_module("modeling_condcomp.CondCompForCausalLM", str(folder))
+    assert remote.__module__.startswith("transformers_modules")
+    with pytest.raises(ValueError, match="`upcycling.variant`='all_tokens' is not a registered gated variant"):
+        remote.from_pretrained(folder)
+    # The variant's check names its field, as the built-in ones do.
+    assert main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "bad"), "--variant", "all_tokens",
+                 "--all-tokens-scale", "0"]) == 2
+    assert "`all_tokens_scale` must be > 0, got 0.0: pass e.g. 1.0." in capsys.readouterr().err
+
+
+def test_the_cli_imports_variants_named_by_entry_points(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    from hf_condcomp import cli
+
+    (tmp_path / "plugin_variant.py").write_text(
+        "from hf_condcomp.modeling.variants import GatedVariant, VariantField, register_gated_variant\n\n\n"
+        "@register_gated_variant\nclass Plugin(GatedVariant):\n    name = 'plugin'\n"
+        "    layers_field = 'plugin_layers'\n"
+        "    fields = (VariantField('plugin_weight', 1.0, float, 'a weight', setting='plugin_weight'),)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = importlib.metadata.EntryPoint("plugin", "plugin_variant", cli.VARIANT_ENTRY_POINTS)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [entry] if group == entry.group else [])
+    try:
+        sub = next(a for a in cli.build_parser()._actions if hasattr(a, "choices") and a.choices)
+        assert "--plugin-weight" in sub.choices["upcycle"].format_help()
+    finally:
+        GATED_VARIANTS.pop("plugin", None)

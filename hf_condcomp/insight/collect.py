@@ -72,7 +72,7 @@ def find_recorders(model) -> list[tuple[int, str, torch.nn.Module]]:
 
 
 def gated_layers_configured(model) -> list[int]:
-    from ..modeling.depth import conditional_layer_indices
+    from ..modeling.variants import conditional_layer_indices
 
     return conditional_layer_indices(model.config)
 

@@ -8,8 +8,8 @@ layer): the gated variant "gate".
     v starts at 0 and b at `gate_init_bias`: every token starts at a = sigmoid(b) (b = 4: 0.982;
     b >= 17 rounds to 1 in fp32, and the model equals its dense parent).
 
-Config fields: `gate_layers`, `gate_compute_penalty`, `gate_threshold`, `gate_init_bias`,
-`gate_straight_through`. The layer mechanism is depth.py's, the registry variants.py's.
+Config fields (declared below, `ComputeGates`): `gate_layers`, `gate_compute_penalty`, `gate_threshold`,
+`gate_init_bias`, `gate_straight_through`. The layer mechanism is depth.py's, the registry variants.py's.
 This file travels to the Hub with every saved model: only sibling relative imports.
 """
 
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import initialization as init
 
-from .variants import STRAIGHT_THROUGH, GatedVariant, all_real, masked_mean, register_gated_variant
+from .variants import STRAIGHT_THROUGH, GatedVariant, VariantField, all_real, masked_mean, register_gated_variant
 
 
 class ComputeGate(nn.Module):
@@ -49,8 +49,21 @@ class ComputeGate(nn.Module):
 class ComputeGates(GatedVariant):
     name = "gate"
     layers_field = "gate_layers"
+    fields = (
+        VariantField("gate_compute_penalty", 0.01, float, "lambda in loss = task loss + lambda * mean allocation",
+                     check=lambda p: p >= 0, requirement="must be >= 0",  # also rejects NaN
+                     fix="pass the weight of the mean allocation in the loss, e.g. 0.01 (0 = no pressure to skip)",
+                     setting="compute_penalty"),
+        VariantField("gate_threshold", 0.5, float, "tokens whose allocation is below it skip the layer at inference",
+                     check=lambda t: 0 <= t <= 1, requirement="must be in [0, 1]",
+                     fix="allocations are sigmoids in [0, 1]; pass e.g. 0.5 (0 = never skip)", setting="threshold"),
+        VariantField("gate_init_bias", 4.0, float, "initial bias; sigmoid(bias) is the first allocation",
+                     setting="gate_init_bias"),
+        VariantField("gate_straight_through", True, bool,
+                     "train with the inference decision, gradients as through the soft gate (False: soft gates only)",
+                     setting="gate_straight_through"),
+    )
     modules = {"compute_gate": ComputeGate}
-    spec_fields = {"compute_penalty": "gate_compute_penalty", "threshold": "gate_threshold"}
     description = "compute-allocation gates"
 
     def decide(self, layer, x, rec, named):

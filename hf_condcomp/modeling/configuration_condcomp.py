@@ -13,25 +13,33 @@ generation utilities; this one is a text model with Mixtral's MoE fields
 This file travels to the Hub with every saved model: only sibling relative imports.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, GPT2Config, PreTrainedConfig
 
 from .architectures import decoder_depth
-from .depth import GATED_VARIANTS
+
+# The built-in gated variants register themselves, with their config fields, when imported: before
+# `CondCompFields` below declares those fields.
+from .compute_gates import ComputeGates  # noqa: F401
 from .experts import EXPERTS_FUNCTIONS as _EXPERTS
+from .mixture_of_depths import RoutedBlocks  # noqa: F401
 from .routing import ROUTING_METHODS
+from .variants import GATED_VARIANTS, variant_fields
 
 # The built-in routing methods; a method registered later (routing.register_routing) is accepted too.
 ROUTING_TYPES = tuple(ROUTING_METHODS)
 # Ours, then transformers' (`grouped_mm`, `batched_mm`, ... on the installed release): experts.py's registry.
 MOE_IMPLEMENTATIONS = tuple(_EXPERTS.valid_keys())
+# The defaults every surface shows (the config, `UpcycleSpec`, the CLI's `demo`): Mixtral's.
+DEFAULT_NUM_EXPERTS = 8
+DEFAULT_TOP_K = 2
 
 
 @dataclass
-class CondCompFields:
-    """Fields shared by every conditional-computation config.
+class _SharedFields:
+    """Fields shared by every conditional-computation config, but those of the gated variants.
 
     Mixture-of-Experts (FFN layers listed in `moe_layers`):
         num_local_experts: experts per MoE layer (E).
@@ -63,17 +71,8 @@ class CondCompFields:
             `experts_implementation` given to `from_pretrained` (transformers' own argument) wins.
         upcycling: provenance written by `hf_condcomp.upcycle` (source, init, ...).
 
-    Gated layers:
-        mod_layers: blocks routed Mixture-of-Depths style (Raposo et al. 2024).
-        mod_capacity: fraction of each sequence's tokens a routed block processes.
-        mod_aux_loss_coef: weight of the causal predictor's loss (decoders).
-        gate_layers: layers with a compute-allocation gate.
-        gate_compute_penalty: lambda in loss = task loss + lambda * mean allocation.
-        gate_threshold: at inference, tokens whose allocation is below it skip the layer.
-        gate_init_bias: initial gate bias; sigmoid(bias) is the starting allocation.
-        gate_straight_through: train with the inference decision (tokens below the threshold
-            contribute no update and are hidden from the other tokens' attention), gradients as
-            through the soft gate; False trains with soft gates only (every token, scaled by a).
+    Gated layers (every variant's own fields are declared in its module, `GatedVariant.fields`:
+    mixture_of_depths.py, compute_gates.py; `CondCompFields` below adds them):
         keep_pooled_token: the token a pooling head reads (the [CLS] of a BERT model with its
             pooler, as sequence classification uses) runs through every routed and gated layer:
             it takes one of a routed block's ceil(capacity * n) places, and gates never skip it.
@@ -85,8 +84,8 @@ class CondCompFields:
             Their key/value projections count in the executed compute.
     """
 
-    num_local_experts: int = 8
-    num_experts_per_tok: int = 2
+    num_local_experts: int = DEFAULT_NUM_EXPERTS
+    num_experts_per_tok: int = DEFAULT_TOP_K
     norm_topk_prob: bool = True
     router_unit_weights: bool = False
     router_aux_loss_coef: float = 0.01
@@ -100,16 +99,23 @@ class CondCompFields:
     moe_expert_intermediate_size: int | None = None
     moe_implementation: str = "grouped"
     upcycling: dict | None = None
-    mod_layers: list[int] | None = None
-    mod_capacity: float = 0.5
-    mod_aux_loss_coef: float = 0.01
-    gate_layers: list[int] | None = None
-    gate_compute_penalty: float = 0.01
-    gate_threshold: float = 0.5
-    gate_init_bias: float = 4.0
-    gate_straight_through: bool = True
     keep_pooled_token: bool = True
     skipped_tokens_as_keys: bool = False
+
+
+def _declared(f):
+    """A `VariantField` as a dataclass field (a mutable default made per config)."""
+    if isinstance(f.default, (list, dict, set)):
+        return f.name, f.type, field(default_factory=f.fresh_default)
+    return f.name, f.type, field(default=f.default)
+
+
+# Every conditional-computation config's fields: the shared ones and those of the registered gated variants
+# (`mod_layers`, `mod_capacity`, ..., `gate_layers`, ...), with their defaults.
+CondCompFields = make_dataclass(
+    "CondCompFields", [_declared(f) for f in variant_fields()], bases=(_SharedFields,), namespace={
+        "__doc__": _SharedFields.__doc__.rstrip() + "".join(f"\n        {f.name}: {f.help}." for f in variant_fields()),
+        "__module__": __name__})
 
 
 def _check_layers(name, layers, num_layers):
@@ -164,43 +170,36 @@ def validate_condcomp_config(config) -> None:
         )
     if seq2seq:
         _check_layers("decoder_moe_layers", config.decoder_moe_layers, config.num_decoder_layers)
-        gated = [v.layers_field for v in GATED_VARIANTS.values() if getattr(config, v.layers_field, None)]
-        if gated:
-            raise ValueError(f"`{gated[0]}` is not supported on encoder-decoder models (model type "
-                             f"{config.text_config.model_type!r}): {SEQ2SEQ_GATED_REFUSAL}")
-    owner = {}  # layer -> the gated variant's field that lists it
-    for variant in GATED_VARIANTS.values():
-        field = variant.layers_field
-        layers = getattr(config, field, None) or []  # a variant defined outside: absent from other configs
-        _check_layers(field, layers, n)
-        for i in layers:
-            if i in owner:
-                raise ValueError(
-                    f"layer {i} is in both `{owner[i]}` and `{field}`: a block has one gated variant (routed, "
-                    "gated, ...), not two."
-                )
-            owner[i] = field
+    _check_gated_layers(config, n, seq2seq)
     if config.skipped_tokens_as_keys and (getattr(config, "ffn_layout", None) or {}).get("causal", True):
         raise ValueError(
             "`skipped_tokens_as_keys`=True is supported for encoders only, got model type "
             f"{getattr(getattr(config, 'text_config', None), 'model_type', config.model_type)!r}: decoders keep "
             "skipped tokens out of attention and the KV cache; leave it False."
         )
-    if not 0 < config.mod_capacity <= 1:
-        raise ValueError(
-            f"`mod_capacity` (capacity) must be in (0, 1], got {config.mod_capacity!r}: pass the fraction of "
-            "each sequence's tokens a routed block processes, e.g. 0.5 (1.0 = dense)."
-        )
-    if not config.gate_compute_penalty >= 0:  # also rejects NaN
-        raise ValueError(
-            f"`gate_compute_penalty` (compute_penalty) must be >= 0, got {config.gate_compute_penalty!r}: pass "
-            "the weight of the mean allocation in the loss, e.g. 0.01 (0 = no pressure to skip)."
-        )
-    if not 0 <= config.gate_threshold <= 1:
-        raise ValueError(
-            f"`gate_threshold` (threshold) must be in [0, 1], got {config.gate_threshold!r}: allocations are "
-            "sigmoids in [0, 1]; pass e.g. 0.5 (0 = never skip)."
-        )
+    for f in variant_fields():  # each variant's own checks (`VariantField.check`)
+        f.validate(getattr(config, f.name))
+
+
+def _check_gated_layers(config, num_layers, seq2seq):
+    """The registered gated variants' layers: in range, none on an encoder-decoder, one variant a layer."""
+    if seq2seq:
+        gated = [v.layers_field for v in GATED_VARIANTS.values() if getattr(config, v.layers_field, None)]
+        if gated:
+            raise ValueError(f"`{gated[0]}` is not supported on encoder-decoder models (model type "
+                             f"{config.text_config.model_type!r}): {SEQ2SEQ_GATED_REFUSAL}")
+    owner = {}  # layer -> the gated variant's field that lists it
+    for variant in GATED_VARIANTS.values():
+        name = variant.layers_field
+        layers = getattr(config, name) or []
+        _check_layers(name, layers, num_layers)
+        for i in layers:
+            if i in owner:
+                raise ValueError(
+                    f"layer {i} is in both `{owner[i]}` and `{name}`: a block has one gated variant (routed, "
+                    "gated, ...), not two."
+                )
+            owner[i] = name
 
 
 SEQ2SEQ_GATED_REFUSAL = (
@@ -210,10 +209,14 @@ SEQ2SEQ_GATED_REFUSAL = (
 
 
 def _post_init(config):
+    for f in variant_fields():
+        if f.name not in config.__dict__:  # a field of a variant registered after this class was made
+            setattr(config, f.name, f.fresh_default())
+        elif f.type is float and type(config.__dict__[f.name]) is int:  # `2` from YAML or JSON for 2.0
+            setattr(config, f.name, float(config.__dict__[f.name]))
     for name in ("moe_layers", "decoder_moe_layers", *(v.layers_field for v in GATED_VARIANTS.values())):
-        if hasattr(config, name):  # declared here, or the field of a variant defined outside
-            value = getattr(config, name)
-            setattr(config, name, [] if value is None else [int(i) for i in value])
+        value = getattr(config, name)
+        setattr(config, name, [] if value is None else [int(i) for i in value])
     validate_condcomp_config(config)
 
 

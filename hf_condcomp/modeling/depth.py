@@ -11,9 +11,10 @@ variant's are `model.layers.3.mod_router.weight`.
 
 A gated variant is a `GatedVariant` registered by name with `@register_gated_variant` (variants.py),
 in a module of its own: Mixture-of-Depths routed blocks ("mod", mixture_of_depths.py) and compute-allocation
-gates ("gate", compute_gates.py). A variant says which config field lists its layers, which modules
-it adds to a layer, how it decides (`decide`), and which upcycling settings it reads; this module
-owns everything else (sub-batches, positions, masks, the KV cache).
+gates ("gate", compute_gates.py), which configuration_condcomp.py imports. A variant says which config
+field lists its layers, which config fields and upcycling settings it owns, which modules it adds to a
+layer and how it decides (`decide`); this module owns everything else (sub-batches, positions, masks,
+the KV cache) and imports no variant.
 
 Skipped tokens are never computed: the kept tokens are gathered into (B, C, H) and the layer runs on
 them, with their own positions (`position_ids`, RoPE `position_embeddings` gathered) and an
@@ -32,7 +33,7 @@ keys/values and a per-layer validity mask, kept on the cache object, hides them 
 The cache's class gains the validity (`ValidityCache`): `reorder_cache` (beam search),
 `batch_repeat_interleave`, `batch_select_indices` and `reset` apply to it as to the keys.
 
-This file and the variants' travel to the Hub with every saved model: only sibling relative imports.
+This file travels to the Hub with every saved model: only sibling relative imports.
 """
 
 import contextlib
@@ -45,17 +46,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from .disentangled import disentangled_attention, per_row_positions, subset_relative_positions
-from .variants import (  # noqa: F401  (the registry's names, for the modules that import them from here)
-    GATED_VARIANTS,
-    STRAIGHT_THROUGH,
-    GatedVariant,
-    all_real,
-    conditional_layer_indices,
-    layer_variant,
-    masked_mean,
-    register_gated_variant,
-    variant_config_fields,
-)
+from .variants import GATED_VARIANTS, STRAIGHT_THROUGH, all_real, layer_variant
 
 KV_VALID_ATTR = "condcomp_kv_valid"
 SUBSET_ATTENTION = ("sdpa", "eager")
@@ -551,6 +542,14 @@ def kv_modules(layer):
 
 def install_conditional_layers(layers, config, causal):
     """Make the layers of every registered gated variant (`mod_layers`, `gate_layers`, ...); returns them."""
+    recorded = (getattr(config, "upcycling", None) or {}).get("variant")
+    if recorded not in (None, "moe") and recorded not in GATED_VARIANTS:
+        raise ValueError(
+            f"`upcycling.variant`={recorded!r} is not a registered gated variant (registered: "
+            f"{tuple(GATED_VARIANTS)}): a variant defined outside hf_condcomp is not part of a saved model's code. "
+            "Import the module that registers it and load the model with hf_condcomp, without `trust_remote_code` "
+            "(docs/architecture.md)."
+        )
     installed = []
     for variant in GATED_VARIANTS.values():
         for i in getattr(config, variant.layers_field, None) or []:
@@ -579,8 +578,3 @@ def install_conditional_layers(layers, config, causal):
 
 
 ConditionalLayerMixin._condcomp_kv_modules = lambda self: kv_modules(self)
-
-
-# The built-in variants register themselves (variants.py) when imported.
-from .compute_gates import ComputeGate  # noqa: E402,F401
-from .mixture_of_depths import MoDPredictor, MoDRouter, routed_token_count, top_capacity  # noqa: E402,F401

@@ -12,8 +12,8 @@
     which depends on tokens <= t only, so a teacher-forced eval forward and `generate()` (with or
     without the KV cache) make the same decisions.
 
-Config fields: `mod_layers`, `mod_capacity`, `mod_aux_loss_coef`. The layer mechanism is depth.py's,
-the registry variants.py's.
+Config fields (declared below, `RoutedBlocks`): `mod_layers`, `mod_capacity`, `mod_aux_loss_coef`. The
+layer mechanism is depth.py's, the registry variants.py's.
 This file travels to the Hub with every saved model: only sibling relative imports.
 """
 
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import initialization as init
 
-from .variants import GatedVariant, all_real, masked_mean, register_gated_variant
+from .variants import GatedVariant, VariantField, all_real, masked_mean, register_gated_variant
 
 PREDICTOR_WIDTH_DIVISOR = 8  # predictor hidden width = max(8, H / 8): ~2% of a block's FLOPs
 _CEIL_SLACK = 1e-6  # ceil(0.7 * 10) must be 7, not 8 from 7.000000000000001
@@ -112,8 +112,15 @@ class MoDPredictor(nn.Module):
 class RoutedBlocks(GatedVariant):
     name = "mod"
     layers_field = "mod_layers"
+    layers_setting = "with variant moe: also make these blocks Mixture-of-Depths routed blocks at `capacity`"
+    fields = (
+        VariantField("mod_capacity", 0.5, float, "fraction of each sequence's tokens a routed block processes",
+                     check=lambda c: 0 < c <= 1, requirement="must be in (0, 1]",
+                     fix="pass the fraction of each sequence's tokens a routed block processes, e.g. 0.5 (1.0 = dense)",
+                     setting="capacity"),
+        VariantField("mod_aux_loss_coef", 0.01, float, "weight of the causal predictor's loss (decoders)"),
+    )
     modules = {"mod_router": MoDRouter, "mod_predictor": MoDPredictor}
-    spec_fields = {"capacity": "mod_capacity"}
     description = "Mixture-of-Depths routed blocks"
 
     def install(self, layer, config, causal):

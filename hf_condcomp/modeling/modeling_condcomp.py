@@ -37,9 +37,10 @@ from .architectures import find_layers, layout_from_dict, seq2seq_stacks
 from .common import CondCompInitMixin, compute_fraction, condcomp_losses, use_return_dict
 from .compat import CACHE_KEY, cache_argument, class_weight_renamings, is_custom_code
 from .configuration_condcomp import CondCompConfig
-from .depth import GATED_VARIANTS, Recorder, install_conditional_layers, layer_variant
+from .depth import Recorder, install_conditional_layers
 from .moe import MoEFeedForward
 from .parallel import check_parallel, drop_stale_plan_entries, parallel_plans
+from .variants import GATED_VARIANTS, layer_variant
 
 
 class NativeMoEFeedForward(MoEFeedForward):
@@ -514,11 +515,19 @@ class CondCompForConditionalGeneration(_SourceGeneration, CondCompPreTrainedMode
         return self._condcomp_source.get_decoder()
 
 
-_HEADS = (CondCompModel, CondCompForSequenceClassification, CondCompForTokenClassification, CondCompForMaskedLM,
-          CondCompForCausalLM, CondCompForConditionalGeneration)
+# The one table of tasks: the `task` users pass to `upcycle` -> the model class, whose `_auto_class_of_task` is
+# the transformers Auto class that loads the source and the saved model alike.
+TASK_CLASSES = {
+    "base": CondCompModel,
+    "sequence-classification": CondCompForSequenceClassification,
+    "token-classification": CondCompForTokenClassification,
+    "masked-lm": CondCompForMaskedLM,
+    "causal-lm": CondCompForCausalLM,
+    "seq2seq-lm": CondCompForConditionalGeneration,
+}
 CondCompConfig.register_for_auto_class()
-for _cls in _HEADS:
+for _cls in TASK_CLASSES.values():
     _cls.register_for_auto_class(_cls._auto_class_of_task.__name__)
 # a saved model loads as any of them (from_pretrained maps the keys); a task the source
 # architecture has no class for is refused by transformers' own auto class
-CondCompPreTrainedModel._auto_heads = {c._auto_class_of_task.__name__: c.__name__ for c in _HEADS}
+CondCompPreTrainedModel._auto_heads = {c._auto_class_of_task.__name__: c.__name__ for c in TASK_CLASSES.values()}

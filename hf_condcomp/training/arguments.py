@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from ..spec import RECIPE_KEYS
+from ..spec import RECIPE_KEYS, recipe_keys
+from ..yaml_values import yaml_value
 from .checkpoints import find_checkpoint
 from .errors import RecipeError
 
@@ -27,7 +28,8 @@ def run_recipe(main, argv=None) -> int:
 
 
 # The keys an `upcycling:` section accepts: the fields of `hf_condcomp.spec.UpcycleSpec` but the
-# two the recipe sets itself (task, num_labels).
+# two the recipe sets itself (task, num_labels); `parse_args` reads them again (`recipe_keys()`), so that
+# a gated variant registered after import brings its settings.
 UPCYCLING_KEYS = RECIPE_KEYS
 
 
@@ -82,14 +84,6 @@ def add_common_arguments(parser: argparse.ArgumentParser):
            "Qwen2-MoE, Llama-family MoE models only; checked before training) and push that folder")
 
 
-def yaml_value(text):
-    """A command-line value read as YAML (true, 2, 0.5, [1, 3]); text that is no YAML stays text."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def parse_args(parser: argparse.ArgumentParser, argv=None):
     """Flags > key=value > YAML config > parser defaults. `upcycling.<key>=value` edits the
     upcycling section. Unknown YAML keys are errors that name the file."""
@@ -122,9 +116,10 @@ def parse_args(parser: argparse.ArgumentParser, argv=None):
         else:
             rest.append(token)
     args = parser.parse_args(rest)
-    bad = sorted(set(upcycling) - set(UPCYCLING_KEYS))
+    allowed = recipe_keys()
+    bad = sorted(set(upcycling) - set(allowed))
     if bad:
-        raise RecipeError(f"`upcycling` has unknown key(s) {bad}; allowed: {list(UPCYCLING_KEYS)}.")
+        raise RecipeError(f"`upcycling` has unknown key(s) {bad}; allowed: {list(allowed)}.")
     args.upcycling = upcycling
     if not args.model_name_or_path:
         raise RecipeError("`--model_name_or_path` is required (a dense or upcycled checkpoint, Hub id or folder).")

@@ -192,8 +192,8 @@ def routing_parameter_names(model) -> set[str]:
     predictors, compute-allocation gates. One definition for the optimizer's groups,
     `--router_learning_rate` and the LoRA keep-list. Found by module type, so that any wrapper's
     prefix (PEFT's `base_model.model.`, DDP's `module.`) is part of the names it returns."""
-    from ..modeling.depth import GATED_VARIANTS
     from ..modeling.moe import MoEFeedForward
+    from ..modeling.variants import GATED_VARIANTS
 
     gated = tuple(cls for v in GATED_VARIANTS.values() for cls in v.modules.values())
 

@@ -17,7 +17,7 @@ from ..modeling.architectures import (
     seq2seq_stacks,
 )
 from ..modeling.configuration_condcomp import CondCompConfig
-from ..modeling.depth import variant_config_fields
+from ..modeling.variants import variant_config_fields
 from .copy_weights import copy_rest
 from .expert_init import layout_ffn, moe_block_tensors
 from .targets import as_floats_where_expected
@@ -123,9 +123,10 @@ def _check_native_ffn(layer, layout, ffn, activation, model_type):
         )
 
 
-def convert_native_state_dict(dense, target, config, stacks, init="copy", seed=0, noise_std=0.01, drop_ratio=0.5,
+def convert_native_state_dict(dense, target, config, stacks, init, seed, noise_std, drop_ratio,
                               expert_sources=None, routers=None):
-    """The dense state dict, with the MoE layers' FFNs turned into experts: made
+    """The dense state dict, with the MoE layers' FFNs turned into experts (`init`, `seed`, `noise_std`,
+    `drop_ratio`: the upcycling settings, whose defaults are `UpcycleSpec`'s): made
     from `dense`'s FFNs, or from those of `expert_sources` (dense models of the same architecture,
     each giving an equal share of the experts; `dense` then holds the shared weights). `stacks` as
     `native_stacks` gives them; their MoE layers are `moe_layers` (and `decoder_moe_layers`).

@@ -1,10 +1,10 @@
-"""Which layers are upcycled: `layers` (and `mod_layers`) as the spec, YAML and flags write them,
-read into sorted layer indices and checked against the source's depth."""
+"""Which layers are upcycled: `layers` (and a gated variant's beside the MoE layers, `mod_layers`) as the
+spec, YAML and flags write them, read into sorted layer indices and checked against the source's depth."""
 
 from dataclasses import dataclass
 
 from ..modeling.architectures import decoder_depth
-from ..modeling.depth import GATED_VARIANTS
+from ..modeling.variants import GATED_VARIANTS
 from ..spec import _error
 
 
@@ -82,7 +82,7 @@ class ChosenLayers:
 
 
 def choose_layers(spec, src_config, stacks) -> ChosenLayers:
-    """`spec.layers` (and `spec.mod_layers`) read against the source's stacks (`native_stacks`)."""
+    """`spec.layers` (and `spec.mod_layers`, ...) read against the source's stacks (`native_stacks`)."""
     num_layers = src_config.num_hidden_layers
     decoder = None
     if len(stacks) > 1:
@@ -92,7 +92,18 @@ def choose_layers(spec, src_config, stacks) -> ChosenLayers:
     else:
         chosen = parse_layers(spec.layers, num_layers)
     variant = GATED_VARIANTS.get(spec.variant)
-    if variant is None and spec.mod_layers is not None:  # MoE + Mixture-of-Depths
-        return ChosenLayers(chosen, decoder, GATED_VARIANTS["mod"], parse_layers(spec.mod_layers, num_layers,
-                                                                                 "mod_layers"))
+    beside = gated_beside_moe(spec)
+    if variant is None and beside:  # MoE + Mixture-of-Depths (a variant's `layers_setting`)
+        if len(beside) > 1:
+            named = " and ".join(f"`{v.layers_field}`" for v in beside)
+            raise ValueError(f"{named} are both given: the layers beside the MoE layers take one gated variant; "
+                             "give one of them.")
+        variant = beside[0]
+        return ChosenLayers(chosen, decoder, variant, parse_layers(getattr(spec, variant.layers_field), num_layers,
+                                                                   variant.layers_field))
     return ChosenLayers(chosen, decoder, variant, chosen if variant is not None else [])
+
+
+def gated_beside_moe(spec) -> list:
+    """The gated variants whose layers setting (`mod_layers`: `GatedVariant.layers_setting`) `spec` gives."""
+    return [v for v in GATED_VARIANTS.values() if v.layers_setting and getattr(spec, v.layers_field, None) is not None]

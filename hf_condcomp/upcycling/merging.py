@@ -14,6 +14,7 @@ import os
 
 from transformers import PreTrainedModel
 
+from ..modeling.configuration_condcomp import DEFAULT_NUM_EXPERTS
 from .router_init import expert_prompt_sets, prompt_router_rows
 from .sources import load_source
 
@@ -121,12 +122,12 @@ def average_model(models):
 
 
 def resolve_num_experts(spec, num_sources):
-    """`num_experts` unset: 8 from one source, one expert per source from several. Set: a multiple
-    of the number of sources, each source giving as many experts."""
+    """`num_experts` unset: `DEFAULT_NUM_EXPERTS` (8) from one source, one expert per source from several.
+    Set: a multiple of the number of sources, each source giving as many experts."""
     if num_sources == 0:
         raise ValueError("`source` is an empty list: give one source, or several to merge as experts.")
     if spec.num_experts is None:
-        return dataclasses.replace(spec, num_experts=8 if num_sources == 1 else num_sources)
+        return dataclasses.replace(spec, num_experts=DEFAULT_NUM_EXPERTS if num_sources == 1 else num_sources)
     if spec.num_experts % num_sources:
         raise ValueError(f"`num_experts`={spec.num_experts} is not a multiple of the {num_sources} sources: each "
                          "source gives the same number of experts (leave it unset for one expert per source).")

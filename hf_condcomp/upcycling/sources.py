@@ -5,31 +5,20 @@ upcycled, no known FFN), and the sentence-transformers files that travel with it
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    PreTrainedModel,
-)
+from transformers import PreTrainedModel
 
 from .. import assets
 from ..modeling.common import SENTENCE_TRANSFORMERS_FILES, sentence_transformers_modules
 from ..modeling.configuration_condcomp import is_condcomp_config
+from ..modeling.modeling_condcomp import TASK_CLASSES
 from ..spec import _error
 from .convert_native import native_stacks
 from .targets import check_task
 
-_AUTO_SOURCE = {
-    "base": AutoModel,
-    "sequence-classification": AutoModelForSequenceClassification,
-    "token-classification": AutoModelForTokenClassification,
-    "masked-lm": AutoModelForMaskedLM,
-    "causal-lm": AutoModelForCausalLM,
-    "seq2seq-lm": AutoModelForSeq2SeqLM,
-}
+
+def _auto_class(task):
+    """The transformers Auto class that loads a source for `task` (the task's class's own)."""
+    return TASK_CLASSES[task]._auto_class_of_task
 
 
 # The source architecture's own task, from `config.architectures[0]`'s suffix.
@@ -91,7 +80,7 @@ def load_source(source, task, num_labels):
     check_task(task)
     with torch.device("meta"):  # refuse an architecture without a known FFN before reading its weights
         try:
-            skeleton = _AUTO_SOURCE[task].from_config(config)
+            skeleton = _auto_class(task).from_config(config)
         except ValueError as err:
             raise ValueError(f"`source`={name!r} (model type {config.model_type!r}) has no {task} model in "
                              f"transformers: {err}") from err
@@ -100,7 +89,7 @@ def load_source(source, task, num_labels):
     if num_labels is not None and task in ("sequence-classification", "token-classification"):
         kwargs["num_labels"] = num_labels
     try:
-        model = assets.load_pretrained(_AUTO_SOURCE[task], path, "`source`", **kwargs)
+        model = assets.load_pretrained(_auto_class(task), path, "`source`", **kwargs)
     except assets.CheckpointError:
         raise
     except (OSError, ValueError, RuntimeError) as err:

@@ -8,25 +8,12 @@ import difflib
 import typing
 
 from ..modeling.configuration_condcomp import SEQ2SEQ_GATED_REFUSAL, CondCompConfig
-from ..modeling.depth import variant_config_fields
-from ..modeling.modeling_condcomp import (
-    CondCompForCausalLM,
-    CondCompForConditionalGeneration,
-    CondCompForMaskedLM,
-    CondCompForSequenceClassification,
-    CondCompForTokenClassification,
-    CondCompModel,
-)
+from ..modeling.modeling_condcomp import TASK_CLASSES
+from ..modeling.variants import variant_fields
 from ..spec import _error
+from .layers import gated_beside_moe
 
-TARGETS = {
-    "base": CondCompModel,
-    "sequence-classification": CondCompForSequenceClassification,
-    "token-classification": CondCompForTokenClassification,
-    "masked-lm": CondCompForMaskedLM,
-    "causal-lm": CondCompForCausalLM,
-    "seq2seq-lm": CondCompForConditionalGeneration,
-}
+TARGETS = TASK_CLASSES  # the task's model class
 
 
 def check_task(task):
@@ -39,8 +26,9 @@ def check_upcycle(spec, src_config, task, stacks, overrides):
     source (two `stacks`) does not take, and the config overrides."""
     check_task(task)
     if len(stacks) > 1:
-        if spec.variant != "moe" or spec.mod_layers is not None:
-            with_mod = " with `mod_layers`" if spec.mod_layers is not None else ""
+        beside = gated_beside_moe(spec)
+        if spec.variant != "moe" or beside:
+            with_mod = "".join(f" with `{v.layers_field}`" for v in beside)
             raise ValueError(f"`variant`={spec.variant!r}{with_mod} is not supported on encoder-decoder models (model "
                              f"type {src_config.model_type!r}): {SEQ2SEQ_GATED_REFUSAL}")
         if spec.router_init != "random":
@@ -54,7 +42,7 @@ def check_overrides(overrides, src_config, config_class=CondCompConfig):
     """Every `upcycle(..., name=value)` override must name a field of the target config (or of the
     source's): a misspelt name would otherwise be stored as an unused attribute and silently ignored."""
     known = {f.name for f in dataclasses.fields(config_class)} | set(src_config.to_dict())
-    known |= variant_config_fields()
+    known |= {f.name for f in variant_fields()}
     for name, value in overrides.items():
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3)
@@ -66,8 +54,9 @@ def check_overrides(overrides, src_config, config_class=CondCompConfig):
 
 def as_floats_where_expected(config_class, values):
     """Whole numbers given for float fields (`capacity_factor=2`, `router_aux_loss_coef=0`, as YAML
-    and the command line write them) become floats: the strict config would reject the int."""
-    for field in dataclasses.fields(config_class):
+    and the command line write them) become floats: the strict config would reject the int. The
+    registered gated variants' fields count, whether or not `config_class` declares them."""
+    for field in [*dataclasses.fields(config_class), *variant_fields()]:
         value = values.get(field.name)
         if isinstance(value, int) and not isinstance(value, bool):
             types = typing.get_args(field.type) or (field.type,)
