@@ -56,7 +56,8 @@ def save_with_tokenizer(model, source, folder) -> None:
     if not isinstance(source, (str, os.PathLike)):
         return
     source = assets.resolve(str(source))
-    copy_sentence_transformers_files(source, folder)
+    if not (Path(folder) / "modules.json").exists():
+        copy_sentence_transformers_files(source, folder)
     if (Path(folder) / "tokenizer_config.json").exists():
         return
     try:
