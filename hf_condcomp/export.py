@@ -132,12 +132,12 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
     config = load_config(model_dir, "MODEL_DIR")  # a config.json that does not read: one line naming it
     fmt = get_export_format(choose_format(config, format))  # refuses before any weight is read
     ours = _load_ours(model_dir, config, fmt)
-    native = _build_native(fmt, ours, model_dir)
     result = {"output_dir": str(output_dir), "format": fmt.name, "architecture": fmt.architecture,
               "dtype": str(ours.dtype).removeprefix("torch."), "max_abs_diff": None}
 
     def write(folder):
-        save_with_tokenizer(native, model_dir, folder)
+        # built here and dropped once saved: ours and one native copy in memory at a time
+        save_with_tokenizer(_build_native(fmt, ours, model_dir), model_dir, folder)
         if verify:  # what a user loads, in the dtype both were saved in
             written = fmt.native_class().from_pretrained(folder, dtype=ours.dtype).eval()
             result["max_abs_diff"] = fmt.verify(written, ours)
