@@ -62,7 +62,10 @@ def choose_format(config, requested: str = "auto") -> str:
     source = config.text_config.model_type
     readers = [fmt for fmt in EXPORT_FORMATS.values() if source in fmt.sources]
     if not readers:
-        read = "; ".join(f"{fmt.name} from {', '.join(fmt.sources)}" for fmt in EXPORT_FORMATS.values())
+        by_sources = {}
+        for fmt in EXPORT_FORMATS.values():
+            by_sources.setdefault(fmt.sources, []).append(fmt.name)
+        read = "; ".join(f"{', '.join(names)} from {', '.join(sources)}" for sources, names in by_sources.items())
         raise refuse(f"the model was upcycled from {source!r}, which no native format reads ({read})",
                      "Share it with its remote code instead (`save_pretrained`, loaded with trust_remote_code=True).")
     shared = export_blocker(config)
