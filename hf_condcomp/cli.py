@@ -2,11 +2,10 @@
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from .saving import save_atomically
+from .saving import DTYPES, save_atomically, save_with_tokenizer
 from .yaml_values import yaml_value
 
 DEMO_SOURCE = "all-MiniLM-L6-v2"
@@ -68,21 +67,6 @@ def upcycle_kwargs(args) -> dict:
     return kwargs
 
 
-def save_with_tokenizer(model, source, folder):
-    """save_pretrained (weights, config with auto_map, code files, and the tokenizer of a local source)
-    plus the tokenizer of a source that `save_pretrained` did not write (a Hub id's)."""
-    from transformers import AutoTokenizer
-
-    from . import assets
-
-    model.save_pretrained(folder)
-    if isinstance(source, (str, os.PathLike)) and not (Path(folder) / "tokenizer_config.json").exists():
-        try:
-            AutoTokenizer.from_pretrained(assets.resolve(str(source))).save_pretrained(folder)
-        except (OSError, ValueError, TypeError):
-            pass  # a source without a tokenizer (random test checkpoints) still upcycles
-
-
 def _upcycle_and_save(sources, settings, output_dir, overwrite, dtype=None, as_json=False):
     """Upcycle one source (or several, as experts) and save it with the tokenizer of the base, else
     of the first source."""
@@ -122,7 +106,7 @@ def upcycle_summary(model, output_dir) -> str:
 
 
 def cmd_upcycle(args):
-    _upcycle_and_save(args.source, upcycle_kwargs(args), args.output_dir, args.overwrite, as_json=args.json)
+    _upcycle_and_save(args.source, upcycle_kwargs(args), args.output_dir, args.overwrite, args.dtype, args.json)
 
 
 def cmd_merge(args):
@@ -196,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.add_argument("--json", action="store_true", help="print the whole upcycling record as JSON, not a summary")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="the dtype the model is saved in (as mergekit's `dtype`); default: the source's")
     add_upcycle_arguments(p)
     p.set_defaults(func=cmd_upcycle)
     p = sub.add_parser("merge", help="a mergekit-moe YAML: several fine-tunes into one MoE (export: the native class)")
@@ -205,15 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.add_argument("--json", action="store_true", help="print the whole upcycling record as JSON, not a summary")
     p.set_defaults(func=cmd_merge)
-    from .export import FORMATS
+    from .export import export_format_choices
 
     p = sub.add_parser("export",
                        help="write an upcycled Llama-family or T5 MoE in a native transformers MoE architecture")
     p.add_argument("model_dir", help="a folder saved by hf-condcomp upcycle or a recipe")
     p.add_argument("output_dir")
-    p.add_argument("--format", default="auto", choices=FORMATS,
-                   help="auto: qwen3_moe for a Qwen3 source, else mixtral when every layer is MoE, else qwen2_moe "
-                        "(dense layers as mlp_only_layers); switch_transformers for T5, nllb_moe for M2M100 / NLLB")
+    p.add_argument("--format", default="auto", choices=export_format_choices(),
+                   help="auto: the first registered format that expresses the model: qwen3_moe for a Qwen3 source, "
+                        "else mixtral when every layer is MoE, else qwen2_moe (dense layers as mlp_only_layers); "
+                        "switch_transformers for T5, nllb_moe for M2M100 / NLLB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("demo", help="upcycle the embedded all-MiniLM-L6-v2 and check it against its parent")

@@ -47,7 +47,7 @@ _ROBERTA_KEYS = (
 _CLASSES = {cls.__name__.removeprefix("CondComp"): cls for task, cls in TASK_CLASSES.items() if task != "seq2seq-lm"}
 
 
-def native_config(values: dict) -> CondCompConfig:
+def legacy_condcomp_config(values: dict) -> CondCompConfig:
     """The `CondCompConfig` of an earlier release's config.json (read as a dict)."""
     source_type = (values.get("upcycling") or {}).get("source_model_type") or {
         "condcomp_bert": "bert", "condcomp_gpt2": "gpt2", "condcomp_llama": "llama"}[values["model_type"]]
@@ -71,7 +71,7 @@ def _dense_skeleton(text_config):
         return AutoModel.from_config(text_config)
 
 
-def native_state_dict(state: dict, values: dict, config: CondCompConfig) -> dict:
+def legacy_state_dict(state: dict, values: dict, config: CondCompConfig) -> dict:
     """The earlier release's weights under the native model's names (every one kept)."""
     layers_path, ffn_module = LEGACY_TYPES[values["model_type"]]
     roberta = config.text_config.model_type in ("roberta", "xlm-roberta", "camembert")
@@ -97,12 +97,12 @@ def native_state_dict(state: dict, values: dict, config: CondCompConfig) -> dict
 def convert_folder(folder, target) -> str:
     """Writes the native form of the earlier release's `folder` into the folder `target`."""
     values = json.loads(Path(cached_file(folder, "config.json")).read_text(encoding="utf-8"))
-    config = native_config(values)
+    config = legacy_condcomp_config(values)
     architecture = (values.get("architectures") or ["CondCompModel"])[0]
     suffix = next((s for s in _CLASSES if architecture.endswith(s) and s != "Model"), "Model")
     cls = _CLASSES[suffix]
     config.architectures = [cls.__name__]
-    state = native_state_dict(load_file(cached_file(folder, "model.safetensors")), values, config)
+    state = legacy_state_dict(load_file(cached_file(folder, "model.safetensors")), values, config)
     with torch.device("meta"):
         expected = set(cls(config).state_dict())
     tied = {k for k in expected - set(state) if k.endswith(("lm_head.weight", "decoder.weight", "decoder.bias"))}
@@ -149,7 +149,7 @@ def _loader_class(config_class, target):
 
         @classmethod
         def _from_config(cls, config, **kwargs):
-            return target._from_config(native_config(config.to_dict()), **kwargs)
+            return target._from_config(legacy_condcomp_config(config.to_dict()), **kwargs)
 
     LegacyLoader.config_class = config_class
     LegacyLoader.__name__ = f"Legacy{target.__name__}"

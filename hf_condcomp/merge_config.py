@@ -25,11 +25,11 @@ from pathlib import Path
 
 import yaml
 
+from .saving import DTYPES
 from .upcycling.router_init import read_prompt_file
 
 GATE_MODES = {"hidden": "hidden_last", "hidden_last": "hidden_last", "hidden_avg": "hidden",
               "cheap_embed": "cheap_embed", "random": "random"}
-DTYPES = ("float32", "float16", "bfloat16")
 ARCHITECTURES = ("mixtral", "qwen3")  # what `export` writes from Llama / Mistral and Qwen3 sources
 TOP_KEYS = ("base_model", "gate_mode", "dtype", "experts_per_token", "experts", "architecture", "shared_experts")
 EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")

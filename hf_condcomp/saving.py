@@ -6,6 +6,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+DTYPES = ("float32", "float16", "bfloat16")  # what `merge` (mergekit's `dtype`) and `upcycle --dtype` save in
+
 
 def check_output_dir(output_dir, overwrite: bool = False) -> Path:
     """`output_dir` as a Path; a ValueError naming it when it exists, is not empty and `overwrite` is off."""
@@ -36,3 +38,29 @@ def save_atomically(output_dir: Path, write, overwrite: bool = False):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_with_tokenizer(model, source, folder) -> None:
+    """`model.save_pretrained(folder)`, then what the folder needs beside the model from `source` (a
+    local folder, an embedded name or a Hub id) where save_pretrained did not write it: the tokenizer
+    and a sentence-transformers folder's files (`modules.json`, pooling, ...).
+
+    Shared by `upcycle`, `merge`, `demo` and `export`, so every folder they write loads with
+    `AutoTokenizer` (and `SentenceTransformer`) as its source did."""
+    from transformers import AutoTokenizer
+
+    from . import assets
+    from .modeling.common import copy_sentence_transformers_files
+
+    model.save_pretrained(folder)
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    source = assets.resolve(str(source))
+    if not (Path(folder) / "modules.json").exists():
+        copy_sentence_transformers_files(source, folder)
+    if (Path(folder) / "tokenizer_config.json").exists():
+        return
+    try:
+        AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # a source without a tokenizer (random test checkpoints) still saves

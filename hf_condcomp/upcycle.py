@@ -36,7 +36,7 @@ from transformers.initialization import no_init_weights
 from . import assets
 from .modeling.common import SENTENCE_TRANSFORMERS_SOURCE, TOKENIZER_SOURCE
 from .spec import SPEC_FIELDS, spec_class, split_kwargs
-from .upcycling.convert_native import convert_native_state_dict, native_config, native_stacks
+from .upcycling.convert_native import convert_native_state_dict, native_stacks, upcycled_config
 from .upcycling.expert_init import balanced_kmeans
 from .upcycling.layers import choose_layers, parse_layers
 from .upcycling.merging import load_dense, prompt_routers, resolve_num_experts
@@ -89,7 +89,7 @@ def upcycle(source, **settings):
     fields = spec.config_fields(layers, dense.config, task, expert_width=stacks[0][2])
     fields["upcycling"] = spec.provenance(layers, dense.config, task, source_name,
                                           names if expert_sources is not None else None)
-    config = native_config(dense.config, stacks, fields, overrides)
+    config = upcycled_config(dense.config, stacks, fields, overrides)
 
     with no_init_weights():  # every weight is overwritten below: skip the random init
         target = TARGETS[task](config)

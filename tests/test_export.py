@@ -189,3 +189,35 @@ def test_qwen3_moe_needs_a_qwen3_source_and_mixtral_no_attention_bias():
         choose_format(qwen2.config, "mixtral")
     with pytest.raises(ExportError, match="`--format` must be one of"):
         choose_format(llama.config, "deepseek")
+
+
+def test_a_format_registered_outside_the_package_is_offered_by_the_cli_and_exports(tmp_path, capsys):
+    """A new format is one `ExportFormat` subclass and one register call: here Mixtral's config and key
+    map under another name, as a module of its own would bring them."""
+    from hf_condcomp.cli import main as cli_main
+    from hf_condcomp.exporters import EXPORT_FORMATS, register_export_format
+    from hf_condcomp.exporters.mixtral import MixtralFormat
+
+    @register_export_format
+    class ToyMixtral(MixtralFormat):
+        name = "toy_mixtral"
+
+    try:
+        with pytest.raises(SystemExit):
+            cli_main(["export", "--help"])
+        assert "toy_mixtral" in capsys.readouterr().out
+        model = hf_condcomp.upcycle(tiny_source("llama"), num_experts=4, top_k=2, init="noise", noise_std=0.3,
+                                    layers="all")
+        model.save_pretrained(tmp_path / "ours")
+        assert choose_format(model.config) == "mixtral"  # `auto` tries the built-in formats first
+        assert cli_main(["export", str(tmp_path / "ours"), str(tmp_path / "native"), "--format", "toy_mixtral"]) == 0
+        assert json.loads(capsys.readouterr().out)["format"] == "toy_mixtral"
+        from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+        native = AutoModelForCausalLM.from_pretrained(tmp_path / "native").eval()  # trust_remote_code off
+        assert type(native) is MixtralForCausalLM
+        ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(native(ids).logits, model.eval()(ids).logits, atol=1e-4, rtol=0)
+    finally:
+        EXPORT_FORMATS.pop("toy_mixtral")

@@ -310,3 +310,51 @@ def test_model_card_names_the_sources_the_base_and_the_router_init(tmp_path):
     assert "[`org/tune-a`](org/tune-a), [`org/tune-b`](org/tune-b)" in card
     assert "the base model [`org/base`]" in card and "routers initialised by `random`" in card
     assert "- org/tune-a" in card  # the metadata's base_model lists every source
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_merge_exports_and_is_checked_in_its_dtype(tmp_path, capsys, monkeypatch, dtype):
+    """bfloat16 through a mergekit YAML, float16 through `upcycle --dtype`: the export is written in that
+    dtype and checked in it against the model loaded as a user loads it; a failed check is one line,
+    exit status 2, nothing written. The heads are scaled so the logits reach a real model's (~30)."""
+    from transformers import MixtralForCausalLM
+
+    from hf_condcomp.exporters import VERIFY_TOLERANCE
+
+    tokenizer = sample_bpe_tokenizer()
+    base, tunes = fine_tunes("llama", 2, vocab_size=len(tokenizer))
+    for model in (base, *tunes):
+        with torch.no_grad():
+            model.lm_head.weight.mul_(300)
+    paths = [_save(m, tmp_path / name, tokenizer) for m, name in zip((base, *tunes), ("base", "a", "b"))]
+    if dtype == "bfloat16":
+        config = tmp_path / "moe.yml"
+        config.write_text(f"base_model: {paths[0]}\ngate_mode: random\ndtype: {dtype}\nexperts_per_token: 2\n"
+                          f"experts:\n  - source_model: {paths[1]}\n  - source_model: {paths[2]}\n")
+        assert cli_main(["merge", str(config), str(tmp_path / "moe")]) == 0
+    else:
+        assert cli_main(["upcycle", *paths[1:], str(tmp_path / "moe"), "--base", paths[0], "--layers", "all",
+                         "--dtype", dtype]) == 0
+    capsys.readouterr()
+    assert cli_main(["export", str(tmp_path / "moe"), str(tmp_path / "native")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dtype"] == dtype and result["architecture"] == "MixtralForCausalLM"
+
+    ours = hf_condcomp.CondCompForCausalLM.from_pretrained(tmp_path / "moe", dtype="auto").eval()
+    native = MixtralForCausalLM.from_pretrained(tmp_path / "native", dtype="auto").eval()
+    assert ours.dtype == native.dtype == getattr(torch, dtype)
+    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = ours(ids).logits.float(), native(ids).logits.float()
+    atol, rtol = VERIFY_TOLERANCE[ours.dtype]
+    assert expected.abs().max() > 10
+    assert 0 < (got - expected).abs().max() <= atol + rtol * expected.abs().max()
+
+    monkeypatch.setitem(VERIFY_TOLERANCE, ours.dtype, (0.0, 0.0))  # the check fails: said in one line
+    assert cli_main(["export", str(tmp_path / "moe"), str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in err and "differs from the model by" in errors[0], err
+    assert f"in {dtype}" in errors[0] and "nothing written" in errors[0]
+    assert not (tmp_path / "strict").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".strict")] == []

@@ -315,7 +315,7 @@ def test_nllb_moe_computes_distinct_experts_only_where_it_dispatches_by_expert_i
     from transformers.models.nllb_moe import modeling_nllb_moe as nllb
 
     from hf_condcomp.export import export_native
-    from hf_condcomp.export_seq2seq import nllb_moe_dispatches_by_expert
+    from hf_condcomp.exporters.nllb_moe import nllb_moe_dispatches_by_expert
 
     model = upcycle(dense_model("m2m_100"), num_experts=4, top_k=2, layers="encoder:every_other,decoder:all",
                     init="noise")

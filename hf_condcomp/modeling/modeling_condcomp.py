@@ -34,13 +34,14 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from .architectures import find_layers, layout_from_dict, seq2seq_stacks
+from .blockers import token_choice_blockers
 from .common import CondCompInitMixin, compute_fraction, condcomp_losses, use_return_dict
 from .compat import CACHE_KEY, cache_argument, class_weight_renamings, is_custom_code
 from .configuration_condcomp import CondCompConfig
 from .depth import Recorder, install_conditional_layers
 from .moe import MoEFeedForward
 from .parallel import check_parallel, drop_stale_plan_entries, parallel_plans
-from .variants import GATED_VARIANTS, layer_variant
+from .variants import layer_variant
 
 
 class NativeMoEFeedForward(MoEFeedForward):
@@ -336,23 +337,24 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
 VLLM_ATTENTION = "vllm"  # the attention implementation vLLM's Transformers backend sets on the config
 
 
+_VLLM_REASONS = {
+    "gated": "{description} run a subset of each sequence's tokens, and vLLM's attention and KV cache run every "
+             "token through every layer.",
+    "routing": "vLLM's fused MoE serves token-choice routing (each token's top `num_experts_per_tok` experts) only.",
+    "capacity": "capacity-limited routing drops tokens that vLLM's fused MoE would compute; only dropless routing "
+                "(None) serves.",
+}
+
+
 def vllm_refusal(config) -> str | None:
     """Why vLLM's Transformers backend cannot serve a model of `config` (one line), or None.
 
     vLLM swaps each MoE block's `experts` for its fused MoE, which computes SiLU-gated experts on the
     `num_experts_per_tok` experts each token's router picks; its attention and KV cache run every
-    token through every layer."""
-    for variant in GATED_VARIANTS.values():
-        layers = getattr(config, variant.layers_field, None)
-        if layers:
-            return (f"`{variant.layers_field}`={layers}: {variant.description} run a subset of each sequence's "
-                    "tokens, and vLLM's attention and KV cache run every token through every layer.")
-    if config.moe_layers and config.moe_routing != "token_choice":
-        return (f"`moe_routing`={config.moe_routing!r}: vLLM's fused MoE serves token-choice routing "
-                "(each token's top `num_experts_per_tok` experts) only.")
-    if config.moe_layers and config.moe_capacity_factor is not None:
-        return (f"`moe_capacity_factor`={config.moe_capacity_factor!r}: capacity-limited routing drops tokens "
-                "that vLLM's fused MoE would compute; only dropless routing (None) serves.")
+    token through every layer (blockers.py: what the native exports refuse as well)."""
+    blockers = token_choice_blockers(config)
+    if blockers:
+        return f"{blockers[0]}: " + _VLLM_REASONS[blockers[0].kind].format(description=blockers[0].description)
     layout = layout_from_dict(config.ffn_layout)
     if config.moe_layers and not (layout.gated and config.ffn_activation in ("silu", "swish")):
         kind = f"{'gated' if layout.gated else 'plain'} {config.ffn_activation!r}"

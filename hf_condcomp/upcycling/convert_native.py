@@ -67,7 +67,7 @@ def _checked_layout(layer, layout, src_config):
     return layout, inter
 
 
-def native_config(src_config, stacks, fields, overrides):
+def upcycled_config(src_config, stacks, fields, overrides):
     """CondCompConfig around a copy of the source's config; overrides of the source's own fields
     (`hidden_dropout_prob=0.0`, ...) go into that copy. `stacks` as `native_stacks` gives them."""
     layout = stacks[0][1]
