@@ -216,49 +216,29 @@ class ConditionalLayerMixin:
         other tokens are neither computed nor changed."""
         B, T, H = x.shape
         real = rec.token_mask
-        n_real = B * T if real is None else int(real.sum())
-        idx = self._condcomp_index
-        cache_name = _find_cache(named)
-        cache = named.get(cache_name) if cache_name else None
-        past_valid = None
-        if cache is not None:
-            if getattr(cache, "is_compileable", False):
-                raise ValueError(
-                    f"`{type(cache).__name__}` (e.g. `cache_implementation='static'`) is not supported by models with "
-                    "Mixture-of-Depths or gated layers: they cache only the tokens a layer ran on, with a validity "
-                    "mask per layer, which a static cache has no room for. Use the default dynamic cache."
-                )
-            seen, stored = _cache_layer_lengths(cache, idx)
-            past_valid = _past_valid(cache, idx, B, stored, x.device)  # (B, stored)
+        cache_name, cache, seen, stored, past_valid = self._open_cache(named, B, x.device)
         runs_all = keep is None or bool((keep if real is None else keep | ~real).all())
         if runs_all and (past_valid is None or bool(past_valid.all())):
             # Every real token runs over every key: the layer as transformers calls it.
             if cache is not None:
                 self._store_valid(cache, past_valid, torch.ones(B, T, dtype=torch.bool, device=x.device))
-            rec.layer_fractions[idx] = 1.0
+            rec.layer_fractions[self._condcomp_index] = 1.0
             out = x + scale.unsqueeze(-1).to(x.dtype) * (_call(self, x, named, hidden_name) - x)
             # Padding passes unchanged, as on the subset path below: otherwise a row's padding positions would
             # depend on whether some other row of its batch skips a token.
             return out if real is None else torch.where(real.unsqueeze(-1), out, x)
         if keep is None:
             keep = all_real(x, real)
-
         counts = keep.sum(-1)  # (B,)
         C = int(counts.max())
-        config = self._condcomp_config()
-        as_keys = config.skipped_tokens_as_keys and cache is None
-        executed = float(counts.sum())
-        if as_keys:  # the key/value projections of the skipped tokens of sequences that run at all
-            per_seq = torch.full_like(counts, T) if real is None else real.sum(-1)
-            executed += _kv_share(self, config) * float(((per_seq - counts) * (counts > 0)).sum())
-        rec.layer_fractions[idx] = executed / max(n_real, 1)
+        as_keys = self._condcomp_config().skipped_tokens_as_keys and cache is None
+        self._record_fraction(rec, counts, real, B * T, as_keys)
         if cache is not None:
             self._store_valid(cache, past_valid, keep)
         if C == 0:
             if cache is not None:  # placeholders keep the cache rectangular
-                k_shape = self._condcomp_kv_shape(B, T)
-                zeros = x.new_zeros(k_shape)
-                cache.update(zeros, zeros.clone(), idx)
+                zeros = x.new_zeros(self._condcomp_kv_shape(B, T))
+                cache.update(zeros, zeros.clone(), self._condcomp_index)
             return x
 
         # Kept positions first, in their original order (stable sort), so sub-sequences stay causal.
@@ -272,10 +252,8 @@ class ConditionalLayerMixin:
                 raise ValueError("A routed or gated DeBERTa layer cannot take `query_states` (the enhanced mask "
                                  "decoder's separate queries); call it with hidden states only.")
             sub["relative_pos"] = subset_relative_positions(named["relative_pos"], index)
-        window = self._condcomp_window()
         if as_keys:
-            key_index = torch.arange(T, device=x.device).expand(B, T)
-            key_valid = all_real(x, real)
+            key_index, key_valid = torch.arange(T, device=x.device).expand(B, T), all_real(x, real)
             sub[cache_name or self._condcomp_cache_param] = _KeySource(self, x, keep, key_valid)
         elif cache is None:
             key_index, key_valid = index, valid if real is None else valid & real.gather(1, index)
@@ -287,8 +265,43 @@ class ConditionalLayerMixin:
                 key_valid = key_valid & _key_padding(rec.key_mask, base, stored + T)
             sub[cache_name] = _ScatteredCache(cache, index, valid, T)
             index = index + seen
-        allowed = _allowed(index, key_index, key_valid, self._condcomp_causal, window)
+        allowed = _allowed(index, key_index, key_valid, self._condcomp_causal, self._condcomp_window())
         sub["attention_mask"] = self._mask_format(allowed, x.dtype)
+        out = self._call_rows(x_sub, sub, hidden_name, rec, valid, relative)  # (B, C, H)
+        gather_index = (index - (seen if cache is not None else 0)).unsqueeze(-1).expand(B, C, H)
+        s = scale.gather(1, gather_index[..., 0]).unsqueeze(-1).to(x.dtype)  # (B, C, 1)
+        y = torch.where(valid.unsqueeze(-1), x_sub + s * (out - x_sub), x_sub)
+        return x.scatter(1, gather_index, y)  # (B, T, H)
+
+    def _open_cache(self, named, B, device):
+        """(name, cache, tokens seen, tokens stored, (B, stored) validity of the stored keys) of this
+        layer's cache, or (name, None, None, None, None) without one."""
+        cache_name = _find_cache(named)
+        cache = named.get(cache_name) if cache_name else None
+        if cache is None:
+            return cache_name, None, None, None, None
+        if getattr(cache, "is_compileable", False):
+            raise ValueError(
+                f"`{type(cache).__name__}` (e.g. `cache_implementation='static'`) is not supported by models with "
+                "Mixture-of-Depths or gated layers: they cache only the tokens a layer ran on, with a validity "
+                "mask per layer, which a static cache has no room for. Use the default dynamic cache."
+            )
+        idx = self._condcomp_index
+        seen, stored = _cache_layer_lengths(cache, idx)
+        return cache_name, cache, seen, stored, _past_valid(cache, idx, B, stored, device)
+
+    def _record_fraction(self, rec, counts, real, n_tokens, as_keys):
+        """This layer's executed share of its real tokens' compute, with the key/value projections of
+        the skipped tokens of sequences that run at all when they serve as keys."""
+        n_real = n_tokens if real is None else int(real.sum())
+        executed = float(counts.sum())
+        if as_keys:
+            per_seq = torch.full_like(counts, n_tokens // counts.numel()) if real is None else real.sum(-1)
+            executed += _kv_share(self, self._condcomp_config()) * float(((per_seq - counts) * (counts > 0)).sum())
+        rec.layer_fractions[self._condcomp_index] = executed / max(n_real, 1)
+
+    def _call_rows(self, x_sub, sub, hidden_name, rec, valid, relative):
+        """The layer on the gathered (B, C) rows; an MoE FFN inside it keeps its real routed rows."""
         first = len(rec.router_logits)
         rec.row_mask = valid
         try:
@@ -296,15 +309,11 @@ class ConditionalLayerMixin:
                 out = _call(self, x_sub, sub, hidden_name)  # (B, C, H)
         finally:
             rec.row_mask = None
-        if len(rec.router_logits) > first:  # an MoE FFN inside the layer: keep its real routed rows
-            rows = valid.reshape(-1)
-            for i in range(first, len(rec.router_logits)):
-                rec.router_logits[i] = rec.router_logits[i][rows]
-                rec.prefiltered.add(i)
-        gather_index = (index - (seen if cache is not None else 0)).unsqueeze(-1).expand(B, C, H)
-        s = scale.gather(1, gather_index[..., 0]).unsqueeze(-1).to(x.dtype)  # (B, C, 1)
-        y = torch.where(valid.unsqueeze(-1), x_sub + s * (out - x_sub), x_sub)
-        return x.scatter(1, gather_index, y)  # (B, T, H)
+        rows = valid.reshape(-1)
+        for i in range(first, len(rec.router_logits)):
+            rec.router_logits[i] = rec.router_logits[i][rows]
+            rec.prefiltered.add(i)
+        return out
 
     # helpers
 
