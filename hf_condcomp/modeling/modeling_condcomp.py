@@ -292,27 +292,34 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
         A KV cache is taken as `cache=` or `past_key_values=` and handed to the source's model under the
         name the installed transformers uses (compat.py)."""
         past = cache_argument(past_key_values, cache)
-        if past is not None:
-            kwargs[CACHE_KEY] = past
-        # named in the signature, as callers that read it pass them (transformers' tests pass GPT-2's
-        # positions for left padding; vLLM compiles by these arguments' names)
-        for name, value in (("position_ids", position_ids), ("inputs_embeds", inputs_embeds)):
-            if value is not None:
-                kwargs[name] = value
+        kwargs = self._source_kwargs(kwargs, position_ids, inputs_embeds, labels, past)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        if labels is not None:
-            kwargs["labels"] = labels
-        for name in ("output_hidden_states", "output_attentions"):  # set on this config, read by the source's model
-            if kwargs.get(name) is None and getattr(self.config, name, False):
-                kwargs[name] = True
         for stack in self._condcomp_stacks:
             stack.__dict__.pop("_condcomp_last", None)
         out = self._condcomp_source(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         recorder = merge_recorders([stack.__dict__.pop("_condcomp_last", None) for stack in self._condcomp_stacks])
-        router = bool(output_router_logits)
-        total, aux, z, extra = condcomp_losses(self.config, recorder, router,
-                                               self.training or router or labels is not None)
+        self._add_condcomp_outputs(out, recorder, bool(output_router_logits), labels is not None)
+        return out if use_return_dict(self.config, return_dict) else out.to_tuple()
+
+    def _source_kwargs(self, kwargs, position_ids, inputs_embeds, labels, past):
+        """The keyword arguments of the source model's forward: the cache under the name the installed
+        transformers uses, the named inputs where given, and the output flags set on this config."""
+        if past is not None:
+            kwargs[CACHE_KEY] = past
+        # named in the signature, as callers that read it pass them (transformers' tests pass GPT-2's
+        # positions for left padding; vLLM compiles by these arguments' names)
+        for name, value in (("position_ids", position_ids), ("inputs_embeds", inputs_embeds), ("labels", labels)):
+            if value is not None:
+                kwargs[name] = value
+        for name in ("output_hidden_states", "output_attentions"):  # set on this config, read by the source's model
+            if kwargs.get(name) is None and getattr(self.config, name, False):
+                kwargs[name] = True
+        return kwargs
+
+    def _add_condcomp_outputs(self, out, recorder, router: bool, has_labels: bool):
+        """The routing losses added to the source's loss, and the routing fields after its own."""
+        total, aux, z, extra = condcomp_losses(self.config, recorder, router, self.training or router or has_labels)
         if total is not None and getattr(out, "loss", None) is not None:
             out["loss"] = out.loss + total
         fields = {"routing_loss": total, "aux_loss": aux, "z_loss": z, "compute_loss": extra,
@@ -331,7 +338,6 @@ class CondCompPreTrainedModel(CondCompInitMixin, PreTrainedModel):
             out["compute_fraction"], out["layer_compute_fractions"] = fraction, per_layer
         else:
             out.compute_fraction, out.layer_compute_fractions = fraction, per_layer
-        return out if use_return_dict(self.config, return_dict) else out.to_tuple()
 
 
 VLLM_ATTENTION = "vllm"  # the attention implementation vLLM's Transformers backend sets on the config
