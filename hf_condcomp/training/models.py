@@ -42,6 +42,14 @@ def load_model(args, auto_class, task, **head_kwargs):
             model = assets.load_pretrained(auto_class, path, what, trust_remote_code=args.trust_remote_code, **kwargs)
         except assets.CheckpointError as err:
             raise RecipeError(str(err)) from err
+        except ValueError as err:
+            if sharded is None:
+                raise
+            from .arguments import parallel_sizes
+
+            flags = " ".join(f"--{k} {v}" for k, v in parallel_sizes(args).items())
+            raise RecipeError(f"`{flags}`: transformers' engine cannot shard this model ({assets.one_line(err)}); "
+                              "train it with DDP or DeepSpeed instead (docs/scaling.md).") from None
     else:
         try:  # `args.upcycling` holds fields of UpcycleSpec only (parse_args checks the keys)
             with outside_zero3_init():
@@ -89,17 +97,23 @@ def _upcycled_then_sharded(args, auto_class, task, sharded, head_kwargs):
 
     state = PartialState()
     folder = Path(args.output_dir) / UPCYCLED_SOURCE
-    if state.is_main_process:
-        dense = {**vars(args), "fsdp_size": 1, "ep_size": 1, "tp_size": 1, "export_format": "remote_code"}
-        model = load_model(argparse.Namespace(**dense), auto_class, task, **head_kwargs)
-        model.save_pretrained(folder)
-        del model
-    state.wait_for_everyone()
-    upcycled = argparse.Namespace(**{**vars(args), "model_name_or_path": str(folder), "upcycling": {}})
-    model = load_model(upcycled, auto_class, task, **head_kwargs)
-    state.wait_for_everyone()  # every process has read the folder before it goes
-    if state.is_main_process:
-        shutil.rmtree(folder)
+    try:
+        if state.is_main_process:
+            dense = {**vars(args), "fsdp_size": 1, "ep_size": 1, "tp_size": 1, "export_format": "remote_code"}
+            model = load_model(argparse.Namespace(**dense), auto_class, task, **head_kwargs)
+            if sharded.dp_size > 1 and not model.fsdp_plan:  # refused now, before any process reads a folder
+                raise RecipeError(
+                    f"`--fsdp_size {args.fsdp_size}`: {type(model).__name__} has no FSDP plan for transformers' "
+                    "engine to shard it by; train it with DDP or DeepSpeed instead (docs/scaling.md).")
+            model.save_pretrained(folder)
+            del model
+        state.wait_for_everyone()
+        upcycled = argparse.Namespace(**{**vars(args), "model_name_or_path": str(folder), "upcycling": {}})
+        model = load_model(upcycled, auto_class, task, **head_kwargs)
+        state.wait_for_everyone()  # every process has read the folder before it goes
+    finally:
+        if state.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
     if isinstance(getattr(model.config, "upcycling", None), dict):
         model.config.upcycling["source"] = args.model_name_or_path
     return model
