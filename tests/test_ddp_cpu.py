@@ -227,7 +227,8 @@ def test_an_fsdp_launch_that_accelerate_runs_as_ddp_is_refused_with_one_line(tin
 
 def test_a_deepspeed_launch_that_accelerate_runs_otherwise_is_refused_with_one_line(monkeypatch):
     """`accelerate launch --use_deepspeed` under ACCELERATE_USE_CPU=1 sets up MULTI_CPU (the launch path is the
-    one the FSDP test above runs); and a DeepSpeed world that accelerate counts as one process is refused too."""
+    one the FSDP test above runs); a DeepSpeed setting that is not the recipe's, and a DeepSpeed world that
+    accelerate counts as one process, are refused too."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -240,6 +241,18 @@ def test_a_deepspeed_launch_that_accelerate_runs_otherwise_is_refused_with_one_l
                                           r"up MULTI_CPU: .*DS_ACCELERATOR=cpu") as err:
         check_engine(ddp)
     assert "\n" not in str(err.value)
+    # DeepSpeed accumulates and clips itself: an "auto" takes the recipe's setting, another number is refused.
+    config = {"gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    plugin = SimpleNamespace(deepspeed_config=config)
+    engine = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1,
+                             state=SimpleNamespace(deepspeed_plugin=plugin))
+    args = SimpleNamespace(gradient_accumulation_steps=4, max_grad_norm=0.5, fsdp_size=1, ep_size=1, tp_size=1)
+    check_engine(engine, args)
+    assert config == {"gradient_accumulation_steps": 4, "gradient_clipping": 0.5}
+    config["gradient_accumulation_steps"] = 2
+    with pytest.raises(RecipeError, match=r"`--gradient_accumulation_steps` 4 and DeepSpeed's "
+                                          r"gradient_accumulation_steps 2 differ"):
+        check_engine(engine, args)
     monkeypatch.setattr("hf_condcomp.training.loop._world_size", lambda: 2)
     uncounted = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1)
     with pytest.raises(RecipeError, match="torch.distributed has 2 processes but accelerate sees 1"):

@@ -96,12 +96,24 @@ def check_engine(accelerator, args=None):
                               f"the launch has {accelerator.num_processes}: launch `torchrun --nproc_per_node "
                               f"{args.fsdp_size * args.tp_size}` or pass `--fsdp_size {accelerator.num_processes}`.")
     if args is not None and got == "DEEPSPEED":
-        steps = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_accumulation_steps")
-        if isinstance(steps, int) and steps != args.gradient_accumulation_steps:
-            raise RecipeError(
-                f"`--gradient_accumulation_steps` {args.gradient_accumulation_steps} and DeepSpeed's "
-                f"gradient_accumulation_steps {steps} differ: pass the same number to `accelerate launch "
-                f"--gradient_accumulation_steps` (or the DeepSpeed config) and to the recipe.")
+        _match_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, args)
+
+
+def _match_deepspeed(config, args):
+    """DeepSpeed accumulates and clips itself: its settings are the recipe's. An "auto" (what `accelerate
+    launch --use_deepspeed` leaves unset) takes the recipe's value; a different number is refused."""
+    clip = float(args.max_grad_norm or 0.0)  # 0: DeepSpeed does not clip
+    for key, flag, ours, fix in (
+        ("gradient_accumulation_steps", "gradient_accumulation_steps", args.gradient_accumulation_steps,
+         "--gradient_accumulation_steps"),
+        ("gradient_clipping", "max_grad_norm", clip, "--gradient_clipping"),
+    ):
+        theirs = config.get(key, "auto")
+        if theirs == "auto":
+            config[key] = ours
+        elif float(theirs) != float(ours):
+            raise RecipeError(f"`--{flag}` {ours} and DeepSpeed's {key} {theirs} differ: pass the same number to "
+                              f"`accelerate launch {fix}` (or the DeepSpeed config) and to the recipe.")
 
 
 def _world_size() -> int:
