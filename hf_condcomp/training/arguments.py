@@ -193,6 +193,11 @@ def parallel_sizes(args) -> dict:
     return {flag: getattr(args, flag) for flag in PARALLEL_FLAGS if (getattr(args, flag, 1) or 1) > 1}
 
 
+def parallel_flags(args) -> str:
+    """The sizes asked for, as the flags that asked (`--fsdp_size 2 --ep_size 2`), for error messages."""
+    return " ".join(f"--{flag} {size}" for flag, size in parallel_sizes(args).items())
+
+
 def _validate_parallel_sizes(args):
     for flag in PARALLEL_FLAGS:
         value = getattr(args, flag)

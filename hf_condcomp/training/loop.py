@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .arguments import parallel_sizes
+from .arguments import parallel_flags, parallel_sizes
 from .checkpoints import CHECKPOINT_DIR, STATE_FILE
 from .errors import RecipeError
 from .models import count_parameters
@@ -86,7 +86,7 @@ def check_engine(accelerator, args=None):
             "DeepSpeed on the CPU, DS_ACCELERATOR=cpu).")
     sizes = parallel_sizes(args) if args is not None else {}
     if sizes:
-        flags = " ".join(f"--{k} {v}" for k, v in sizes.items())
+        flags = parallel_flags(args)
         if got in _ASKED.values():
             raise RecipeError(f"`{flags}` asks transformers' engine to shard the model and the launch asked "
                               f"accelerate for {got}: use one, e.g. `torchrun --nproc_per_node N` without "

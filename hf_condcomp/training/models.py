@@ -45,11 +45,11 @@ def load_model(args, auto_class, task, **head_kwargs):
         except ValueError as err:
             if sharded is None:
                 raise
-            from .arguments import parallel_sizes
+            from .arguments import parallel_flags
 
-            flags = " ".join(f"--{k} {v}" for k, v in parallel_sizes(args).items())
-            raise RecipeError(f"`{flags}`: transformers' engine cannot shard this model ({assets.one_line(err)}); "
-                              "train it with DDP or DeepSpeed instead (docs/scaling.md).") from None
+            raise RecipeError(f"`{parallel_flags(args)}`: transformers' engine cannot shard this model "
+                              f"({assets.one_line(err)}); train it with DDP or DeepSpeed instead (docs/scaling.md)."
+                              ) from None
     else:
         try:  # `args.upcycling` holds fields of UpcycleSpec only (parse_args checks the keys)
             with outside_zero3_init():
