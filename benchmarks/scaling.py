@@ -9,7 +9,9 @@ in every layer, fp32, AdamW. Per rank, after the timed steps: the parameters it 
 local shard, a ZeRO-3 partition), the bytes of the model state it keeps (parameters, gradients, AdamW
 states and DeepSpeed's fp32 partitions, each storage counted once), its peak resident memory, and the
 median step time (forward, backward, optimizer step; 2 warm-up steps, then 5). One process is the
-unsharded model, the same for every plan.
+unsharded model, the same for every plan. Under transformers' engine each shard is first given its own
+storage (`hf_condcomp.training.models.compact_shards`, as the recipes do): the loader keeps a shard as
+a view of the whole tensor it read, which on the CPU keeps every whole tensor on every rank.
 
 Plans (N processes): `ep`: `DistributedConfig(ep_size=N, tp_plan={})`, each rank keeps 8/N experts of
 every layer and the dense weights whole, the N ranks run one batch; `fsdp`: `DistributedConfig(
@@ -60,6 +62,7 @@ def worker(args):
     from transformers import AutoModelForCausalLM
 
     import hf_condcomp  # noqa: F401  (registers the upcycled model classes)
+    from hf_condcomp.training.models import compact_shards
 
     torch.set_num_threads(1)
     n = int(os.environ.get("WORLD_SIZE", 1))
@@ -69,6 +72,7 @@ def worker(args):
 
         sizes = dict(ep_size=n, tp_plan={}) if args.plan == "ep" else dict(fsdp_size=n)
         model = AutoModelForCausalLM.from_pretrained(args.folder, distributed_config=DistributedConfig(**sizes))
+        compact_shards(model)  # as the recipes do: each shard in its own storage, not a view of the whole tensor
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     else:
         model = AutoModelForCausalLM.from_pretrained(args.folder)

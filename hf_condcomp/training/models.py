@@ -40,6 +40,8 @@ def load_model(args, auto_class, task, **head_kwargs):
             kwargs["config"] = config
         try:
             model = assets.load_pretrained(auto_class, path, what, trust_remote_code=args.trust_remote_code, **kwargs)
+            if sharded is not None:
+                compact_shards(model)
         except assets.CheckpointError as err:
             raise RecipeError(str(err)) from err
         except ValueError as err:
@@ -85,6 +87,25 @@ def distributed_config(args):
     from transformers.distributed import DistributedConfig
 
     return DistributedConfig(fsdp_size=args.fsdp_size, ep_size=args.ep_size, tp_size=args.tp_size)
+
+
+def compact_shards(model) -> int:
+    """Give each parameter shard its own storage. transformers' engine reads a tensor and keeps a slice of it
+    as the rank's shard: on the CPU the slice is a view, so every rank would keep every whole tensor (the
+    measurement is in benchmarks/README.md). Done before the first forward, so that FSDP2 takes the new
+    shards when it sets itself up (`FSDPParam.reset_sharded_param`). Returns the bytes freed per rank."""
+    from torch.distributed.tensor import DTensor
+
+    freed = 0
+    for param in model.parameters():
+        if not isinstance(param, DTensor):
+            continue
+        local = param._local_tensor
+        storage = local.untyped_storage().nbytes()
+        if storage > local.numel() * local.element_size():
+            param._local_tensor = local.clone(memory_format=torch.contiguous_format)
+            freed += storage - local.numel() * local.element_size()
+    return freed
 
 
 def _upcycled_then_sharded(args, auto_class, task, sharded, head_kwargs):
