@@ -90,9 +90,8 @@ def main(argv=None):
     # 3. Optimizer, schedule, prepare.
     optimizer = training.make_optimizer(model, args, accelerator)
     lr_scheduler = training.schedule(args, accelerator, train_dataloader, optimizer)
-    training.prepare_for_engine(accelerator, model)  # ZeRO-3: each MoE block is one leaf
-    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = training.prepare(
+        accelerator, model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
     training.start_run(accelerator, args, model, "classification",
                        f"{len(processed['train'])} train examples, {len(label_list)} labels")

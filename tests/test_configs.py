@@ -136,3 +136,30 @@ def test_accelerate_config_is_valid(path):
         assert "fsdp_transformer_layer_cls_to_wrap" not in raw["fsdp_config"]
     else:
         assert raw["deepspeed_config"]["zero_stage"] in (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_parallel_sizes_are_flags_and_yaml_keys_of_every_recipe(recipe, tmp_path):
+    config = tmp_path / "sharded.yaml"
+    config.write_text("model_name_or_path: x\ntrain_file: t.csv\nfsdp_size: 4\nep_size: 2\n")
+    args = training.parse_args(load_recipe(recipe).build_parser(), ["--config", str(config), "--output_dir", "o"])
+    training.validate_args(args)
+    assert training.parallel_sizes(args) == {"fsdp_size": 4, "ep_size": 2}
+    args = training.parse_args(load_recipe(recipe).build_parser(),
+                               ["--config", str(config), "--fsdp_size", "1", "--ep_size", "1", "--output_dir", "o"])
+    assert training.parallel_sizes(args) == {} and training.distributed_config(args) is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tp_size", "2"], r"`--tp_size` 2: the ranks of a tensor-parallel group must read the same batch"),
+    (["--fsdp_size", "2", "--ep_size", "4"], r"`--ep_size` 4 must divide `--fsdp_size` 2"),
+    (["--fsdp_size", "2", "--lora_r", "8"], r"`--lora_r` 8 with \['--fsdp_size'\]"),
+    (["--fsdp_size", "2", "--checkpointing_steps", "5"], r"`--checkpointing_steps`.* with \['--fsdp_size'\]"),
+    (["--fsdp_size", "0"], r"`--fsdp_size` must be >= 1, got 0"),
+])
+def test_parallel_sizes_the_recipes_cannot_run_are_refused_in_one_line(flags, message):
+    args = training.parse_args(load_recipe("classification").build_parser(),
+                               ["--model_name_or_path", "x", "--train_file", "t.csv", "--output_dir", "o", *flags])
+    with pytest.raises(training.RecipeError, match=message) as err:
+        training.validate_args(args)
+    assert "\n" not in str(err.value)

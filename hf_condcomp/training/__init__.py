@@ -20,6 +20,7 @@ from .arguments import (
     RecipeError,
     add_common_arguments,
     load_config,
+    parallel_sizes,
     parse_args,
     run_recipe,
     validate_args,
@@ -30,8 +31,10 @@ from .data import check_file, load_splits, load_table, pad_collate, require_colu
 from .evaluation import evaluate_loss, generate, routing_stats
 from .loop import (
     check_engine,
+    clip_grad_norm,
     engine_record,
     make_accelerator,
+    prepare,
     prepare_for_engine,
     router_loss_parts,
     save_checkpoint,
@@ -43,6 +46,7 @@ from .models import (
     apply_lora,
     count_parameters,
     decays,
+    distributed_config,
     is_encoder_decoder,
     load_model,
     load_tokenizer,
@@ -65,13 +69,13 @@ from .publish import (
 )
 
 __all__ = [
-    "NULL_WORDS", "UPCYCLING_KEYS", "RecipeError", "add_common_arguments", "load_config", "parse_args", "run_recipe",
-    "validate_args", "yaml_value", "check_file", "load_splits", "load_table", "pad_collate", "require_columns",
-    "seq2seq_collate", "split_source", "evaluate_loss", "generate", "routing_stats", "CHECKPOINT_DIR", "STATE_FILE",
-    "find_checkpoint", "check_engine", "engine_record", "make_accelerator", "prepare_for_engine",
-    "router_loss_parts", "save_checkpoint", "schedule", "start_run", "train",
-    "apply_lora", "count_parameters", "decays", "is_encoder_decoder", "load_model", "load_tokenizer", "lora_targets",
-    "make_optimizer", "routing_parameter_names", "source_config", "unwrap", "HUB_IGNORE", "NATIVE_DIR",
-    "end_training", "native_dir", "push_to_hub", "save_model", "write_model_card", "write_predictions",
-    "write_results",
+    "NULL_WORDS", "UPCYCLING_KEYS", "RecipeError", "add_common_arguments", "load_config", "parallel_sizes",
+    "parse_args", "run_recipe", "validate_args", "yaml_value", "check_file", "load_splits", "load_table",
+    "pad_collate", "require_columns", "seq2seq_collate", "split_source", "evaluate_loss", "generate", "routing_stats",
+    "CHECKPOINT_DIR", "STATE_FILE", "find_checkpoint", "check_engine", "clip_grad_norm", "engine_record",
+    "make_accelerator", "prepare", "prepare_for_engine", "router_loss_parts", "save_checkpoint", "schedule",
+    "start_run", "train", "apply_lora", "count_parameters", "decays", "distributed_config", "is_encoder_decoder",
+    "load_model", "load_tokenizer", "lora_targets", "make_optimizer", "routing_parameter_names", "source_config",
+    "unwrap", "HUB_IGNORE", "NATIVE_DIR", "end_training", "native_dir", "push_to_hub", "save_model",
+    "write_model_card", "write_predictions", "write_results",
 ]

@@ -79,6 +79,13 @@ def add_common_arguments(parser: argparse.ArgumentParser):
       help="module names kept fully trainable beside the LoRA adapters (the heads); every routing parameter "
            "(MoE routers, MoD routers and predictors, compute gates) always is")
     a("--trust_remote_code", action="store_true")
+    a("--fsdp_size", type=int, default=1,
+      help="transformers' engine: FSDP2-shard the model over this many processes at load time "
+           "(`DistributedConfig(fsdp_size=...)`); launch with torchrun, see docs/scaling.md")
+    a("--ep_size", type=int, default=1,
+      help="transformers' engine: split each MoE layer's experts over this many processes (divides --fsdp_size)")
+    a("--tp_size", type=int, default=1,
+      help="transformers' engine: tensor parallelism (the recipes refuse it yet: its ranks share batches)")
     a("--export_format", default="remote_code", choices=["remote_code", "native"],
       help="native: also write output_dir/native in a native transformers MoE architecture (Mixtral or "
            "Qwen2-MoE, Llama-family MoE models only; checked before training) and push that folder")
@@ -168,5 +175,42 @@ def validate_args(args):
     bad = set(filter(None, args.lora_targets.split(","))) - {"attention", "experts"}
     if bad:
         raise RecipeError(f"`--lora_targets` has {sorted(bad)}: allowed are `attention` and `experts`.")
+    _validate_parallel_sizes(args)
     if args.resume_from_checkpoint:
         args.resume_from_checkpoint = str(find_checkpoint(args.resume_from_checkpoint, args.output_dir))
+
+
+PARALLEL_FLAGS = ("fsdp_size", "ep_size", "tp_size")
+
+
+def parallel_sizes(args) -> dict:
+    """The transformers-engine sizes a run asked for (`--fsdp_size`, `--ep_size`, `--tp_size` above 1), {} if none."""
+    return {flag: getattr(args, flag) for flag in PARALLEL_FLAGS if (getattr(args, flag, 1) or 1) > 1}
+
+
+def parallel_flags(args) -> str:
+    """The sizes asked for, as the flags that asked (`--fsdp_size 2 --ep_size 2`), for error messages."""
+    return " ".join(f"--{flag} {size}" for flag, size in parallel_sizes(args).items())
+
+
+def _validate_parallel_sizes(args):
+    for flag in PARALLEL_FLAGS:
+        value = getattr(args, flag)
+        if value is None or value < 1:
+            raise RecipeError(f"`--{flag}` must be >= 1, got {value!r}: 1 leaves the model whole.")
+    sizes = parallel_sizes(args)
+    if not sizes:
+        return
+    if args.tp_size > 1:
+        raise RecipeError(f"`--tp_size` {args.tp_size}: the ranks of a tensor-parallel group must read the same "
+                          "batch, which the recipes' data loading does not do; use `--fsdp_size` (and `--ep_size`).")
+    if args.ep_size > 1 and args.fsdp_size % args.ep_size:
+        raise RecipeError(f"`--ep_size` {args.ep_size} must divide `--fsdp_size` {args.fsdp_size} (each process "
+                          f"reads its own batch): pass `--fsdp_size {args.ep_size}` or a multiple of it.")
+    used = [f"--{flag}" for flag in PARALLEL_FLAGS if flag in sizes]
+    if args.lora_r:
+        raise RecipeError(f"`--lora_r` {args.lora_r} with {used}: LoRA on a model sharded at load time is not "
+                          "supported; pass `--lora_r 0` or leave the sizes at 1.")
+    if args.checkpointing_steps or args.resume_from_checkpoint:
+        raise RecipeError(f"`--checkpointing_steps`/`--resume_from_checkpoint` with {used}: a model sharded at load "
+                          "time has no resumable checkpoints yet; pass `checkpointing_steps=null`.")

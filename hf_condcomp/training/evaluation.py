@@ -50,7 +50,18 @@ def generate(accelerator, model, tokenizer, prompts, max_new_tokens, batch_size,
             net.unmerge_adapter()
     from accelerate.utils import gather_object
 
-    return gather_object(texts) if accelerator.num_processes > 1 else texts
+    return gather_object(texts)[:len(prompts)] if accelerator.num_processes > 1 else texts
+
+
+def _sharded(accelerator, net) -> bool:
+    """Whether the processes hold parts of the weights (DeepSpeed ZeRO-3, FSDP, transformers' engine): then every
+    decoding step of one is a collective of all, and they must run the same number of steps."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    zero3 = plugin is not None and plugin.zero_stage == 3 or is_deepspeed_zero3_enabled()
+    fsdp = accelerator.distributed_type.value == "FSDP" or getattr(net, "is_distributed_loading_by_transformers", False)
+    return accelerator.num_processes > 1 and (zero3 or fsdp)
 
 
 def _generate_texts(accelerator, net, tokenizer, prompts, max_new_tokens, batch_size, num_beams, stop_strings,
@@ -58,7 +69,9 @@ def _generate_texts(accelerator, net, tokenizer, prompts, max_new_tokens, batch_
     pad = tokenizer.pad_token_id
     seq2seq = is_encoder_decoder(net.config)
     texts = []
-    with accelerator.split_between_processes(list(range(len(prompts)))) as mine:
+    # Sharded weights: every process takes as many prompts (the last one repeated) and decodes in step with the others.
+    synced = _sharded(accelerator, net)
+    with accelerator.split_between_processes(list(range(len(prompts))), apply_padding=synced) as mine:
         for start in range(0, len(mine), batch_size):
             chunk = [prompts[i] for i in mine[start:start + batch_size]]
             length = max(len(p) for p in chunk)
@@ -70,6 +83,7 @@ def _generate_texts(accelerator, net, tokenizer, prompts, max_new_tokens, batch_
             with torch.no_grad():
                 out = net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                    num_beams=num_beams, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                   synced_gpus=synced,
                                    **({"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}),
                                    **generate_kwargs)
             texts += tokenizer.batch_decode(out if seq2seq else out[:, length:], skip_special_tokens=True)

@@ -1,6 +1,7 @@
 """The training loop of the transformers no-trainer examples with exact resume: the accelerator,
 the learning-rate schedule, `save_state` checkpoints and finding them again, logged losses."""
 
+import hashlib
 import json
 import math
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .arguments import parallel_flags, parallel_sizes
 from .checkpoints import CHECKPOINT_DIR, STATE_FILE
 from .errors import RecipeError
 from .models import count_parameters
@@ -20,26 +22,55 @@ def make_accelerator(args):
     kwargs = {}
     if args.with_tracking:
         kwargs.update(log_with=args.report_to, project_dir=str(Path(args.output_dir) / "runs"))
+    if parallel_sizes(args) and not _has_device():
+        kwargs["cpu"] = True  # torchrun on CPU processes: gloo, one process per rank (accelerate would see one)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         # The sampler is re-seeded per epoch (seed + epoch), so a resumed run sees the same order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        kwargs_handlers=_process_group_kwargs(),
         **kwargs,
     )
     set_seed(args.seed)
-    check_engine(accelerator)
+    check_engine(accelerator, args)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        # The recipes end by writing the whole model: ZeRO-3 must gather its partitions for that.
+        plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     return accelerator
+
+
+def _has_device() -> bool:
+    """Whether torch sees an accelerator (CUDA, XPU, ...) rather than CPUs only."""
+    from accelerate.utils.imports import get_torch_accelerator_backend
+
+    return get_torch_accelerator_backend()[0] is not None
+
+
+def _process_group_kwargs() -> list:
+    """DeepSpeed on CPU processes (`DS_ACCELERATOR=cpu accelerate launch --use_deepspeed`): accelerate finds no
+    device backend, lets DeepSpeed start the process group and still counts one process, so that every rank
+    would read every batch. Naming DeepSpeed's backend (gloo on the CPU) makes it count the group's processes."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("true", "1") or "LOCAL_RANK" not in os.environ:
+        return []
+    if _has_device() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1"):
+        return []
+    from accelerate.utils import InitProcessGroupKwargs
+    from deepspeed.accelerator import get_accelerator
+
+    return [InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())]
 
 
 # What `accelerate launch` asks for (the variables it sets for its workers) and the engine it must give.
 _ASKED = {"ACCELERATE_USE_DEEPSPEED": "DEEPSPEED", "ACCELERATE_USE_FSDP": "FSDP"}
 
 
-def check_engine(accelerator):
+def check_engine(accelerator, args=None):
     """Refuse a launch whose engine is not the one the launcher asked for: accelerate runs plain DDP under
-    `ACCELERATE_USE_CPU=1` whatever `--use_deepspeed` or an FSDP config says, and without it reports one
-    process while DeepSpeed's world has two (both would read the same batches)."""
+    `ACCELERATE_USE_CPU=1` whatever `--use_deepspeed` or an FSDP config says, and a world of processes that
+    accelerate does not count would read the same batches on every rank. transformers' engine
+    (`--fsdp_size`, `--ep_size`) shards the model itself: accelerate must not wrap it again."""
     got = accelerator.distributed_type.value
     for variable, engine in _ASKED.items():
         if os.environ.get(variable, "").lower() in ("true", "1") and got != engine:
@@ -53,6 +84,36 @@ def check_engine(accelerator):
             f"torch.distributed has {world} processes but accelerate sees {accelerator.num_processes} ({got}): each "
             "process would read the same batches. Launch with `accelerate launch --num_processes N` (and, for "
             "DeepSpeed on the CPU, DS_ACCELERATOR=cpu).")
+    sizes = parallel_sizes(args) if args is not None else {}
+    if sizes:
+        flags = parallel_flags(args)
+        if got in _ASKED.values():
+            raise RecipeError(f"`{flags}` asks transformers' engine to shard the model and the launch asked "
+                              f"accelerate for {got}: use one, e.g. `torchrun --nproc_per_node N` without "
+                              "--use_deepspeed or an FSDP config (docs/scaling.md).")
+        if args.fsdp_size * args.tp_size != accelerator.num_processes:
+            raise RecipeError(f"`{flags}` needs fsdp_size x tp_size = {args.fsdp_size * args.tp_size} processes and "
+                              f"the launch has {accelerator.num_processes}: launch `torchrun --nproc_per_node "
+                              f"{args.fsdp_size * args.tp_size}` or pass `--fsdp_size {accelerator.num_processes}`.")
+    if args is not None and got == "DEEPSPEED":
+        _match_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, args)
+
+
+def _match_deepspeed(config, args):
+    """DeepSpeed accumulates and clips itself: its settings are the recipe's. An "auto" (what `accelerate
+    launch --use_deepspeed` leaves unset) takes the recipe's value; a different number is refused."""
+    clip = float(args.max_grad_norm or 0.0)  # 0: DeepSpeed does not clip
+    for key, flag, ours, fix in (
+        ("gradient_accumulation_steps", "gradient_accumulation_steps", args.gradient_accumulation_steps,
+         "--gradient_accumulation_steps"),
+        ("gradient_clipping", "max_grad_norm", clip, "--gradient_clipping"),
+    ):
+        theirs = config.get(key, "auto")
+        if theirs == "auto":
+            config[key] = ours
+        elif float(theirs) != float(ours):
+            raise RecipeError(f"`--{flag}` {ours} and DeepSpeed's {key} {theirs} differ: pass the same number to "
+                              f"`accelerate launch {fix}` (or the DeepSpeed config) and to the recipe.")
 
 
 def _world_size() -> int:
@@ -60,14 +121,45 @@ def _world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def engine_record(accelerator) -> dict:
-    """The engine a run trained with, as all_results.json records it."""
+def engine_record(accelerator, model=None) -> dict:
+    """The engine a run trained with, as all_results.json records it, read off what really ran: the
+    prepared model's class (DeepSpeed's engine and the ZeRO stage it runs, or a model transformers
+    sharded at load time with how many of its parameters are DTensors), accelerate's view and the
+    world size of torch.distributed."""
     record = {"distributed_type": accelerator.distributed_type.value, "num_processes": accelerator.num_processes,
               "world_size": _world_size()}
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None:
-        record["zero_stage"] = plugin.zero_stage
+    if model is None:
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:
+            record["zero_stage"] = plugin.zero_stage
+        return record
+    record["engine"] = "accelerate"
+    if type(model).__name__ == "DeepSpeedEngine":
+        import deepspeed.comm
+
+        record.update(engine="deepspeed", zero_stage=model.zero_optimization_stage(),
+                      world_size=deepspeed.comm.get_world_size())
+    net = accelerator.unwrap_model(model)
+    if getattr(net, "is_distributed_loading_by_transformers", False):
+        from torch.distributed.tensor import DTensor
+
+        config = net.config.distributed_config
+        params = list(net.parameters())
+        record.update(engine="transformers", fsdp_size=config.fsdp_size, ep_size=config.ep_size,
+                      tp_size=config.tp_size, dp_size=config.dp_size,
+                      dtensor_parameters=sum(isinstance(p, DTensor) for p in params), parameters=len(params))
     return record
+
+
+def prepare(accelerator, model, optimizer, *rest):
+    """`accelerator.prepare` for every engine. Under DeepSpeed ZeRO-3 each MoE block is first made one
+    leaf (`prepare_for_engine`). A model that transformers sharded at load time (`--fsdp_size`) already
+    owns its placement and gradient reduction: accelerate prepares everything but wraps no DDP around it."""
+    prepare_for_engine(accelerator, model)
+    if not getattr(accelerator.unwrap_model(model), "is_distributed_loading_by_transformers", False):
+        return accelerator.prepare(model, optimizer, *rest)
+    model = accelerator.prepare_model(model, device_placement=False, evaluation_mode=True)
+    return (model, *accelerator.prepare(optimizer, *rest))
 
 
 def prepare_for_engine(accelerator, model):
@@ -131,6 +223,7 @@ def train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, c
 
     Dropout is seeded per micro-batch from (seed, batch index, process), so a resumed run draws
     the same masks as an uninterrupted one. Returns a dict of training results."""
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     batches_per_epoch = len(train_dataloader)
@@ -146,6 +239,7 @@ def train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, c
     progress.update(completed_steps)
     sums = torch.zeros(4, device=accelerator.device)  # loss, task loss, aux loss, z loss since last log
     epoch_loss, epoch_batches, examples_seen = 0.0, 0, 0
+    read = hashlib.sha256()  # what this process read: ranks of one data-parallel run read different batches
     history = []
     for epoch in range(starting_epoch, args.num_train_epochs):
         model.train()
@@ -161,7 +255,7 @@ def train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, c
                 loss = outputs.loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    clip_grad_norm(accelerator, model, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
@@ -172,6 +266,7 @@ def train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, c
             epoch_loss += loss.item()
             epoch_batches += 1
             examples_seen += batch["input_ids"].shape[0]
+            read.update(batch["input_ids"].cpu().numpy().tobytes())
             if not accelerator.sync_gradients:
                 continue
             completed_steps += 1
@@ -197,15 +292,40 @@ def train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, c
             break
     progress.close()
     seen = accelerator.gather(torch.tensor([examples_seen], device=accelerator.device)).tolist()
+    digests = gather_object([read.hexdigest()[:16]]) if accelerator.num_processes > 1 else [read.hexdigest()[:16]]
     loss_sum = accelerator.reduce(torch.tensor([epoch_loss, float(epoch_batches)], device=accelerator.device),
                                   reduction="sum")
     return {
         "train_loss": (loss_sum[0] / loss_sum[1].clamp(min=1)).item(),  # over every process's batches
         "train_steps": completed_steps,
         "train_examples_per_process": seen,
-        "engine": engine_record(accelerator),
+        "train_batches_digest_per_process": digests,
+        "engine": engine_record(accelerator, model),
         "log_history": history,
     }
+
+
+def clip_grad_norm(accelerator, model, max_norm):
+    """`accelerator.clip_grad_norm_`; for a model transformers sharded at load time, whose gradients may
+    live on several device meshes (experts on the expert mesh, the rest on the FSDP mesh), one norm per
+    mesh, each reduced over its mesh, and their total (as transformers' Trainer does)."""
+    if not getattr(accelerator.unwrap_model(model), "is_distributed_loading_by_transformers", False):
+        return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    from torch.distributed.tensor import DTensor
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    by_mesh = {}
+    for param in model.parameters():
+        if param.grad is not None:
+            by_mesh.setdefault(param.grad.device_mesh if isinstance(param.grad, DTensor) else None, []).append(param)
+    norms = []
+    for params in by_mesh.values():
+        norm = get_total_norm([p.grad for p in params])
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for params in by_mesh.values():
+        clip_grads_with_norm_(params, max_norm, total)
+    return total
 
 
 def _since(step, every):

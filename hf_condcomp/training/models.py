@@ -1,13 +1,19 @@
 """The model a recipe trains: upcycled on the fly from a dense checkpoint or loaded as upcycled,
 its tokenizer, LoRA, which parameters are routing parameters, and the optimizer's groups."""
 
+import argparse
+import contextlib
 import re
+from pathlib import Path
 
 import torch
 
 from .. import assets
 from ..modeling.common import has_moe_layers
 from .errors import RecipeError
+
+# Where a model upcycled on the fly waits to be read in shards by transformers' engine (`--fsdp_size`).
+UPCYCLED_SOURCE = "upcycled-source"
 
 
 def load_model(args, auto_class, task, **head_kwargs):
@@ -21,8 +27,11 @@ def load_model(args, auto_class, task, **head_kwargs):
     path = assets.resolve(name)
     what = "`--model_name_or_path`"
     config = source_config(args)
+    sharded = distributed_config(args)
+    if sharded is not None and not is_condcomp_config(config):
+        return _upcycled_then_sharded(args, auto_class, task, sharded, head_kwargs)
     if is_condcomp_config(config):
-        kwargs = {}
+        kwargs = {} if sharded is None else {"distributed_config": sharded}
         if "num_labels" in head_kwargs:
             heads = _label_configs(config)
             if any(c.num_labels != head_kwargs["num_labels"] for c in heads):
@@ -31,11 +40,22 @@ def load_model(args, auto_class, task, **head_kwargs):
             kwargs["config"] = config
         try:
             model = assets.load_pretrained(auto_class, path, what, trust_remote_code=args.trust_remote_code, **kwargs)
+            if sharded is not None:
+                compact_shards(model)
         except assets.CheckpointError as err:
             raise RecipeError(str(err)) from err
+        except ValueError as err:
+            if sharded is None:
+                raise
+            from .arguments import parallel_flags
+
+            raise RecipeError(f"`{parallel_flags(args)}`: transformers' engine cannot shard this model "
+                              f"({assets.one_line(err)}); train it with DDP or DeepSpeed instead (docs/scaling.md)."
+                              ) from None
     else:
         try:  # `args.upcycling` holds fields of UpcycleSpec only (parse_args checks the keys)
-            model = upcycle(path, task=task, num_labels=head_kwargs.get("num_labels"), **args.upcycling)
+            with outside_zero3_init():
+                model = upcycle(path, task=task, num_labels=head_kwargs.get("num_labels"), **args.upcycling)
         except assets.CheckpointError as err:  # the source cannot be read, whatever the upcycling settings
             raise RecipeError(f"{what} {err.detail}") from err
         except ValueError as err:  # upcycle names the setting; here it is an `upcycling.` key
@@ -56,6 +76,94 @@ def load_model(args, auto_class, task, **head_kwargs):
             raise RecipeError(f"`--export_format native`: {err}") from None
     model.train()
     return model
+
+
+def distributed_config(args):
+    """transformers' `DistributedConfig` for `--fsdp_size` / `--ep_size` / `--tp_size`, None when all are 1."""
+    from .arguments import parallel_sizes
+
+    if not parallel_sizes(args):
+        return None
+    from transformers.distributed import DistributedConfig
+
+    return DistributedConfig(fsdp_size=args.fsdp_size, ep_size=args.ep_size, tp_size=args.tp_size)
+
+
+def compact_shards(model) -> int:
+    """Give each parameter shard its own storage. transformers' engine reads a tensor and keeps a slice of it
+    as the rank's shard: on the CPU the slice is a view, so every rank would keep every whole tensor (the
+    measurement is in benchmarks/README.md). Done before the first forward, so that FSDP2 takes the new
+    shards when it sets itself up (`FSDPParam.reset_sharded_param`). Returns the bytes freed per rank."""
+    from torch.distributed.tensor import DTensor
+
+    freed = 0
+    for param in model.parameters():
+        if not isinstance(param, DTensor):
+            continue
+        local = param._local_tensor
+        storage = local.untyped_storage().nbytes()
+        if storage > local.numel() * local.element_size():
+            param._local_tensor = local.clone(memory_format=torch.contiguous_format)
+            freed += storage - local.numel() * local.element_size()
+    return freed
+
+
+def _upcycled_then_sharded(args, auto_class, task, sharded, head_kwargs):
+    """transformers shards a model while `from_pretrained` reads it: the main process upcycles the dense
+    source once into `output_dir/upcycled-source` (on several machines, a folder they share), every
+    process loads its shard of that folder, and the folder is removed."""
+    import shutil
+
+    from accelerate import PartialState
+
+    state = PartialState()
+    folder = Path(args.output_dir) / UPCYCLED_SOURCE
+    try:
+        if state.is_main_process:
+            dense = {**vars(args), "fsdp_size": 1, "ep_size": 1, "tp_size": 1, "export_format": "remote_code"}
+            model = load_model(argparse.Namespace(**dense), auto_class, task, **head_kwargs)
+            if sharded.dp_size > 1 and not model.fsdp_plan:  # refused now, before any process reads a folder
+                raise RecipeError(
+                    f"`--fsdp_size {args.fsdp_size}`: {type(model).__name__} has no FSDP plan for transformers' "
+                    "engine to shard it by; train it with DDP or DeepSpeed instead (docs/scaling.md).")
+            model.save_pretrained(folder)
+            del model
+        state.wait_for_everyone()
+        upcycled = argparse.Namespace(**{**vars(args), "model_name_or_path": str(folder), "upcycling": {}})
+        model = load_model(upcycled, auto_class, task, **head_kwargs)
+        state.wait_for_everyone()  # every process has read the folder before it goes
+    finally:
+        if state.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+    if isinstance(getattr(model.config, "upcycling", None), dict):
+        model.config.upcycling["source"] = args.model_name_or_path
+    return model
+
+
+@contextlib.contextmanager
+def outside_zero3_init():
+    """Build a model whole under DeepSpeed ZeRO-3: upcycling copies the dense weights into the experts,
+    which `zero.Init`'s partitioned (empty) parameters cannot give; the engine partitions the finished
+    model in `prepare`. Each process then holds the whole model once, before `prepare`. transformers
+    builds under `zero.Init` while a ZeRO-3 config is registered with it (accelerate registers the
+    plugin's whatever its `zero3_init_flag`): it is unregistered meanwhile."""
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    from accelerate.state import AcceleratorState
+
+    plugin = AcceleratorState().deepspeed_plugin
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(plugin.dschf if getattr(plugin, "dschf", None) is not None else plugin.hf_ds_config)
 
 
 def source_config(args):

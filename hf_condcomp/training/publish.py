@@ -2,6 +2,7 @@
 request, `all_results.json`, the model card (its template ships in `hf_condcomp/templates/`), and
 the upload."""
 
+import contextlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -25,10 +26,11 @@ def save_model(accelerator, model, tokenizer, args):
         state_dict = net.state_dict()
     else:
         state_dict = accelerator.get_state_dict(model)
-    net.save_pretrained(
-        args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-        state_dict=state_dict
-    )
+    with _saved_as_its_class(net):
+        net.save_pretrained(
+            args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+            state_dict=state_dict
+        )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(args.output_dir)
         if args.export_format == "native":
@@ -37,6 +39,26 @@ def save_model(accelerator, model, tokenizer, args):
             export_native(args.output_dir, native_dir(args), overwrite=True)
     accelerator.wait_for_everyone()
     return net
+
+
+@contextlib.contextmanager
+def _saved_as_its_class(net):
+    """FSDP2's `fully_shard` (transformers' engine, `--fsdp_size`) turns the model's class into a subclass
+    `FSDP<Class>` defined in torch's FSDP module, whose files transformers would then save as the model's
+    code (and name in `auto_map`). While saving, that subclass answers with its model class's module and name."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(net)
+    if not isinstance(net, FSDPModule):
+        yield
+        return
+    base = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    names = cls.__module__, cls.__name__, cls.__qualname__
+    cls.__module__, cls.__name__, cls.__qualname__ = base.__module__, base.__name__, base.__qualname__
+    try:
+        yield
+    finally:
+        cls.__module__, cls.__name__, cls.__qualname__ = names
 
 
 def native_dir(args) -> Path:
