@@ -276,6 +276,7 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
     from transformers.initialization import no_init_weights
 
     from .assets import load_config, load_pretrained
+    from .cards import write_export_card
     from .modeling.modeling_condcomp import CondCompForCausalLM, CondCompForConditionalGeneration
 
     model_dir = Path(model_dir)
@@ -335,6 +336,7 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
 
     def write(folder):
         native.save_pretrained(folder)
+        write_export_card(folder, model_dir, ours.config, native, diff, output_dir.name)  # README.md
         try:
             AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
         except (OSError, ValueError, TypeError):

@@ -12,6 +12,7 @@ import yaml
 
 from ..spec import RECIPE_KEYS
 from .checkpoints import find_checkpoint
+from .data import reset_data_record
 from .errors import RecipeError
 
 
@@ -94,6 +95,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None):
     """Flags > key=value > YAML config > parser defaults. `upcycling.<key>=value` edits the
     upcycling section. Unknown YAML keys are errors that name the file."""
     argv = list(os.sys.argv[1:] if argv is None else argv)
+    reset_data_record()  # the model card lists the data files this run reads
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
