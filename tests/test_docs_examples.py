@@ -9,8 +9,8 @@ breaks this test.
 - Bash blocks run with `bash -eu` in a scratch folder that links the clone's `recipes/` and
   `tests/` (the data samples), with `python` this interpreter and `hf-condcomp` this package's
   command line. Every `python recipes/<name>.py` command gets `RECIPE_OVERRIDES` appended: the
-  recipes' own `key=value` overrides (docs/recipes.md), which keep a run to two steps on a few
-  examples. Nothing else in a block is changed.
+  recipes' own `key=value` overrides (docs/recipes.md), which keep a run to two steps and eight
+  evaluation examples. Nothing else in a block is changed.
 - Blocks with output, not code (no language, or `text`), are not run.
 """
 
