@@ -96,6 +96,25 @@ def card_data(base_models, variant, task, datasets=None, **extra):
     )
 
 
+def our_card_data(readme):
+    """The metadata of the card `readme` when this package wrote it, else None (no file, no card, another's)."""
+    from huggingface_hub import ModelCard
+
+    if not Path(readme).is_file():
+        return None
+    try:
+        data = ModelCard.load(readme).data
+    except Exception:  # noqa: BLE001 - a README.md that is no card tells nothing
+        return None
+    return data if TAG in (data.tags or []) else None
+
+
+def base_models_of(data) -> list:
+    """A card's `base_model` metadata as a list."""
+    base = data.base_model or []
+    return [base] if isinstance(base, str) else list(base)
+
+
 def _ours_or_blank(readme: Path) -> bool:
     """Whether README.md is absent, one of ours, or transformers' blank card: only then is it (re)written."""
     if not readme.is_file():
@@ -214,14 +233,9 @@ def write_export_card(folder, model_dir, config, native, max_abs_diff=None, name
     record = dict(getattr(config, "upcycling", None) or {})
     base_models, datasets, source_card = [], None, Path(model_dir) / "README.md"
     if source_card.is_file():
-        try:
-            data = ModelCard.load(source_card).data
-        except Exception:  # noqa: BLE001 - a README.md that is no card tells nothing
-            data = None
-        if data is not None and TAG in (data.tags or []):
-            base = data.base_model or []
-            base_models = [base] if isinstance(base, str) else list(base)
-            datasets = data.datasets
+        data = our_card_data(source_card)
+        if data is not None:
+            base_models, datasets = base_models_of(data), data.datasets
     else:  # a folder saved without a card (by an earlier release): its sources as recorded
         names = ([record["source"]] if record.get("source") else []) + list(record.get("expert_sources") or [])
         base_models = [hub for _, hub in map(describe_source, names)]

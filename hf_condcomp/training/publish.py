@@ -173,9 +173,7 @@ def _data_source(args, read, file_rows) -> str:
 def _provenance(args, up) -> tuple[str, list]:
     """(the card's first sentence, the Hub ids for `base_model`): upcycled on the fly from
     `--model_name_or_path`, or fine-tuned further from an upcycled checkpoint."""
-    from huggingface_hub import ModelCard
-
-    from ..cards import TAG, describe_source
+    from ..cards import base_models_of, describe_source, our_card_data
 
     name = args.model_name_or_path
     what, hub = describe_source(name)
@@ -186,14 +184,9 @@ def _provenance(args, up) -> tuple[str, list]:
     # An upcycled checkpoint, trained further: its own card (a local folder's) names its Hub sources.
     base_models = [hub]
     card_file = Path(assets.resolve(name)) / "README.md"
-    if hub is None and card_file.is_file():
-        try:
-            data = ModelCard.load(card_file).data
-        except Exception:  # noqa: BLE001 - a README.md that is no card names nothing
-            data = None
-        if data is not None and TAG in (data.tags or []):
-            base = data.base_model or []
-            base_models = [base] if isinstance(base, str) else list(base)
+    data = our_card_data(card_file) if hub is None else None
+    if data is not None:
+        base_models = base_models_of(data)
     if expert_sources:
         shared = (f"the base model `{up.get('source')}`" if up.get("shared_weights") == "base"
                   else "the sources' average")
