@@ -220,14 +220,16 @@ class CondCompInitMixin:
             source = getattr(self, SENTENCE_TRANSFORMERS_SOURCE, None) or self.name_or_path
             copy_sentence_transformers_files(source, save_directory)
             copy_tokenizer(getattr(self, TOKENIZER_SOURCE, None) or self.name_or_path, save_directory)
-            if getattr(self, MODEL_CARD, None) is not None:
-                getattr(self, MODEL_CARD)(self, save_directory)
+            write_card = getattr(self, MODEL_CARD, None)
+            if write_card is not None:
+                write_card(self, save_directory)
         return result
 
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
         """`push_to_hub`: the card of `upcycle` replaces transformers' blank one (a repository's own card stays)."""
-        if getattr(self, MODEL_CARD, None) is not None:
-            getattr(self, MODEL_CARD)(self, working_dir, repo_id=repo_id)
+        write_card = getattr(self, MODEL_CARD, None)
+        if write_card is not None:
+            write_card(self, working_dir, repo_id=repo_id)
         return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     def _init_weights(self, module):
