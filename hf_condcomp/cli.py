@@ -67,14 +67,17 @@ def upcycle_kwargs(args) -> dict:
     return kwargs
 
 
-def _upcycle_and_save(sources, settings, output_dir, overwrite, dtype=None, as_json=False):
+def _upcycle_and_save(sources, settings, output_dir, overwrite, dtype=None, as_json=False, read=()):
     """Upcycle one source (or several, as experts) and save it with the tokenizer of the base, else
-    of the first source."""
+    of the first source, and its model card, which lists the files in `read` ((path, what))."""
     from .saving import check_output_dir
     from .upcycle import upcycle
 
     check_output_dir(output_dir, overwrite)  # refuse before the sources are read
     model = upcycle(sources if len(sources) > 1 else sources[0], **settings)
+    model._model_card.name = Path(output_dir).name  # saved to a temporary folder first
+    for path, what in read:
+        model._model_card.add_file(path, what)
     if dtype is not None:
         import torch
 
@@ -114,7 +117,8 @@ def cmd_merge(args):
     from .merge_config import read_merge_config
 
     sources, settings, dtype = read_merge_config(args.config)
-    _upcycle_and_save(sources, {**settings, "seed": args.seed}, args.output_dir, args.overwrite, dtype, args.json)
+    _upcycle_and_save(sources, {**settings, "seed": args.seed}, args.output_dir, args.overwrite, dtype, args.json,
+                      read=[(args.config, "mergekit-moe config")])
 
 
 def cmd_export(args):
@@ -143,6 +147,7 @@ def cmd_demo(args):
         out = moe(**batch, output_router_logits=True)
     diff = (ref - out.last_hidden_state)[mask].abs().max().item()
     output_dir = Path(args.output_dir)
+    moe._model_card.name = output_dir.name  # saved to a temporary folder first
     save_atomically(output_dir, lambda tmp: save_with_tokenizer(moe, DEMO_SOURCE, tmp), overwrite=True)
     reloaded = AutoModel.from_pretrained(output_dir, trust_remote_code=True).eval()
     with torch.no_grad():

@@ -127,6 +127,7 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
     before it is moved into place. Returns {"output_dir", "format", "architecture", "max_abs_diff"}.
     """
     from .assets import load_config
+    from .cards import write_export_card
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
@@ -144,6 +145,7 @@ def export_native(model_dir, output_dir, format: str = "auto", overwrite: bool =
         if verify:  # what a user loads, in the dtype both were saved in
             written = fmt.native_class().from_pretrained(folder, dtype=ours.dtype).eval()
             result["max_abs_diff"] = fmt.verify(written, ours)
+        write_export_card(folder, model_dir, ours.config, fmt.architecture, result["max_abs_diff"], output_dir.name)
 
     save_atomically(output_dir, write, overwrite)
     return result

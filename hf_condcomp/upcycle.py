@@ -34,7 +34,8 @@ from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from . import assets
-from .modeling.common import SENTENCE_TRANSFORMERS_SOURCE, TOKENIZER_SOURCE
+from .cards import UpcycleCard
+from .modeling.common import MODEL_CARD, SENTENCE_TRANSFORMERS_SOURCE, TOKENIZER_SOURCE
 from .spec import SPEC_FIELDS, spec_class, split_kwargs
 from .upcycling.convert_native import convert_native_state_dict, native_stacks, upcycled_config
 from .upcycling.expert_init import balanced_kmeans
@@ -100,6 +101,8 @@ def upcycle(source, **settings):
                                       spec.drop_ratio, expert_sources, routers)
     target.load_state_dict(state, strict=True)
     _carry_over(target, dense, spec.base if spec.base is not None else sources[0], spec.tokenizer)
+    prompts = [(spec.expert_prompts, "expert prompts")] if isinstance(spec.expert_prompts, (str, os.PathLike)) else []
+    setattr(target, MODEL_CARD, UpcycleCard(sources, spec.base, prompts))  # `save_pretrained` writes README.md
     return target.eval()
 
 

@@ -129,14 +129,10 @@ def main(argv=None):
     training.write_predictions(args, [{"label": label_list[r], "prediction": label_list[p]}
                                       for p, r in zip(predictions, references)], accelerator)
     if accelerator.is_main_process:
-        data = args.dataset_name or ", ".join(
-            str(getattr(args, f"{s}_file")) for s in ("train", "validation") if getattr(args, f"{s}_file"))
         training.write_model_card(
             args, saved.config, results, task_type="text-classification", task_name="Text Classification",
-            dataset_name=args.dataset_name or Path(args.train_file).parent.name,
-            dataset_type=args.dataset_name or "csv",
             metrics={"eval_accuracy": "accuracy", "eval_macro_f1": "f1"},
-            data_text=f"{data}; text column `{args.text_column}`, label column `{args.label_column}`, "
+            data_text=f"Text column `{args.text_column}`, label column `{args.label_column}`, "
                       f"{len(label_list)} labels, {len(processed['train'])} training examples.",
         )
     training.push_to_hub(args, accelerator)

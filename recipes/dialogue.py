@@ -59,7 +59,7 @@ def chitchat_conversations(limit=None):
     if folder is None:
         raise training.RecipeError("`--dataset_name chitchat` needs the package: "
                                    "pip install --no-deps chitchat-dataset==0.9.0")
-    with open(folder / "dataset.json") as f:
+    with open(training.check_file(folder / "dataset.json", "--dataset_name chitchat")) as f:
         raw = json.load(f)
     conversations = []
     for key in sorted(raw):  # sorted: the same order on every machine
@@ -193,12 +193,10 @@ def main(argv=None):
     saved = training.save_model(accelerator, model, tokenizer, args)
     training.write_results(args, results, accelerator)
     if accelerator.is_main_process:
-        data = args.dataset_name or args.train_file
         training.write_model_card(
             args, saved.config, results, task_type="text-generation", task_name="Dialogue",
-            dataset_name=args.dataset_name or Path(args.train_file).stem, dataset_type=args.dataset_name or "json",
             metrics={"perplexity": "perplexity", "perplexity_before": "perplexity_before"},
-            data_text=f"{data}; {len(processed['train'])} conversations rendered with the chat template, loss on "
+            data_text=f"{len(processed['train'])} conversations rendered with the chat template, loss on "
                       "assistant turns only.",
         )
     training.push_to_hub(args, accelerator)

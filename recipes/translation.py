@@ -249,8 +249,6 @@ def main(argv=None):
     training.write_predictions(args, [{"source": p[src], "reference": r, "translation": h}
                                       for p, r, h in zip(pairs, references, hypotheses)], accelerator)
     if accelerator.is_main_process:
-        data = args.dataset_name or ", ".join(str(getattr(args, f"{s}_file")) for s in ("train", "validation")
-                                              if getattr(args, f"{s}_file"))
         if seq2seq:
             codes = f" (language codes {args.source_lang_code} -> {args.target_lang_code})" if (
                 args.source_lang_code or args.target_lang_code) else ""
@@ -259,10 +257,8 @@ def main(argv=None):
             how = (f"Prompt: `{args.prompt_template!r}`, target after a space, loss on target tokens only.")
         training.write_model_card(
             args, saved.config, results, task_type="translation", task_name=f"Translation {src}-{tgt}",
-            dataset_name=args.dataset_name or Path(args.train_file).parent.name,
-            dataset_type=args.dataset_name or "text",
             metrics={"eval_bleu": "bleu", "eval_chrf": "chrf", "eval_loss": "loss"},
-            data_text=f"{data}; {src} -> {tgt}, {len(processed['train'])} training pairs. {how}",
+            data_text=f"{src} -> {tgt}, {len(processed['train'])} training pairs. {how}",
         )
     training.push_to_hub(args, accelerator)
     training.end_training(accelerator, args)

@@ -319,3 +319,25 @@ def test_fsdp2_through_transformers_trains_what_ddp_trains(tiny_llama, tmp_path)
     assert_same_weights(tmp_path / "fsdp_size", tmp_path / "ddp", ENGINE_WEIGHT_ATOL)
     assert sorted(p.name for p in (tmp_path / "fsdp_size").iterdir()) == sorted(p.name for p in
                                                                               (tmp_path / "ddp").iterdir())
+
+
+def test_a_refused_launch_says_its_one_line_once(tmp_path):
+    """`accelerate launch -q` (docs/recipes.md): on one process a user's mistake prints the recipe's
+    one line and nothing else (exit status 1, accelerate's for any failure); on two, the line once
+    (rank 0's; the other rank waits and is stopped), then torch's failure summary, whose root cause is
+    rank 0's exit status 2."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "ACCELERATE_USE_CPU": "1"}
+    line = "error: override `bad_key=1`: `bad_key` is not a flag of this recipe (see `--help`)."
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_machines", "1", "--mixed_precision",
+              "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    recipe = [str(ROOT / "recipes" / "classification.py"), "--output_dir", str(tmp_path), "bad_key=1"]
+    one = subprocess.run([*launch, "--num_processes", "1", *recipe], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=ROOT)
+    assert (one.returncode, one.stdout, one.stderr.splitlines()) == (1, "", [line])
+    two = subprocess.run([*launch, "--multi_gpu", "--num_processes", "2", *recipe], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=ROOT)
+    assert two.returncode == 1 and [x for x in two.stderr.splitlines() if x.startswith("error:")] == [line]
+    assert "Traceback" not in two.stderr
+    root_cause = two.stderr.split("Root Cause")[1]
+    assert "rank      : 0 " in root_cause and "exitcode  : 2 " in root_cause, two.stderr

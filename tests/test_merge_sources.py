@@ -304,12 +304,14 @@ def test_model_card_names_the_sources_the_base_and_the_router_init(tmp_path):
                 "num_train_epochs", "lr_scheduler_type", "num_warmup_steps", "weight_decay", "max_length", "seed",
                 "mixed_precision", "lora_r", "lora_alpha", "lora_targets")
     args = SimpleNamespace(hub_model_id=None, output_dir=str(tmp_path), model_name_or_path="org/base",
-                           export_format="remote", **dict.fromkeys(settings))
+                           export_format="remote", validation_file=None, test_file=None, max_train_samples=None,
+                           max_eval_samples=None, **dict.fromkeys(settings))
     card = write_model_card(args, moe.config, {}, task_type="text-generation", task_name="causal-lm",
-                            dataset_name="d", dataset_type="d", metrics={}, data_text="text").content
-    assert "[`org/tune-a`](org/tune-a), [`org/tune-b`](org/tune-b)" in card
-    assert "the base model [`org/base`]" in card and "routers initialised by `random`" in card
-    assert "- org/tune-a" in card  # the metadata's base_model lists every source
+                            metrics={}, data_text="text")
+    assert "from [`org/base`](https://huggingface.co/org/base)" in card.text  # the Hub repo it continued from
+    assert "the dense fine-tunes `org/tune-a`, `org/tune-b`" in card.text
+    assert "the base model `org/base`" in card.text and "routers initialised by `random`" in card.text
+    assert card.data.base_model == "org/base"
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -140,7 +140,7 @@ print("RESULT " + json.dumps({{"shape": list(logits.shape), "module": type(model
     metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert metrics["accuracy"] == pytest.approx(results["eval_accuracy"])
     assert metrics["f1"] == pytest.approx(results["eval_macro_f1"])
-    assert card.data.base_model == "all-MiniLM-L6-v2"
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"  # the embedded copy's Hub id
     assert "trust_remote_code=True" in card.text and "| num_experts | 4 |" in card.text
     assert "| 1 | [" in card.text  # routing statistics table
     oldest, newest = TESTED_TRANSFORMERS

@@ -77,7 +77,8 @@ def test_cli_upcycled_minilm_loads_in_sentence_transformers_as_its_dense_parent(
     argv = ["upcycle", str(minilm_path), str(out), "--num-experts", "4", "--top-k", "2", "--init", "copy"]
     assert cli_main(argv) == 0
     check_files(out, minilm_path, ["1_Pooling"])
-    assert not (out / "README.md").exists()
+    readme = (out / "README.md").read_text()  # the upcycle's own card, not the source's
+    assert "- hf_condcomp" in readme and "library_name: sentence-transformers" not in readme
     # A clean interpreter: the folder's own code, through trust_remote_code, without hf_condcomp.
     code = (inspect.getsource(st_report)
             + f"import json\nprint('REPORT', json.dumps(st_report({str(out)!r}, {str(minilm_path)!r}, {SENTENCES!r})))")

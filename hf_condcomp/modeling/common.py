@@ -73,6 +73,9 @@ def _refuse_reentrant(kwargs):
 SENTENCE_TRANSFORMERS_SOURCE = "_sentence_transformers_source"
 # The model attribute that names the local folder whose tokenizer `save_pretrained` writes beside the model.
 TOKENIZER_SOURCE = "_tokenizer_source"
+# The model attribute holding the model card writer `upcycle` gives its model (`hf_condcomp.cards`):
+# called as `writer(model, folder, repo_id=None)`; this code never imports it.
+MODEL_CARD = "_model_card"
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
@@ -217,7 +220,17 @@ class CondCompInitMixin:
             source = getattr(self, SENTENCE_TRANSFORMERS_SOURCE, None) or self.name_or_path
             copy_sentence_transformers_files(source, save_directory)
             copy_tokenizer(getattr(self, TOKENIZER_SOURCE, None) or self.name_or_path, save_directory)
+            write_card = getattr(self, MODEL_CARD, None)
+            if write_card is not None:
+                write_card(self, save_directory)
         return result
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        """`push_to_hub`: the card of `upcycle` replaces transformers' blank one (a repository's own card stays)."""
+        write_card = getattr(self, MODEL_CARD, None)
+        if write_card is not None:
+            write_card(self, working_dir, repo_id=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     def _init_weights(self, module):
         source = self.__dict__.get("_condcomp_source")  # the source's own init for its modules

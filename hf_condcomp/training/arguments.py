@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -13,18 +14,28 @@ import yaml
 from ..spec import RECIPE_KEYS, recipe_keys
 from ..yaml_values import yaml_value
 from .checkpoints import find_checkpoint
+from .data import reset_data_record
 from .errors import RecipeError
 
 
 def run_recipe(main, argv=None) -> int:
     """A recipe's command-line entry: a user mistake is one line on stderr and exit status 2, not a
-    traceback (as argparse does for unknown flags); anything else still raises with its traceback."""
+    traceback (as argparse does for unknown flags); anything else still raises with its traceback.
+
+    Launched on several processes, every rank meets the same mistake: rank 0 says it at once and the
+    others wait `RANK_WAIT_S` first, so the launcher, which stops every process when one fails, stops
+    them before they repeat it. A mistake that is one rank's own is still said, after the wait."""
     try:
         main(argv)
     except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if int(os.environ.get("RANK") or 0) > 0 and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+            time.sleep(RANK_WAIT_S)
+        print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+RANK_WAIT_S = 5.0
 
 
 # The keys an `upcycling:` section accepts: the fields of `hf_condcomp.spec.UpcycleSpec` but the
@@ -95,6 +106,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None):
     """Flags > key=value > YAML config > parser defaults. `upcycling.<key>=value` edits the
     upcycling section. Unknown YAML keys are errors that name the file."""
     argv = list(os.sys.argv[1:] if argv is None else argv)
+    reset_data_record()  # the model card lists the data files this run reads
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)

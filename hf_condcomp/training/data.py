@@ -8,14 +8,33 @@ import torch
 
 from .errors import RecipeError
 
+# What this run read, for its model card: every local data file (path, flag, size, sha256, recorded
+# where it is checked, before it is read) and the Hub dataset with the splits taken from it.
+# `parse_args` starts each run with an empty record.
+_READ = {"files": [], "hub": None}
+
+
+def reset_data_record():
+    _READ.update(files=[], hub=None)
+
+
+def data_record() -> dict:
+    """{"files": [file_record, ...], "hub": {"dataset", "config", "train_split", "eval_split"} or None}."""
+    return {"files": list(_READ["files"]), "hub": _READ["hub"]}
+
 
 def check_file(path, flag):
+    """`path` as a Path, after checking it is a non-empty file; recorded as read for the model card."""
+    from ..cards import file_record
+
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"`{flag}` {path}: no such file. "
                           "Check the path (relative paths start at the current folder).")
     if path.stat().st_size == 0:
         raise RecipeError(f"`{flag}` {path}: the file is empty. Point `{flag}` at a file with data rows.")
+    if not any(r["path"] == str(path) for r in _READ["files"]):
+        _READ["files"].append(file_record(path, f"`{flag}`"))
     return path
 
 
@@ -58,6 +77,9 @@ def load_splits(args, loader=load_table):
         for name in ("validation", "test"):
             if name in raw:
                 splits[name] = raw[name]
+        eval_split = "validation" if "validation" in raw else "test" if "test" in raw else None
+        _READ["hub"] = {"dataset": args.dataset_name, "config": args.dataset_config_name, "train_split": "train",
+                        "eval_split": eval_split}
     else:
         splits = {}
         for split, flag in (("train", "--train_file"), ("validation", "--validation_file"), ("test", "--test_file")):

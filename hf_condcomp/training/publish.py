@@ -7,8 +7,10 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from .. import assets
 from ..modeling.compat import MINIMUM_TORCH, TESTED_TORCH, TESTED_TRANSFORMERS
 from .checkpoints import CHECKPOINT_DIR
+from .data import data_record
 from .models import is_encoder_decoder
 
 # Folders in the output that are not part of the shared model.
@@ -96,30 +98,37 @@ def _layer_key(layer):
     return (stack != "encoder", stack, int(index))
 
 
-def write_model_card(args, config, results, *, task_type, task_name, dataset_name, dataset_type, metrics, data_text,
+def write_model_card(args, config, results, *, task_type, task_name, metrics, data_text,
                      template="upcycled_model.md"):
     """README.md from the package's `templates/<template>` with `huggingface_hub.ModelCard`; `metrics` maps
-    result keys of all_results.json to metric types in the model-index."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    result keys of all_results.json to metric types in the model-index. The data section and metadata
+    come from what the run read (`data.data_record`): the local files with their sha256, or the Hub
+    dataset and its splits; `data_text` adds the task's own description (columns, counts)."""
+    from huggingface_hub import EvalResult, ModelCard
+
+    from ..cards import card_data, file_rows
 
     # Package data, so that a non-editable install writes cards too.
     template_path = resources.files("hf_condcomp") / "templates" / template
     up = dict(getattr(config, "upcycling", None) or {})
     name = args.hub_model_id or Path(args.output_dir).name
+    read = data_record()
+    hub = read["hub"]
+    if hub:
+        eval_data = dict(dataset_type=hub["dataset"], dataset_name=hub["dataset"], dataset_config=hub["config"],
+                         dataset_split=hub["eval_split"] or "train")
+    else:  # local files: model-index names the evaluation file, read as `datasets` reads its format
+        eval_file = args.validation_file or args.test_file or (read["files"][0]["path"] if read["files"] else None)
+        eval_data = dict(dataset_type=_file_format(eval_file), dataset_name=str(eval_file))
     evals = [
-        EvalResult(task_type=task_type, task_name=task_name, dataset_type=dataset_type, dataset_name=dataset_name,
-                   dataset_split="validation", metric_type=metric, metric_name=metric, metric_value=float(results[key]))
+        EvalResult(task_type=task_type, task_name=task_name, metric_type=metric, metric_name=metric,
+                   metric_value=float(results[key]), **eval_data)
         for key, metric in metrics.items() if results.get(key) is not None
     ]
-    source = up.get("source") or args.model_name_or_path
-    # Several fine-tunes as experts: the card's base models are the base (if any) and every source.
-    expert_sources = list(dict.fromkeys(up.get("expert_sources") or []))
-    base_models = list(dict.fromkeys([source, *expert_sources])) if up.get("shared_weights") == "base" else None
-    card_data = ModelCardData(
-        model_name=name, base_model=base_models or (expert_sources or source), library_name="transformers",
-        tags=["hf_condcomp", "mixture-of-experts", "upcycling", up.get("variant") or "moe"],
-        eval_results=evals, license=None, pipeline_tag=task_type,
-    )
+    intro, base_models = _provenance(args, up)
+    data = card_data(base_models, up.get("variant"), up.get("task"), [hub["dataset"]] if hub else None,
+                     model_name=name, eval_results=evals)
+    data.pipeline_tag = task_type
     settings = {k: v for k, v in up.items() if v is not None}
     training = {
         k: getattr(args, k) for k in (
@@ -131,12 +140,10 @@ def write_model_card(args, config, results, *, task_type, task_name, dataset_nam
     training["num_processes"] = results.get("num_processes")
     card_kwargs = dict(
         model_id=name,
-        source=source,
-        expert_sources=expert_sources,
-        shared_weights=up.get("shared_weights"),
-        router_init=up.get("router_init"),
+        intro=intro,
         upcycling=settings,
         moe_layers=_moe_layers(config),
+        data_source=_data_source(args, read, file_rows),
         data_text=data_text,
         training=training,
         results={k: results[k] for k in metrics if results.get(k) is not None},
@@ -150,20 +157,77 @@ def write_model_card(args, config, results, *, task_type, task_name, dataset_nam
                     if getattr(config, "auto_map", None) else ""),
         auto_name=_auto_class_for(task_type, config),
     )
-    card = ModelCard.from_template(card_data, template_path=str(template_path), native=False, **card_kwargs)
+    card = ModelCard.from_template(data, template_path=str(template_path), native=False, **card_kwargs)
     card.save(Path(args.output_dir) / "README.md")
     if args.export_format == "native":  # the folder that is pushed then gets a card of its own
         architecture = json.loads((native_dir(args) / "config.json").read_text())["architectures"][0]
-        ModelCard.from_template(card_data, template_path=str(template_path), native=True,
+        ModelCard.from_template(data, template_path=str(template_path), native=True,
                                 native_architecture=architecture, **card_kwargs).save(native_dir(args) / "README.md")
     return card
+
+
+def _file_format(path) -> str:
+    """How `datasets` reads a local file (its packaged builder): csv (also tsv), json (also jsonl), else text."""
+    ext = Path(str(path)).suffix.lower()
+    return {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}.get(ext, "text")
+
+
+def _data_source(args, read, file_rows) -> str:
+    """Where the training and evaluation data came from: the Hub dataset and its splits, or the local
+    files read, each with its sha256."""
+    hub = read["hub"]
+    if hub:
+        config = f", config `{hub['config']}`" if hub["config"] else ""
+        held_out = f"split `{hub['eval_split']}`" if hub["eval_split"] else "10% of `train` held out"
+        text = (f"The Hub dataset [`{hub['dataset']}`](https://huggingface.co/datasets/{hub['dataset']}){config}: "
+                f"split `{hub['train_split']}` for training, {held_out} for evaluation.")
+    else:
+        text = "Local files, read by this run:\n\n" + file_rows(read["files"])
+        if not (args.validation_file or args.test_file):
+            text += f"\n\nThe evaluation examples were held out from the training data (seed {args.seed})."
+    limits = [f"`--{k}` {getattr(args, k)}" for k in ("max_train_samples", "max_eval_samples")
+              if getattr(args, k, None)]
+    if limits:
+        text += f"\n\nSubsets drawn at random (seeded): {', '.join(limits)}."
+    return text
+
+
+def _provenance(args, up) -> tuple[str, list]:
+    """(the card's first sentence, the Hub ids for `base_model`): upcycled on the fly from
+    `--model_name_or_path`, or fine-tuned further from an upcycled checkpoint."""
+    from ..cards import base_models_of, describe_source, our_card_data
+
+    name = args.model_name_or_path
+    what, hub = describe_source(name)
+    expert_sources = list(dict.fromkeys(up.get("expert_sources") or []))
+    if not expert_sources and up.get("source") == name:
+        return (f"A conditional-computation model upcycled from {what} with the `hf_condcomp` package and "
+                "fine-tuned with its `recipes/`.", [hub])
+    # An upcycled checkpoint, trained further: its own card (a local folder's) names its Hub sources.
+    base_models = [hub]
+    card_file = Path(assets.resolve(name)) / "README.md"
+    data = our_card_data(card_file) if hub is None else None
+    if data is not None:
+        base_models = base_models_of(data)
+    if expert_sources:
+        shared = (f"the base model `{up.get('source')}`" if up.get("shared_weights") == "base"
+                  else "the sources' average")
+        made = (f"whose experts were made from the dense fine-tunes {', '.join(f'`{s}`' for s in expert_sources)} "
+                f"(each source's FFNs became its experts in each MoE layer), with the shared weights of {shared} and "
+                f"routers initialised by `{up.get('router_init')}`")
+    else:
+        made = f"which was upcycled from `{up.get('source')}`"
+    return (f"A conditional-computation model fine-tuned with the `recipes/` of the `hf_condcomp` package from {what}, "
+            f"{made}.", base_models)
 
 
 def _moe_layers(config):
     """The MoE layers for the card: a list, or per stack for an encoder-decoder model."""
     layers = getattr(config, "moe_layers", [])
     decoder = getattr(config, "decoder_moe_layers", None)
-    return layers if decoder is None else f"encoder {list(layers)}, decoder {list(decoder)}"
+    if decoder is None or not is_encoder_decoder(config):
+        return layers
+    return f"encoder {list(layers)}, decoder {list(decoder)}"
 
 
 def _auto_class_for(task_type, config=None):
