@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from .console import emit, results_on_stdout_only
 from .saving import DTYPES, save_atomically, save_with_tokenizer
 from .yaml_values import yaml_value
 
@@ -85,10 +86,10 @@ def _upcycle_and_save(sources, settings, output_dir, overwrite, dtype=None, as_j
     tokenizer_source = settings.get("tokenizer") or settings.get("base") or sources[0]
     save_atomically(Path(output_dir), lambda tmp: save_with_tokenizer(model, tokenizer_source, tmp), overwrite)
     if as_json:
-        print(json.dumps({"output_dir": str(output_dir), "architecture": type(model).__name__,
+        emit(json.dumps({"output_dir": str(output_dir), "architecture": type(model).__name__,
                           "upcycling": model.config.upcycling}, indent=2))
     else:
-        print(upcycle_summary(model, output_dir))
+        emit(upcycle_summary(model, output_dir))
 
 
 def upcycle_summary(model, output_dir) -> str:
@@ -124,7 +125,7 @@ def cmd_merge(args):
 def cmd_export(args):
     from .export import export_native
 
-    print(json.dumps(export_native(args.model_dir, args.output_dir, args.format, args.overwrite), indent=2))
+    emit(json.dumps(export_native(args.model_dir, args.output_dir, args.format, args.overwrite), indent=2))
 
 
 def cmd_demo(args):
@@ -155,17 +156,17 @@ def cmd_demo(args):
     reload_diff = (again - out.last_hidden_state).abs().max().item()
     dense_params = sum(p.numel() for p in dense.parameters())
     moe_params = sum(p.numel() for p in moe.parameters())
-    print(f"source              : {DEMO_SOURCE} ({path})")
-    print(f"MoE layers          : {moe.config.moe_layers}, {moe.config.num_local_experts} experts, "
+    emit(f"source              : {DEMO_SOURCE} ({path})")
+    emit(f"MoE layers          : {moe.config.moe_layers}, {moe.config.num_local_experts} experts, "
           f"top-{moe.config.num_experts_per_tok}")
-    print(f"parameters          : dense {dense_params / 1e6:.1f}M -> upcycled {moe_params / 1e6:.1f}M")
-    print(f"max |MoE - dense|   : {diff:.2e} (copy-upcycling starts at the dense model)")
-    print(f"saved to            : {output_dir} (reloaded with trust_remote_code, max diff {reload_diff:.1e})")
+    emit(f"parameters          : dense {dense_params / 1e6:.1f}M -> upcycled {moe_params / 1e6:.1f}M")
+    emit(f"max |MoE - dense|   : {diff:.2e} (copy-upcycling starts at the dense model)")
+    emit(f"saved to            : {output_dir} (reloaded with trust_remote_code, max diff {reload_diff:.1e})")
     valid = mask.reshape(-1)
     for layer, logits in zip(moe.config.moe_layers, out.router_logits):
         top = logits[valid].topk(moe.config.num_experts_per_tok, dim=-1).indices.reshape(-1)
         counts = torch.bincount(top, minlength=moe.config.num_local_experts).tolist()
-        print(f"layer {layer} tokens/expert: {counts}")
+        emit(f"layer {layer} tokens/expert: {counts}")
     if diff > 1e-4 or reload_diff > 1e-5:
         print("FAILED: the upcycled model does not reproduce its parent", file=sys.stderr)
         return 1
@@ -222,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        with results_on_stdout_only():
+            return args.func(args) or 0
     except (ValueError, FileNotFoundError) as err:
         print(f"hf-condcomp {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ def test_upcycle_signature_is_the_spec():
 def test_cli_flags_and_defaults_are_the_spec():
     actions = {a.dest: a for a in upcycle_subparser()._actions}
     flags = {dest: a.default for dest, a in actions.items() if dest not in ("help", "overwrite", "overrides",
-                                                                            "source", "output_dir", "json")}
+                                                                            "source", "output_dir", "json", "dtype")}
     assert flags == spec_defaults()
     for name, f in SPEC_FIELDS.items():
         assert f.metadata["help"] in actions[name].help
@@ -82,6 +82,7 @@ def test_cli_upcycle_prints_a_summary_and_the_record_with_json(tmp_path, capsys)
     from conftest import tiny_source
 
     tiny_source("llama").save_pretrained(tmp_path / "dense")
+    capsys.readouterr()  # what saving the source printed (DeepSpeed's first log line, where it is installed)
     assert cli_main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "a"), "--num-experts", "4"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and "MoE, 4 experts, top-2" in lines[1]
@@ -90,3 +91,29 @@ def test_cli_upcycle_prints_a_summary_and_the_record_with_json(tmp_path, capsys)
     assert cli_main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "b"), "--num-experts", "4", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["architecture"] == "CondCompForCausalLM" and record["upcycling"]["num_experts"] == 4
+
+
+def test_cli_stdout_carries_the_result_only(tmp_path, capsys, monkeypatch):
+    """A library that prints to stdout while a command runs (DeepSpeed's logger does, from the first
+    save_pretrained, wherever it is installed: its handler may predate the command) prints to stderr:
+    `--json` output still parses."""
+    import json
+    import sys
+
+    from hf_condcomp.cli import main as cli_main
+
+    from conftest import tiny_source
+
+    module = sys.modules["hf_condcomp.upcycle"]  # the package's `upcycle` is the function
+    real_upcycle = module.upcycle
+
+    def chatty_upcycle(*args, **kwargs):
+        print("[WARNING] Setting accelerator to CPU.")  # what DeepSpeed prints on a machine without a GPU
+        return real_upcycle(*args, **kwargs)
+
+    monkeypatch.setattr(module, "upcycle", chatty_upcycle)
+    tiny_source("llama").save_pretrained(tmp_path / "dense")
+    assert cli_main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "a"), "--num-experts", "4", "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["upcycling"]["num_experts"] == 4
+    assert "Setting accelerator to CPU" in out.err

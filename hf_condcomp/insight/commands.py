@@ -2,6 +2,7 @@
 a model folder loaded with its head and tokenizer, texts read from a file or a Hub dataset, the
 result printed, plotted and written as JSON."""
 
+from ..console import emit
 from .figures import save_plots
 from .report import format_compare, format_inspect
 from .tokens import compare, inspect
@@ -112,12 +113,12 @@ def cmd_inspect(args):
                      top_tokens=args.top_tokens, sample_text=args.sample_text)
     if args.plots:
         result["plots"] = save_plots(result, args.plots)
-    print(format_inspect(result))
+    emit(format_inspect(result))
     for name, info in (result.get("plots") or {}).items():
-        print(f"plot {name}: {info['path']} ({info['width']}x{info['height']} px)")
+        emit(f"plot {name}: {info['path']} ({info['width']}x{info['height']} px)")
     if args.json:
         _write_json(result, args.json)
-        print(f"json: {args.json}")
+        emit(f"json: {args.json}")
     return 0
 
 
@@ -129,10 +130,10 @@ def cmd_compare(args):
         raise ValueError(f"MODEL_A {args.model_a!r} and MODEL_B {args.model_b!r} have different tokenizers: "
                          "compare models upcycled from one source.")
     result = compare(model_a, model_b, texts, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
-    print(format_compare(result))
+    emit(format_compare(result))
     if args.json:
         _write_json(result, args.json)
-        print(f"json: {args.json}")
+        emit(f"json: {args.json}")
     return 0
 
 
