@@ -12,10 +12,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import torch
-from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -32,10 +32,21 @@ def build_parser():
 
 
 def main(argv=None):
+    """setup, train, evaluate, save: each a step below, read top to bottom."""
     args = training.parse_args(build_parser(), argv)
     training.validate_args(args)
+    data = load_data(args)  # checked before anything expensive
+    run = setup(args, data)
+    # Router aux and z losses are part of the model's loss in training mode.
+    results = training.train(run.accelerator, run.model, run.optimizer, run.lr_scheduler, run.train_dataloader,
+                             args, run.config)
+    predictions = evaluate(run, args, data, results)
+    save(run, args, data, results, predictions)
+    return results
 
-    # 1. Data: check columns and labels before anything expensive.
+
+def load_data(args) -> SimpleNamespace:
+    """The splits, with the columns checked and Hub `ClassLabel`s as names, and the label list."""
     splits = training.load_splits(args)
     columns = [args.text_column] + ([args.text_pair_column] if args.text_pair_column else []) + [args.label_column]
     for name, ds in splits.items():
@@ -53,19 +64,23 @@ def main(argv=None):
             f"`--label_column` {args.label_column!r} of `--train_file` {args.train_file or args.dataset_name} has one "
             f"class only ({label_list}); classification needs at least two. Check `--label_column` or the file."
         )
-    label2id = {label: i for i, label in enumerate(label_list)}
     unseen = sorted({str(v) for v in splits["validation"][args.label_column]} - set(label_list))
     if unseen:
         raise training.RecipeError(
             f"the evaluation file has labels {unseen[:5]} that `--train_file` lacks; use matching splits."
         )
+    return SimpleNamespace(splits=splits, label_list=label_list,
+                           label2id={label: i for i, label in enumerate(label_list)})
 
-    # 2. Accelerator, tokenizer, model (upcycled on the fly from a dense checkpoint).
+
+def setup(args, data) -> SimpleNamespace:
+    """Accelerator, tokenizer, model (upcycled on the fly from a dense checkpoint), tokenized loaders,
+    optimizer and schedule, prepared for the engine the launch set up."""
     accelerator = training.make_accelerator(args)
     tokenizer = training.load_tokenizer(args)
     model = training.load_model(
-        args, AutoModelForSequenceClassification, "sequence-classification",
-        num_labels=len(label_list), id2label=dict(enumerate(label_list)), label2id=label2id,
+        args, AutoModelForSequenceClassification, "sequence-classification", num_labels=len(data.label_list),
+        id2label=dict(enumerate(data.label_list)), label2id=data.label2id,
     )
     model = training.apply_lora(model, args)
     config = training.unwrap(accelerator, model).config
@@ -73,36 +88,30 @@ def main(argv=None):
     def tokenize(examples):
         texts = (examples[args.text_column],) + ((examples[args.text_pair_column],) if args.text_pair_column else ())
         out = tokenizer(*[[str(t) for t in col] for col in texts], truncation=True, max_length=args.max_length)
-        out["labels"] = [label2id[str(label)] for label in examples[args.label_column]]
+        out["labels"] = [data.label2id[str(label)] for label in examples[args.label_column]]
         return out
 
     with accelerator.main_process_first():
         processed = {
             name: ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
-            for name, ds in splits.items()
+            for name, ds in data.splits.items()
         }
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
-    train_dataloader = DataLoader(processed["train"], shuffle=True, collate_fn=collator,
-                                  batch_size=args.per_device_train_batch_size)
-    eval_dataloader = DataLoader(processed["validation"], collate_fn=collator,
-                                 batch_size=args.per_device_eval_batch_size)
+    run = training.prepare_training(accelerator, args, model, processed, collator)
+    data.num_train = len(processed["train"])
+    training.start_run(accelerator, args, run.model, "classification",
+                       f"{data.num_train} train examples, {len(data.label_list)} labels")
+    run.tokenizer, run.config = tokenizer, config
+    return run
 
-    # 3. Optimizer, schedule, prepare.
-    optimizer = training.make_optimizer(model, args, accelerator)
-    lr_scheduler = training.schedule(args, accelerator, train_dataloader, optimizer)
-    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = training.prepare(
-        accelerator, model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
-    )
-    training.start_run(accelerator, args, model, "classification",
-                       f"{len(processed['train'])} train examples, {len(label_list)} labels")
 
-    # 4. Train (router aux and z losses are part of the model's loss in training mode).
-    results = training.train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, config)
-
-    # 5. Evaluate: accuracy, macro-F1, executed compute, routing statistics.
+def evaluate(run, args, data, results) -> list[tuple[int, int]]:
+    """Accuracy, macro-F1, executed compute and routing statistics into `results`; returns the
+    (prediction, reference) pairs."""
+    accelerator, model = run.accelerator, run.model
     model.eval()
     predictions, references, fractions = [], [], []
-    for batch in eval_dataloader:
+    for batch in run.eval_dataloader:
         with torch.no_grad():
             outputs = model(**batch)
         preds, refs = accelerator.gather_for_metrics((outputs.logits.argmax(-1), batch["labels"]))
@@ -114,30 +123,34 @@ def main(argv=None):
         eval_macro_f1=metrics.load("f1").compute(predictions=predictions, references=references, average="macro")["f1"],
         eval_samples=len(references),
         eval_compute_fraction=sum(fractions) / len(fractions),
-        num_labels=len(label_list),
+        num_labels=len(data.label_list),
         num_processes=accelerator.num_processes,
-        routing=training.routing_stats(accelerator, model, eval_dataloader, args.routing_eval_batches),
+        routing=training.routing_stats(accelerator, model, run.eval_dataloader, args.routing_eval_batches),
     )
     accelerator.print(json.dumps({k: results[k] for k in ("eval_accuracy", "eval_macro_f1", "train_loss")}))
     if args.with_tracking:
         accelerator.log({"eval/accuracy": results["eval_accuracy"], "eval/macro_f1": results["eval_macro_f1"]},
                         step=results["train_steps"])
+    return list(zip(predictions, references))
 
-    # 6. Save a complete Hub repository: weights (LoRA merged), config, code, tokenizer, card.
-    saved = training.save_model(accelerator, model, tokenizer, args)
+
+def save(run, args, data, results, predictions):
+    """A complete Hub repository: weights (LoRA merged), config, code, tokenizer, card; then the push."""
+    accelerator = run.accelerator
+    saved = training.save_model(accelerator, run.model, run.tokenizer, args)
     training.write_results(args, results, accelerator)
-    training.write_predictions(args, [{"label": label_list[r], "prediction": label_list[p]}
-                                      for p, r in zip(predictions, references)], accelerator)
+    labels = data.label_list
+    training.write_predictions(args, [{"label": labels[r], "prediction": labels[p]} for p, r in predictions],
+                               accelerator)
     if accelerator.is_main_process:
         training.write_model_card(
             args, saved.config, results, task_type="text-classification", task_name="Text Classification",
             metrics={"eval_accuracy": "accuracy", "eval_macro_f1": "f1"},
             data_text=f"Text column `{args.text_column}`, label column `{args.label_column}`, "
-                      f"{len(label_list)} labels, {len(processed['train'])} training examples.",
+                      f"{len(labels)} labels, {data.num_train} training examples.",
         )
     training.push_to_hub(args, accelerator)
     training.end_training(accelerator, args)
-    return results
 
 
 if __name__ == "__main__":

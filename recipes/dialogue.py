@@ -14,9 +14,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
-from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -102,15 +102,24 @@ def load_conversations(args):
 
 
 def main(argv=None):
+    """setup, train (with held-out perplexity before and after), evaluate, save: each a step below."""
     args = training.parse_args(build_parser(), argv)
     training.validate_args(args)
-
-    # 1. Data: conversations, checked before anything expensive.
-    splits = load_conversations(args)
+    splits = load_conversations(args)  # checked before anything expensive
     for name, ds in splits.items():
         check_conversations(ds, f"{name} split ({getattr(args, name + '_file', None) or args.dataset_name})")
+    run = setup(args, splits)
+    before = training.evaluate_loss(run.accelerator, run.model, run.eval_dataloader)
+    results = training.train(run.accelerator, run.model, run.optimizer, run.lr_scheduler, run.train_dataloader,
+                             args, run.config)
+    evaluate(run, args, splits, results, before)
+    save(run, args, results)
+    return results
 
-    # 2. Accelerator, tokenizer (with a chat template), model.
+
+def setup(args, splits) -> SimpleNamespace:
+    """Accelerator, tokenizer (with a chat template), model, tokenized loaders (labels on the
+    assistant turns), optimizer and schedule, prepared for the engine the launch set up."""
     accelerator = training.make_accelerator(args)
     tokenizer = training.load_tokenizer(args)
     if tokenizer.chat_template is None:
@@ -120,9 +129,7 @@ def main(argv=None):
     model = training.load_model(args, AutoModelForCausalLM, "causal-lm")
     model = training.apply_lora(model, args)
     config = training.unwrap(accelerator, model).config
-
-    def render(messages, **kwargs):
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
+    render = renderer(tokenizer)
 
     def tokenize(example):
         """Labels are the tokens of each assistant turn: the rendered conversation up to and with
@@ -146,62 +153,64 @@ def main(argv=None):
         processed = {name: ds.filter(lambda e: any(t != -100 for t in e["labels"][1:]))
                      for name, ds in processed.items()}
     collate = training.pad_collate(tokenizer.pad_token_id)
-    train_dataloader = DataLoader(processed["train"], shuffle=True, collate_fn=collate,
-                                  batch_size=args.per_device_train_batch_size)
-    eval_dataloader = DataLoader(processed["validation"], collate_fn=collate,
-                                 batch_size=args.per_device_eval_batch_size)
+    run = training.prepare_training(accelerator, args, model, processed, collate)
+    training.start_run(accelerator, args, run.model, "dialogue", f"{len(processed['train'])} conversations")
+    run.__dict__.update(tokenizer=tokenizer, config=config, render=render, num_train=len(processed["train"]),
+                        num_eval=len(processed["validation"]))
+    return run
 
-    # 3. Optimizer, schedule, prepare.
-    optimizer = training.make_optimizer(model, args, accelerator)
-    lr_scheduler = training.schedule(args, accelerator, train_dataloader, optimizer)
-    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = training.prepare(
-        accelerator, model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
-    )
-    training.start_run(accelerator, args, model, "dialogue", f"{len(processed['train'])} conversations")
 
-    # 4. Held-out perplexity before training, train, perplexity after.
-    before = training.evaluate_loss(accelerator, model, eval_dataloader)
-    results = training.train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, config)
-    after = training.evaluate_loss(accelerator, model, eval_dataloader)
+def renderer(tokenizer):
+    """A conversation's token ids under the tokenizer's chat template."""
+    def render(messages, **kwargs):
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
+    return render
 
-    # 5. A few sample replies: the context up to the last assistant turn, answered greedily.
+
+def evaluate(run, args, splits, results, before):
+    """Held-out perplexity after training (beside `before`), a few sample replies (the context up to
+    the last assistant turn, answered greedily) and routing statistics, into `results`."""
+    accelerator, model = run.accelerator, run.model
+    after = training.evaluate_loss(accelerator, model, run.eval_dataloader)
     contexts, references = [], []
     for messages in splits["validation"]["messages"][: args.num_sample_replies]:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         contexts.append(messages[:last])
         references.append(messages[last]["content"])
-    prompts = [render(c, add_generation_prompt=True)[-args.max_length:] for c in contexts]
-    replies = training.generate(accelerator, model, tokenizer, prompts, args.max_new_tokens,
+    prompts = [run.render(c, add_generation_prompt=True)[-args.max_length:] for c in contexts]
+    replies = training.generate(accelerator, model, run.tokenizer, prompts, args.max_new_tokens,
                                 args.per_device_eval_batch_size)
     results.update(
         eval_loss_before=before["loss"],
         perplexity_before=before["perplexity"],
         eval_loss=after["loss"],
         perplexity=after["perplexity"],
-        eval_samples=len(processed["validation"]),
+        eval_samples=run.num_eval,
         eval_compute_fraction=after["compute_fraction"],
         num_processes=accelerator.num_processes,
         sample_replies=[{"last_user_turn": c[-1]["content"] if c else "", "reference": r, "reply": p.strip()}
                         for c, r, p in zip(contexts, references, replies)],
-        routing=training.routing_stats(accelerator, model, eval_dataloader, args.routing_eval_batches),
+        routing=training.routing_stats(accelerator, model, run.eval_dataloader, args.routing_eval_batches),
     )
     accelerator.print(json.dumps({k: results[k] for k in ("perplexity_before", "perplexity", "train_loss")}))
     if args.with_tracking:
         accelerator.log({"eval/perplexity": results["perplexity"]}, step=results["train_steps"])
 
-    # 6. Save a complete Hub repository and its model card.
-    saved = training.save_model(accelerator, model, tokenizer, args)
+
+def save(run, args, results):
+    """A complete Hub repository and its model card; then the push."""
+    accelerator = run.accelerator
+    saved = training.save_model(accelerator, run.model, run.tokenizer, args)
     training.write_results(args, results, accelerator)
     if accelerator.is_main_process:
         training.write_model_card(
             args, saved.config, results, task_type="text-generation", task_name="Dialogue",
             metrics={"perplexity": "perplexity", "perplexity_before": "perplexity_before"},
-            data_text=f"{len(processed['train'])} conversations rendered with the chat template, loss on "
+            data_text=f"{run.num_train} conversations rendered with the chat template, loss on "
                       "assistant turns only.",
         )
     training.push_to_hub(args, accelerator)
     training.end_training(accelerator, args)
-    return results
 
 
 if __name__ == "__main__":

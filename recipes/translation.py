@@ -22,8 +22,8 @@ import json
 import sys
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
-from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -127,11 +127,21 @@ def language_codes(args, tokenizer):
 
 
 def main(argv=None):
+    """setup, train, evaluate, save: each a step below, read top to bottom."""
     args = training.parse_args(build_parser(), argv)
     training.validate_args(args)
-    src, tgt = args.source_lang, args.target_lang
+    splits = load_pairs(args)  # checked for the language keys before anything expensive
+    run = setup(args, splits)
+    results = training.train(run.accelerator, run.model, run.optimizer, run.lr_scheduler, run.train_dataloader,
+                             args, run.config)
+    predictions = evaluate(run, args, splits, results)
+    save(run, args, results, predictions)
+    return results
 
-    # 1. Data: translation pairs, checked for the language keys before anything expensive.
+
+def load_pairs(args) -> dict:
+    """The splits as `translation` pairs, with the language keys checked."""
+    src, tgt = args.source_lang, args.target_lang
     loader = partial(load_translation_file, source_lang=src, target_lang=tgt)
     splits = training.load_splits(args, loader=loader)
     for name, ds in splits.items():
@@ -145,12 +155,11 @@ def main(argv=None):
         if not {src, tgt} <= keys:
             raise training.RecipeError(f"{name} split: `--source_lang` / `--target_lang` {src!r}/{tgt!r} not in the "
                                        f"`translation` keys {sorted(keys)}; set them to one of those.")
+    return splits
 
-    # 2. Accelerator, tokenizer, model.
-    accelerator = training.make_accelerator(args)
-    tokenizer = training.load_tokenizer(args)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+
+def load_translation_model(args, tokenizer):
+    """(model, whether it is an encoder-decoder, the generation settings its language codes need)."""
     seq2seq = training.is_encoder_decoder(training.source_config(args))
     generate_kwargs = language_codes(args, tokenizer) if seq2seq else {}
     if seq2seq:
@@ -159,10 +168,13 @@ def main(argv=None):
             model.generation_config.forced_bos_token_id = generate_kwargs["forced_bos_token_id"]
     else:
         model = training.load_model(args, AutoModelForCausalLM, "causal-lm")
-    model = training.apply_lora(model, args)
-    config = training.unwrap(accelerator, model).config
-    # Tokenizers of translation models add their end (and language) tokens, which truncation keeps;
-    # others get eos appended.
+    return training.apply_lora(model, args), seq2seq, generate_kwargs
+
+
+def encoders(args, tokenizer):
+    """(encode: texts -> ids ending in eos, prompt_ids: a source sentence -> the decoder's prompt ids).
+    Tokenizers of translation models add their end (and language) tokens, which truncation keeps;
+    others get eos appended."""
     adds_special = len(tokenizer("a")["input_ids"]) > len(tokenizer("a", add_special_tokens=False)["input_ids"])
     eos = [] if adds_special or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
@@ -171,7 +183,23 @@ def main(argv=None):
         return [i + eos for i in ids]
 
     def prompt_ids(source):
-        return tokenizer(args.prompt_template.format(source_lang=src, target_lang=tgt, source=source))["input_ids"]
+        return tokenizer(args.prompt_template.format(source_lang=args.source_lang, target_lang=args.target_lang,
+                                                     source=source))["input_ids"]
+
+    return encode, prompt_ids
+
+
+def setup(args, splits) -> SimpleNamespace:
+    """Accelerator, tokenizer, model, tokenized loaders, optimizer and schedule, prepared for the
+    engine the launch set up."""
+    src, tgt = args.source_lang, args.target_lang
+    accelerator = training.make_accelerator(args)
+    tokenizer = training.load_tokenizer(args)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model, seq2seq, generate_kwargs = load_translation_model(args, tokenizer)
+    config = training.unwrap(accelerator, model).config
+    encode, prompt_ids = encoders(args, tokenizer)
 
     def tokenize(examples):
         if seq2seq:  # source to the encoder, target as the decoder's labels
@@ -191,39 +219,38 @@ def main(argv=None):
         processed = {name: ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
                      for name, ds in splits.items()}
     collate = (training.seq2seq_collate if seq2seq else training.pad_collate)(tokenizer.pad_token_id)
-    train_dataloader = DataLoader(processed["train"], shuffle=True, collate_fn=collate,
-                                  batch_size=args.per_device_train_batch_size)
-    eval_dataloader = DataLoader(processed["validation"], collate_fn=collate,
-                                 batch_size=args.per_device_eval_batch_size)
+    run = training.prepare_training(accelerator, args, model, processed, collate)
+    training.start_run(accelerator, args, run.model, "translation", f"{len(processed['train'])} pairs {src}->{tgt}")
+    run.__dict__.update(tokenizer=tokenizer, config=config, seq2seq=seq2seq, generate_kwargs=generate_kwargs,
+                        encode=encode, prompt_ids=prompt_ids, num_train=len(processed["train"]))
+    return run
 
-    # 3. Optimizer, schedule, prepare.
-    optimizer = training.make_optimizer(model, args, accelerator)
-    lr_scheduler = training.schedule(args, accelerator, train_dataloader, optimizer)
-    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = training.prepare(
-        accelerator, model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
-    )
-    training.start_run(accelerator, args, model, "translation", f"{len(processed['train'])} pairs {src}->{tgt}")
 
-    # 4. Train.
-    results = training.train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, config)
+def translate(run, args, sources: list[str]) -> list[str]:
+    """Greedy (or beam) translations of `sources`, on every rank in step."""
+    if run.seq2seq:
+        hypotheses = training.generate(run.accelerator, run.model, run.tokenizer, run.encode(sources),
+                                       args.max_target_length, args.per_device_eval_batch_size, args.num_beams,
+                                       **run.generate_kwargs)
+        return [h.strip() for h in hypotheses]
+    hypotheses = training.generate(run.accelerator, run.model, run.tokenizer, [run.prompt_ids(s) for s in sources],
+                                   args.max_target_length, args.per_device_eval_batch_size, args.num_beams,
+                                   stop_strings=["\n"])
+    return [h.split("\n")[0].strip() for h in hypotheses]  # the answer ends at the line break
 
-    # 5. Evaluate: teacher-forced loss, then greedy translations scored by sacreBLEU and chrF.
-    teacher_forced = training.evaluate_loss(accelerator, model, eval_dataloader)
+
+def evaluate(run, args, splits, results) -> list[dict]:
+    """Teacher-forced loss, then greedy translations scored by sacreBLEU and chrF, into `results`;
+    returns the (source, reference, translation) rows."""
+    accelerator, src, tgt = run.accelerator, args.source_lang, args.target_lang
+    teacher_forced = training.evaluate_loss(accelerator, run.model, run.eval_dataloader)
     # BLEU on the test split when one is given (Multi30k: test 2016), else on the validation split.
     bleu_split = "test" if "test" in splits else "validation"
     pairs = splits[bleu_split]["translation"][: args.num_generation_samples]
-    if seq2seq:
-        hypotheses = training.generate(accelerator, model, tokenizer, encode([p[src] for p in pairs]),
-                                       args.max_target_length, args.per_device_eval_batch_size, args.num_beams,
-                                       **generate_kwargs)
-        hypotheses = [h.strip() for h in hypotheses]
-    else:
-        hypotheses = training.generate(accelerator, model, tokenizer, [prompt_ids(p[src]) for p in pairs],
-                                       args.max_target_length, args.per_device_eval_batch_size, args.num_beams,
-                                       stop_strings=["\n"])
-        hypotheses = [h.split("\n")[0].strip() for h in hypotheses]  # the answer ends at the line break
+    hypotheses = translate(run, args, [p[src] for p in pairs])
     references = [p[tgt] for p in pairs]
     scores = metrics.load("sacrebleu_scores").compute(predictions=hypotheses, references=references)
+    rows = [{"source": p[src], "reference": r, "translation": h} for p, r, h in zip(pairs, references, hypotheses)]
     results.update(
         eval_loss=teacher_forced["loss"],
         eval_perplexity=teacher_forced["perplexity"],
@@ -233,23 +260,25 @@ def main(argv=None):
         eval_bleu_split=bleu_split,
         eval_compute_fraction=teacher_forced["compute_fraction"],
         num_processes=accelerator.num_processes,
-        encoder_decoder=seq2seq,
-        samples=[{"source": p[src], "reference": r, "translation": h}
-                 for p, r, h in zip(pairs[:3], references, hypotheses)],
-        routing=training.routing_stats(accelerator, model, eval_dataloader, args.routing_eval_batches),
+        encoder_decoder=run.seq2seq,
+        samples=rows[:3],
+        routing=training.routing_stats(accelerator, run.model, run.eval_dataloader, args.routing_eval_batches),
     )
     accelerator.print(json.dumps({k: results[k] for k in ("eval_bleu", "eval_chrf", "eval_loss", "train_loss")}))
     if args.with_tracking:
         accelerator.log({"eval/bleu": results["eval_bleu"], "eval/chrf": results["eval_chrf"]},
                         step=results["train_steps"])
+    return rows
 
-    # 6. Save a complete Hub repository and its model card.
-    saved = training.save_model(accelerator, model, tokenizer, args)
+
+def save(run, args, results, predictions):
+    """A complete Hub repository and its model card; then the push."""
+    accelerator, src, tgt = run.accelerator, args.source_lang, args.target_lang
+    saved = training.save_model(accelerator, run.model, run.tokenizer, args)
     training.write_results(args, results, accelerator)
-    training.write_predictions(args, [{"source": p[src], "reference": r, "translation": h}
-                                      for p, r, h in zip(pairs, references, hypotheses)], accelerator)
+    training.write_predictions(args, predictions, accelerator)
     if accelerator.is_main_process:
-        if seq2seq:
+        if run.seq2seq:
             codes = f" (language codes {args.source_lang_code} -> {args.target_lang_code})" if (
                 args.source_lang_code or args.target_lang_code) else ""
             how = f"Source text to the encoder, target as the decoder's labels{codes}; no prompt."
@@ -258,11 +287,10 @@ def main(argv=None):
         training.write_model_card(
             args, saved.config, results, task_type="translation", task_name=f"Translation {src}-{tgt}",
             metrics={"eval_bleu": "bleu", "eval_chrf": "chrf", "eval_loss": "loss"},
-            data_text=f"{src} -> {tgt}, {len(processed['train'])} training pairs. {how}",
+            data_text=f"{src} -> {tgt}, {run.num_train} training pairs. {how}",
         )
     training.push_to_hub(args, accelerator)
     training.end_training(accelerator, args)
-    return results
 
 
 if __name__ == "__main__":

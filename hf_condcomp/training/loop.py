@@ -6,13 +6,15 @@ import json
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from torch.utils.data import DataLoader
 
 from .arguments import parallel_flags, parallel_sizes
 from .checkpoints import CHECKPOINT_DIR, STATE_FILE
 from .errors import RecipeError
-from .models import count_parameters
+from .models import count_parameters, make_optimizer
 
 
 def make_accelerator(args):
@@ -162,6 +164,21 @@ def prepare(accelerator, model, optimizer, *rest):
     return (model, *accelerator.prepare(optimizer, *rest))
 
 
+def prepare_training(accelerator, args, model, processed, collate) -> SimpleNamespace:
+    """The recipes' common setup after tokenizing: loaders of `processed["train"]` (shuffled) and
+    `processed["validation"]`, the optimizer and schedule, all prepared for the engine (`prepare`)."""
+    train_dataloader = DataLoader(processed["train"], shuffle=True, collate_fn=collate,
+                                  batch_size=args.per_device_train_batch_size)
+    eval_dataloader = DataLoader(processed["validation"], collate_fn=collate,
+                                 batch_size=args.per_device_eval_batch_size)
+    optimizer = make_optimizer(model, args, accelerator)
+    lr_scheduler = schedule(args, accelerator, train_dataloader, optimizer)
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = prepare(
+        accelerator, model, optimizer, train_dataloader, eval_dataloader, lr_scheduler)
+    return SimpleNamespace(accelerator=accelerator, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                           train_dataloader=train_dataloader, eval_dataloader=eval_dataloader)
+
+
 def prepare_for_engine(accelerator, model):
     """Before `accelerator.prepare`: under DeepSpeed ZeRO-3 every MoE block is one leaf module, gathered
     whole, so that a rank that routes no token to an expert does not wait for that expert's gather
@@ -223,24 +240,13 @@ def train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, c
 
     Dropout is seeded per micro-batch from (seed, batch index, process), so a resumed run draws
     the same masks as an uninterrupted one. Returns a dict of training results."""
-    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     batches_per_epoch = len(train_dataloader)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    completed_steps, starting_epoch, skip = 0, 0, 0
-    if args.resume_from_checkpoint:
-        accelerator.print(f"Resuming from {args.resume_from_checkpoint}")
-        accelerator.load_state(args.resume_from_checkpoint)
-        completed_steps = json.loads((Path(args.resume_from_checkpoint) / STATE_FILE).read_text())["completed_steps"]
-        starting_epoch = completed_steps // steps_per_epoch
-        skip = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+    completed_steps, starting_epoch, skip = _resume_point(accelerator, args, batches_per_epoch)
     progress = tqdm(range(args.max_train_steps), disable=not accelerator.is_local_main_process, desc="train")
     progress.update(completed_steps)
-    sums = torch.zeros(4, device=accelerator.device)  # loss, task loss, aux loss, z loss since last log
-    epoch_loss, epoch_batches, examples_seen = 0.0, 0, 0
-    read = hashlib.sha256()  # what this process read: ranks of one data-parallel run read different batches
-    history = []
+    tally = _Tally(accelerator)
     for epoch in range(starting_epoch, args.num_train_epochs):
         model.train()
         train_dataloader.set_epoch(epoch)
@@ -252,38 +258,20 @@ def train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, c
                               + accelerator.process_index)
             with accelerator.accumulate(model):
                 outputs = model(**batch)
-                loss = outputs.loss
-                accelerator.backward(loss)
+                accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     clip_grad_norm(accelerator, model, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
-            router = router_loss_parts(outputs, config).detach()
-            aux = outputs.aux_loss.detach() if outputs.aux_loss is not None else router.new_zeros(())
-            z = outputs.z_loss.detach() if outputs.z_loss is not None else router.new_zeros(())
-            sums += torch.stack([loss.detach().float(), (loss.detach() - router).float(), aux.float(), z.float()])
-            epoch_loss += loss.item()
-            epoch_batches += 1
-            examples_seen += batch["input_ids"].shape[0]
-            read.update(batch["input_ids"].cpu().numpy().tobytes())
+            tally.add(outputs, batch, config)
             if not accelerator.sync_gradients:
                 continue
             completed_steps += 1
             progress.update(1)
             if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
-                means = accelerator.reduce(sums, reduction="mean") / max(
-                    1, args.gradient_accumulation_steps * _since(completed_steps, args.logging_steps))
-                logs = {
-                    "train/loss": means[0].item(), "train/task_loss": means[1].item(),
-                    "train/aux_loss": means[2].item(), "train/z_loss": means[3].item(),
-                    "train/lr": lr_scheduler.get_last_lr()[0], "train/epoch": epoch,
-                }
-                history.append({"step": completed_steps, **logs})
+                logs = tally.log(args, completed_steps, lr_scheduler.get_last_lr()[0], epoch)
                 progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
-                if args.with_tracking:
-                    accelerator.log(logs, step=completed_steps)
-                sums.zero_()
             if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, completed_steps)
             if completed_steps >= args.max_train_steps:
@@ -291,18 +279,72 @@ def train(accelerator, model, optimizer, lr_scheduler, train_dataloader, args, c
         if completed_steps >= args.max_train_steps:
             break
     progress.close()
-    seen = accelerator.gather(torch.tensor([examples_seen], device=accelerator.device)).tolist()
-    digests = gather_object([read.hexdigest()[:16]]) if accelerator.num_processes > 1 else [read.hexdigest()[:16]]
-    loss_sum = accelerator.reduce(torch.tensor([epoch_loss, float(epoch_batches)], device=accelerator.device),
-                                  reduction="sum")
-    return {
-        "train_loss": (loss_sum[0] / loss_sum[1].clamp(min=1)).item(),  # over every process's batches
-        "train_steps": completed_steps,
-        "train_examples_per_process": seen,
-        "train_batches_digest_per_process": digests,
-        "engine": engine_record(accelerator, model),
-        "log_history": history,
-    }
+    return {**tally.results(), "train_steps": completed_steps, "engine": engine_record(accelerator, model)}
+
+
+def _resume_point(accelerator, args, batches_per_epoch) -> tuple[int, int, int]:
+    """(optimizer steps done, epoch to start in, batches of it to skip): zeros unless
+    `--resume_from_checkpoint`, whose state is loaded here."""
+    if not args.resume_from_checkpoint:
+        return 0, 0, 0
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    accelerator.print(f"Resuming from {args.resume_from_checkpoint}")
+    accelerator.load_state(args.resume_from_checkpoint)
+    completed_steps = json.loads((Path(args.resume_from_checkpoint) / STATE_FILE).read_text())["completed_steps"]
+    skip = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+    return completed_steps, completed_steps // steps_per_epoch, skip
+
+
+class _Tally:
+    """What the loop logs and returns: losses since the last log (loss, task loss, aux loss, z loss),
+    the run's mean loss, examples seen and a digest of the batches this process read (ranks of one
+    data-parallel run read different batches)."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.sums = torch.zeros(4, device=accelerator.device)
+        self.loss, self.batches, self.examples = 0.0, 0, 0
+        self.read = hashlib.sha256()
+        self.history = []
+
+    def add(self, outputs, batch, config):
+        loss = outputs.loss.detach()
+        router = router_loss_parts(outputs, config).detach()
+        aux = outputs.aux_loss.detach() if outputs.aux_loss is not None else router.new_zeros(())
+        z = outputs.z_loss.detach() if outputs.z_loss is not None else router.new_zeros(())
+        self.sums += torch.stack([loss.float(), (loss - router).float(), aux.float(), z.float()])
+        self.loss += loss.item()
+        self.batches += 1
+        self.examples += batch["input_ids"].shape[0]
+        self.read.update(batch["input_ids"].cpu().numpy().tobytes())
+
+    def log(self, args, step, lr, epoch) -> dict:
+        """The means since the last log, over processes, into the history (and TensorBoard)."""
+        means = self.accelerator.reduce(self.sums, reduction="mean") / max(
+            1, args.gradient_accumulation_steps * _since(step, args.logging_steps))
+        logs = {"train/loss": means[0].item(), "train/task_loss": means[1].item(), "train/aux_loss": means[2].item(),
+                "train/z_loss": means[3].item(), "train/lr": lr, "train/epoch": epoch}
+        self.history.append({"step": step, **logs})
+        if args.with_tracking:
+            self.accelerator.log(logs, step=step)
+        self.sums.zero_()
+        return logs
+
+    def results(self) -> dict:
+        from accelerate.utils import gather_object
+
+        accelerator = self.accelerator
+        seen = accelerator.gather(torch.tensor([self.examples], device=accelerator.device)).tolist()
+        digest = [self.read.hexdigest()[:16]]
+        digests = gather_object(digest) if accelerator.num_processes > 1 else digest
+        loss_sum = accelerator.reduce(torch.tensor([self.loss, float(self.batches)], device=accelerator.device),
+                                      reduction="sum")
+        return {
+            "train_loss": (loss_sum[0] / loss_sum[1].clamp(min=1)).item(),  # over every process's batches
+            "train_examples_per_process": seen,
+            "train_batches_digest_per_process": digests,
+            "log_history": self.history,
+        }
 
 
 def clip_grad_norm(accelerator, model, max_norm):

@@ -21,47 +21,15 @@ def load_model(args, auto_class, task, **head_kwargs):
     package (upcycled and perhaps fine-tuned, from a folder or the Hub), else upcycled
     from it with `args.upcycling`. `head_kwargs`: num_labels, id2label, label2id."""
     from ..modeling.configuration_condcomp import is_condcomp_config
-    from ..upcycle import upcycle
 
-    name = args.model_name_or_path
-    path = assets.resolve(name)
-    what = "`--model_name_or_path`"
     config = source_config(args)
     sharded = distributed_config(args)
     if sharded is not None and not is_condcomp_config(config):
         return _upcycled_then_sharded(args, auto_class, task, sharded, head_kwargs)
     if is_condcomp_config(config):
-        kwargs = {} if sharded is None else {"distributed_config": sharded}
-        if "num_labels" in head_kwargs:
-            heads = _label_configs(config)
-            if any(c.num_labels != head_kwargs["num_labels"] for c in heads):
-                kwargs["ignore_mismatched_sizes"] = True  # a new label set: fresh head, everything else kept
-            _set_labels(config, head_kwargs)
-            kwargs["config"] = config
-        try:
-            model = assets.load_pretrained(auto_class, path, what, trust_remote_code=args.trust_remote_code, **kwargs)
-            if sharded is not None:
-                compact_shards(model)
-        except assets.CheckpointError as err:
-            raise RecipeError(str(err)) from err
-        except ValueError as err:
-            if sharded is None:
-                raise
-            from .arguments import parallel_flags
-
-            raise RecipeError(f"`{parallel_flags(args)}`: transformers' engine cannot shard this model "
-                              f"({assets.one_line(err)}); train it with DDP or DeepSpeed instead (docs/scaling.md)."
-                              ) from None
+        model = _load_ours(args, auto_class, config, sharded, head_kwargs)
     else:
-        try:  # `args.upcycling` holds fields of UpcycleSpec only (parse_args checks the keys)
-            with outside_zero3_init():
-                model = upcycle(path, task=task, num_labels=head_kwargs.get("num_labels"), **args.upcycling)
-        except assets.CheckpointError as err:  # the source cannot be read, whatever the upcycling settings
-            raise RecipeError(f"{what} {err.detail}") from err
-        except ValueError as err:  # upcycle names the setting; here it is an `upcycling.` key
-            raise RecipeError(f"`upcycling`: {err}") from None
-        if isinstance(getattr(model.config, "upcycling", None), dict):
-            model.config.upcycling["source"] = name
+        model = _upcycle_source(args, task, head_kwargs)
     _set_labels(model.config, head_kwargs)
     if has_moe_layers(model.config):
         # The recipes train MoE layers with their router losses (load balancing, z-loss), whatever the
@@ -75,6 +43,53 @@ def load_model(args, auto_class, task, **head_kwargs):
         except ExportError as err:
             raise RecipeError(f"`--export_format native`: {err}") from None
     model.train()
+    return model
+
+
+def _load_ours(args, auto_class, config, sharded, head_kwargs):
+    """A folder of this package, as it is (a new label set gets a fresh head), sharded by transformers'
+    engine when `sharded` is a `DistributedConfig`."""
+    kwargs = {} if sharded is None else {"distributed_config": sharded}
+    if "num_labels" in head_kwargs:
+        heads = _label_configs(config)
+        if any(c.num_labels != head_kwargs["num_labels"] for c in heads):
+            kwargs["ignore_mismatched_sizes"] = True  # a new label set: fresh head, everything else kept
+        _set_labels(config, head_kwargs)
+        kwargs["config"] = config
+    path = assets.resolve(args.model_name_or_path)
+    try:
+        model = assets.load_pretrained(auto_class, path, "`--model_name_or_path`",
+                                       trust_remote_code=args.trust_remote_code, **kwargs)
+    except assets.CheckpointError as err:
+        raise RecipeError(str(err)) from err
+    except ValueError as err:
+        if sharded is None:
+            raise
+        from .arguments import parallel_flags
+
+        raise RecipeError(f"`{parallel_flags(args)}`: transformers' engine cannot shard this model "
+                          f"({assets.one_line(err)}); train it with DDP or DeepSpeed instead (docs/scaling.md)."
+                          ) from None
+    if sharded is not None:
+        compact_shards(model)
+    return model
+
+
+def _upcycle_source(args, task, head_kwargs):
+    """A dense `--model_name_or_path` upcycled with `args.upcycling` (outside ZeRO-3's `zero.Init`)."""
+    from ..upcycle import upcycle
+
+    name = args.model_name_or_path
+    try:  # `args.upcycling` holds fields of UpcycleSpec only (parse_args checks the keys)
+        with outside_zero3_init():
+            model = upcycle(assets.resolve(name), task=task, num_labels=head_kwargs.get("num_labels"),
+                            **args.upcycling)
+    except assets.CheckpointError as err:  # the source cannot be read, whatever the upcycling settings
+        raise RecipeError(f"`--model_name_or_path` {err.detail}") from err
+    except ValueError as err:  # upcycle names the setting; here it is an `upcycling.` key
+        raise RecipeError(f"`upcycling`: {err}") from None
+    if isinstance(getattr(model.config, "upcycling", None), dict):
+        model.config.upcycling["source"] = name
     return model
 
 
