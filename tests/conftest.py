@@ -102,6 +102,16 @@ def smollm2_path():
 BLOCK_HF_CONDCOMP = "import sys; sys.modules['hf_condcomp'] = None  # importing it now raises ImportError\n"
 
 
+def free_port() -> int:
+    """A TCP port free now, for a multi-process launch: test files run side by side (pytest -n), so no
+    two launches may both take torch's default port 29500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_clean_python(code: str, cwd) -> None:
     """Run code in a fresh interpreter where `import hf_condcomp` fails."""
     import subprocess

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, run_clean_python
+from conftest import DATA, free_port, run_clean_python
 
 ROOT = Path(__file__).resolve().parent.parent
 SST2 = DATA / "sst2"
@@ -97,11 +97,11 @@ def launch(tmp_path, args, engine, mixed_precision="no", expect_ok=True, recipe=
     script = str(ROOT / "recipes" / f"{recipe}.py")
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     two = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", mixed_precision,
-           "--dynamo_backend", "no"]
+           "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     if engine == "fsdp2":
         config = tmp_path / "fsdp2_cpu.yaml"
         config.write_text(FSDP2_CPU.replace("mixed_precision: 'no'", f"mixed_precision: '{mixed_precision}'"))
-        cmd = [*launcher, "--config_file", str(config), script, *args]
+        cmd = [*launcher, "--config_file", str(config), "--main_process_port", str(free_port()), script, *args]
         env["ACCELERATE_USE_CPU"] = "1"
     elif engine == "ddp":
         cmd = [*launcher, "--multi_gpu", *two, script, *args]
@@ -112,7 +112,8 @@ def launch(tmp_path, args, engine, mixed_precision="no", expect_ok=True, recipe=
         if engine == "deepspeed_as_ddp":
             env["ACCELERATE_USE_CPU"] = "1"
     elif engine == "fsdp_size":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, *args,
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               f"--master_port={free_port()}", script, *args,
                "--fsdp_size", "2"]
     else:
         cmd = [sys.executable, script, *args]

@@ -20,7 +20,6 @@ are refused when the model is built, in one line naming the field.
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -157,7 +156,7 @@ if __name__ == "__main__":
 
 import hf_condcomp  # noqa: E402
 
-from conftest import tiny_source  # noqa: E402
+from conftest import free_port, tiny_source  # noqa: E402
 
 MOE = dict(num_experts=4, top_k=2, init="noise", noise_std=0.3)  # experts apart, so routing matters
 
@@ -207,12 +206,6 @@ def _build(case):
     return model
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 MODELS = ["llama_all", "llama_every_other", "llama_all_grouped_mm", "llama_tied", "llama_mod", "bert", "t5",
           "marian", "expert_choice"]
 EP = {"ep_size": WORLD, "tp_plan": {}}  # tp_plan={}: the expert-parallel plan alone
@@ -251,7 +244,7 @@ def ranks(tmp_path_factory):
     (root / "runs.json").write_text(json.dumps(RUNS))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", __file__, str(root)]
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", __file__, str(root)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
                             cwd=Path(__file__).parent)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import hf_condcomp
 from hf_condcomp.modeling.compat import TESTED_TORCH, TESTED_TRANSFORMERS
 
-from conftest import DATA, ROOT, run_recipe, sample_bpe_tokenizer
+from conftest import DATA, ROOT, free_port, run_recipe, sample_bpe_tokenizer
 
 BANKING77 = DATA / "banking77"
 MULTI30K = DATA / "multi30k"
@@ -220,7 +220,7 @@ def test_two_process_ddp_matches_single_process(tiny_gpt2_nodrop, tmp_path):
     args[args.index("--per_device_train_batch_size") + 1] = "4"  # 2 x 4 = the single run's 8
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "recipes" / "translation.py"), *args]
+           "--main_process_port", str(free_port()), str(ROOT / "recipes" / "translation.py"), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
