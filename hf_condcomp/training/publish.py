@@ -114,12 +114,7 @@ def write_model_card(args, config, results, *, task_type, task_name, metrics, da
     name = args.hub_model_id or Path(args.output_dir).name
     read = data_record()
     hub = read["hub"]
-    if hub:
-        eval_data = dict(dataset_type=hub["dataset"], dataset_name=hub["dataset"], dataset_config=hub["config"],
-                         dataset_split=hub["eval_split"] or "train")
-    else:  # local files: model-index names the evaluation file, read as `datasets` reads its format
-        eval_file = args.validation_file or args.test_file or (read["files"][0]["path"] if read["files"] else None)
-        eval_data = dict(dataset_type=_file_format(eval_file), dataset_name=str(eval_file))
+    eval_data = _evaluated_on(args, read)
     evals = [
         EvalResult(task_type=task_type, task_name=task_name, metric_type=metric, metric_name=metric,
                    metric_value=float(results[key]), **eval_data)
@@ -164,6 +159,17 @@ def write_model_card(args, config, results, *, task_type, task_name, metrics, da
         ModelCard.from_template(data, template_path=str(template_path), native=True,
                                 native_architecture=architecture, **card_kwargs).save(native_dir(args) / "README.md")
     return card
+
+
+def _evaluated_on(args, read) -> dict:
+    """The model-index's dataset fields: the Hub dataset and split the run evaluated on, or the local
+    evaluation file, named with the format `datasets` read it as."""
+    hub = read["hub"]
+    if hub:
+        return dict(dataset_type=hub["dataset"], dataset_name=hub["dataset"], dataset_config=hub["config"],
+                    dataset_split=hub["eval_split"] or "train")
+    eval_file = args.validation_file or args.test_file or (read["files"][0]["path"] if read["files"] else None)
+    return dict(dataset_type=_file_format(eval_file), dataset_name=str(eval_file))
 
 
 def _file_format(path) -> str:
