@@ -16,6 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n: the workers inherit one HF_HOME, and transformers copies a folder's remote code into
+    # <modules cache>/transformers_modules/<folder name>: two workers loading folders of one name at
+    # once would write and import the same module. Each worker gets a modules cache of its own.
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"hf_modules_{os.environ['PYTEST_XDIST_WORKER']}_")
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small samples of public data sets, committed with their sources and licences (data/README.md).
