@@ -133,8 +133,8 @@ def build_models(work: Path) -> dict:
 
     import hf_condcomp
     from hf_condcomp import assets
-    from hf_condcomp.cli import save_with_tokenizer
     from hf_condcomp.export import export_native
+    from hf_condcomp.saving import save_with_tokenizer
 
     folders = {"smollm2": work / "smollm2_moe", "mixtral": work / "smollm2_moe_mixtral", "phi3": work / "phi3_moe",
                "phi3_mod": work / "phi3_mod"}

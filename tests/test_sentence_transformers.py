@@ -148,7 +148,7 @@ def test_local_sentence_transformers_folder_and_loaded_model_sources(tmp_path, m
     from transformers import AutoModel
 
     import hf_condcomp
-    from hf_condcomp.cli import save_with_tokenizer
+    from hf_condcomp.saving import save_with_tokenizer
 
     source = custom_sentence_transformer(tmp_path / "src", minilm_path)
     for name, src in [("folder", str(source)), ("loaded", AutoModel.from_pretrained(source))]:
@@ -163,7 +163,7 @@ def test_plain_transformers_source_writes_no_sentence_transformers_files(tmp_pat
     from transformers import AutoTokenizer
 
     import hf_condcomp
-    from hf_condcomp.cli import save_with_tokenizer
+    from hf_condcomp.saving import save_with_tokenizer
 
     src = tmp_path / "plain"
     tiny_source("bert").save_pretrained(src)
